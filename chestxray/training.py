@@ -1,0 +1,95 @@
+"""Build the data, model, callbacks, logger and Trainer from a Hydra config; fit, then test the best epoch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class OutputDirError(RuntimeError):
+    """The run folder cannot be written: raised before any training starts."""
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Fail now, not after an epoch, when checkpoints and logs could not be written."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputDirError(f"cannot write the output folder {path} (paths.output_dir): {err}") from err
+    return path
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+    """Each entry of the callbacks group with a _target_ (set one to null to drop it)."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def log_hyperparameters(logger: Logger | None, cfg: DictConfig, metric_names: list[str]) -> None:
+    """The whole config for TensorBoard's HParams tab, with the metrics runs are compared on."""
+    if logger is None:
+        return
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params.pop("hydra", None)
+    flat = _flatten(params)
+    logger.log_hyperparams(flat, metrics={name: float("nan") for name in metric_names})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}/"))
+        else:
+            flat[name] = str(value) if isinstance(value, list | tuple) or value is None else value
+    return flat
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The three objects of a run, from the config alone."""
+    datamodule = instantiate(cfg.data)
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=logger)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, test the best checkpoint, and return cfg.optimized_metric for sweepers."""
+    check_writable(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    log_hyperparameters(trainer.logger, cfg, ["val/acc_best", "test/acc", "test/loss"])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint was saved: testing the weights at the end of training")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if best:
+            log.info("best checkpoint: %s", best)
+    for name in ("val/acc_best", "test/acc", "test/loss"):
+        if name in metrics:
+            log.info("%s = %.4f", name, metrics[name])
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics.get(name) if name else None
