@@ -204,12 +204,18 @@ class ChestXrayDataModule(L.LightningDataModule):
             self.datasets["train"] = CachedImages(train_paths, train_images, train_labels, augment)
             self.datasets["val"] = self.datasets["test"]
             return
-        fit_idx, val_idx = train_test_split(
-            np.arange(len(train_paths)),
-            test_size=self.hparams.val_fraction,
-            stratify=train_labels,
-            random_state=self.hparams.seed,
-        )
+        try:
+            fit_idx, val_idx = train_test_split(
+                np.arange(len(train_paths)),
+                test_size=self.hparams.val_fraction,
+                stratify=train_labels,
+                random_state=self.hparams.seed,
+            )
+        except ValueError as err:
+            raise DataError(
+                f"data.val_fraction={self.hparams.val_fraction} cannot make a stratified hold-out of "
+                f"{len(train_paths)} train images over {len(self.classes)} classes: {err}"
+            ) from err
         fit_idx, val_idx = np.sort(fit_idx), np.sort(val_idx)
 
         def subset(idx: np.ndarray, transform=None) -> CachedImages:

@@ -34,17 +34,6 @@ class BadImageError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    """What the audit reports about a decoded file."""
-
-    format: str  # JPEG or PNG
-    mode: str  # L, RGB or RGBA (as stored)
-    bit_depth: int
-    width: int
-    height: int
-
-
 def is_image_file(path: Path) -> bool:
     """Accept jpeg/jpg/png in any letter case; skip hidden files such as .DS_Store."""
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
@@ -108,12 +97,8 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def decode_bytes(data: bytes, path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode a JPEG/PNG to 8-bit RGB, or raise BadImageError naming the file and why.
-
-    With min_side, large JPEGs are decoded at a reduced resolution (still at least min_side on the short side),
-    which is several times faster than a full decode followed by a resize.
-    """
+def decode_raw(data: bytes, path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> tuple[np.ndarray, str]:
+    """OpenCV's decode as stored (gray/BGR/BGRA, 8 or 16 bit) and the format, or BadImageError with the reason."""
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
     fmt = _sniff_format(data)
@@ -122,15 +107,24 @@ def decode_bytes(data: bytes, path: str | os.PathLike, min_side: int | None = No
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
-    flags = cv2.IMREAD_UNCHANGED
-    if fmt == "JPEG" and min_side:
-        factor = _reduction_factor(data, min_side)
-        if factor > 1:
-            flags = _REDUCED_FLAGS[factor]
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None or image.size == 0:
         raise BadImageError(path, f"OpenCV could not decode this {fmt} file")
-    return to_rgb8(image)
+    return image, fmt
+
+
+def decode_bytes(data: bytes, path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
+    """Decode a JPEG/PNG to 8-bit RGB, or raise BadImageError naming the file and why.
+
+    With min_side, large JPEGs are decoded at a reduced resolution (still at least min_side on the short side),
+    which is several times faster than a full decode followed by a resize.
+    """
+    flags = cv2.IMREAD_UNCHANGED
+    if min_side and data.startswith(_JPEG_MAGIC):
+        factor = _reduction_factor(data, min_side)
+        if factor > 1:
+            flags = _REDUCED_FLAGS[factor]
+    return to_rgb8(decode_raw(data, path, flags)[0])
 
 
 def read_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
@@ -153,25 +147,6 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """The model's view of a file: decoded, 8-bit RGB, image_size x image_size, HWC uint8."""
     return resize_square(read_image(path, min_side=image_size), image_size)
-
-
-def image_info(data: bytes, path: str | os.PathLike) -> ImageInfo:
-    """Format, stored mode, bit depth and size, from a full OpenCV decode (which also validates the file)."""
-    if not data:
-        raise BadImageError(path, "empty file (0 bytes)")
-    fmt = _sniff_format(data)
-    if fmt is None:
-        raise BadImageError(path, "not a JPEG or PNG image (unrecognised file content)")
-    problem = _check_complete(data, fmt)
-    if problem:
-        raise BadImageError(path, problem)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise BadImageError(path, f"OpenCV could not decode this {fmt} file")
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels}ch")
-    bits = 16 if image.dtype == np.uint16 else 8
-    return ImageInfo(fmt, mode, bits, image.shape[1], image.shape[0])
 
 
 @dataclass
