@@ -1,0 +1,307 @@
+"""The original notebook's pipeline against this project's, side by side, on the real dataset.
+
+    python benchmarks/epoch_benchmark.py [--data DIR] [--image-size 224] [--trainer cpu|gpu]
+
+Each measurement runs in its own fresh process (so that whole-process time and peak RSS are honest), one after
+the other, and the table prints baseline time / our time. Same model (the re-headed VGG19, random weights), same
+image size, same train batch size (4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = os.environ.get("CHESTXRAY_DATA", str(ROOT.parent / "shared" / "data" / "covid19-image-dataset"))
+CLASSES = ["Normal", "Covid", "Viral Pneumonia"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the notebook's pipeline (baseline), written as the notebook does it ---------------------------------
+
+
+def notebook_dataset(split_dir: Path, size: int):
+    import cv2
+    import torch
+    from torchvision import transforms
+
+    class NotebookDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.files = []
+            for name in CLASSES:  # case-sensitive extensions, paths relative to the split folder
+                folder = split_dir / name
+                self.files += [f"{name}/{f}" for f in os.listdir(folder) if f.split(".")[-1] in ("jpeg", "jpg", "png")]
+            self.transform = transforms.Compose(
+                [transforms.ToTensor(), transforms.Resize((size, size)), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+            )
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            image = cv2.cvtColor(cv2.imread(str(split_dir / self.files[i])), cv2.COLOR_BGR2RGB)
+            target = torch.tensor([CLASSES.index(self.files[i].split("/")[0])], dtype=torch.long)
+            return {"image": self.transform(image), "target": target}
+
+    return NotebookDataset()
+
+
+def notebook_loaders(data: Path, size: int):
+    from torch.utils.data import DataLoader
+
+    train = DataLoader(notebook_dataset(data / "train", size), batch_size=4, shuffle=True, drop_last=True)
+    val = DataLoader(notebook_dataset(data / "test", size), batch_size=1, shuffle=False)
+    return train, val
+
+
+def role_baseline_loader(args) -> dict:
+    train, _ = notebook_loaders(Path(args.data), args.image_size)
+    times = []
+    for _ in range(2):  # no cache: the second pass decodes everything again
+        start = time.perf_counter()
+        n = sum(len(b["image"]) for b in train)
+        times.append(time.perf_counter() - start)
+    return {"cold_ips": n / times[0], "warm_ips": n / times[1]}
+
+
+def role_baseline_epoch(args) -> dict:
+    import torch
+
+    from chestxray.model import build_vgg19
+
+    torch.manual_seed(2022)
+    train, val = notebook_loaders(Path(args.data), args.image_size)
+    model = build_vgg19(3, pretrained=False)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def accuracy(images, targets):  # the notebook's helper: a second forward pass
+        with torch.no_grad():
+            return (model(images).argmax(1) == targets).float().mean()
+
+    phases = {}
+    for phase, loader in (("train", train), ("val", val)):
+        model.train() if phase == "train" else model.eval()
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            images, targets = batch["image"], batch["target"].squeeze(1)
+            optimizer.zero_grad()
+            with torch.set_grad_enabled(phase == "train"):
+                loss = criterion(model(images), targets)
+                if phase == "train":
+                    loss.backward()
+                    optimizer.step()
+            accuracy(images, targets)
+            seen += len(images)
+        phases[phase] = {"seconds": time.perf_counter() - start, "images": seen}
+    return {
+        "train_ips": phases["train"]["images"] / phases["train"]["seconds"],
+        "val_ips": phases["val"]["images"] / phases["val"]["seconds"],
+        "epoch_s": phases["train"]["seconds"] + phases["val"]["seconds"],
+    }
+
+
+# --- this project -------------------------------------------------------------------------------------------
+
+
+def compose_train(args, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    common = [
+        f"data.data_dir={args.data}",
+        f"data.image_size={args.image_size}",
+        "model.pretrained=false",
+        f"trainer={args.trainer}",
+        "trainer.num_sanity_val_steps=0",
+        "test=false",
+        "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.run_reports=null",
+        f"paths.output_dir={args.out}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*common, *overrides])
+
+
+def role_ours_loader(args) -> dict:
+    import torch
+    from hydra.utils import instantiate
+
+    from chestxray.model import ChestXrayClassifier
+
+    cfg = compose_train(args, "data.check_leakage=false")
+    start = time.perf_counter()
+    dm = instantiate(cfg.data)
+    dm.setup()  # decodes every image once (train, val and test)
+    decode_s = time.perf_counter() - start
+    decoded = len(dm.datasets["train"]) + len(dm.datasets["val"]) + len(dm.datasets["test"])
+
+    def one_pass() -> tuple[int, float]:
+        t = time.perf_counter()
+        n = sum(len(b[0]) for b in dm.train_dataloader())
+        return n, time.perf_counter() - t
+
+    n, first = one_pass()
+    warm = [one_pass()[1] for _ in range(5)]
+    result = {
+        "cold_ips": decoded / (decode_s + first * decoded / n),
+        "warm_ips": n / statistics.median(warm),
+    }
+    # The floor: the model alone, input already in memory, an SGD step per batch of 4.
+    for channels_last in (False, True):
+        model = ChestXrayClassifier(CLASSES, args.image_size, pretrained=False, channels_last=channels_last)
+        model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        opt = model.configure_optimizers()
+        images = torch.randint(0, 256, (4, 3, args.image_size, args.image_size), dtype=torch.uint8)
+        labels = torch.tensor([0, 1, 2, 0])
+        times = []
+        for step in range(args.model_steps + 2):
+            t = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            opt.step()
+            if step >= 2:  # warm-up steps excluded
+                times.append(time.perf_counter() - t)
+        result[f"model_alone_ips_{'cl' if channels_last else 'nchw'}"] = 4 / statistics.median(times)
+    return result
+
+
+class PhaseTimer:
+    """Wall time of each epoch's train and val phases, from Lightning's hooks."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Timer(L.Callback):
+            def __init__(self):
+                self.epochs: list[dict] = []
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                self.epochs.append({"start": time.perf_counter()})
+
+            def on_validation_epoch_start(self, trainer, pl_module):
+                self.epochs[-1]["val_start"] = time.perf_counter()
+
+            def on_validation_epoch_end(self, trainer, pl_module):
+                self.epochs[-1]["val_end"] = time.perf_counter()
+
+        return _Timer()
+
+
+def run_ours(args, *overrides: str) -> tuple[list[dict], object]:
+    from chestxray.training import build
+
+    cfg = compose_train(args, *overrides)
+    datamodule, model, trainer = build(cfg)
+    timer = PhaseTimer()
+    trainer.callbacks.append(timer)
+    trainer.fit(model, datamodule=datamodule)
+    return timer.epochs, datamodule
+
+
+def role_ours_epoch(args) -> dict:
+    epochs, dm = run_ours(args, "trainer.max_epochs=1", f"model.channels_last={args.channels_last}")
+    e = epochs[0]
+    n_train = len(dm.datasets["train"]) // 4 * 4
+    return {
+        "train_ips": n_train / (e["val_start"] - e["start"]),
+        "val_ips": len(dm.datasets["val"]) / (e["val_end"] - e["val_start"]),
+        "epoch_s": e["val_end"] - e["start"],
+    }
+
+
+def role_ours_frozen(args) -> dict:
+    epochs, _ = run_ours(
+        args,
+        "trainer.max_epochs=10",
+        "model.freeze=features",
+        "model.cache_features=true",
+        f"model.channels_last={args.channels_last}",
+    )
+    times = [e["val_end"] - e["start"] for e in epochs]
+    return {"first_epoch_s": times[0], "later_epoch_s": statistics.median(times[1:]), "ten_epochs_s": sum(times)}
+
+
+ROLES = {
+    "baseline-loader": role_baseline_loader,
+    "baseline-epoch": role_baseline_epoch,
+    "ours-loader": role_ours_loader,
+    "ours-epoch": role_ours_epoch,
+    "ours-frozen": role_ours_frozen,
+}
+
+
+def child(args) -> None:
+    result = ROLES[args.role](args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(args, role: str) -> dict:
+    cmd = [sys.executable, __file__, "--role", role, "--data", args.data, "--image-size", str(args.image_size)]
+    cmd += ["--trainer", args.trainer, "--out", str(Path(args.out) / role), "--channels-last", args.channels_last]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{role} failed:\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["process_s"] = wall
+    print(f"  {role}: {wall:.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--trainer", default="cpu", help="a conf/trainer option for our path: cpu or gpu")
+    parser.add_argument("--channels-last", default="true")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark"))
+    parser.add_argument("--model-steps", type=int, default=5)
+    parser.add_argument("--role", choices=sorted(ROLES))
+    args = parser.parse_args()
+    if args.role:
+        return child(args)
+    print(f"benchmark: {args.data}, {args.image_size} px, our trainer={args.trainer}", file=sys.stderr)
+    r = {role: run_child(args, role) for role in ROLES}
+    b_load, b_ep, o_load, o_ep, o_fr = (r[k] for k in ROLES)
+    ten_baseline = 10 * b_ep["epoch_s"]
+    rows = [
+        ("loader, cold (first epoch), images/s", b_load["cold_ips"], o_load["cold_ips"], "higher"),
+        ("loader, warm (later epochs), images/s", b_load["warm_ips"], o_load["warm_ips"], "higher"),
+        ("training at batch 4, images/s", b_ep["train_ips"], o_ep["train_ips"], "higher"),
+        ("evaluation, images/s", b_ep["val_ips"], o_ep["val_ips"], "higher"),
+        ("one epoch (train + validate), s", b_ep["epoch_s"], o_ep["epoch_s"], "lower"),
+        ("one epoch as a whole process, s", b_ep["process_s"], o_ep["process_s"], "lower"),
+        ("freeze=features: first epoch, s", b_ep["epoch_s"], o_fr["first_epoch_s"], "lower"),
+        ("freeze=features: a later epoch, s", b_ep["epoch_s"], o_fr["later_epoch_s"], "lower"),
+        ("freeze=features: 10 epochs, s (baseline 10 x 1)", ten_baseline, o_fr["ten_epochs_s"], "lower"),
+        ("peak RSS of the epoch process, MB", b_ep["peak_rss_mb"], o_ep["peak_rss_mb"], "lower"),
+    ]
+    print("\n| measurement | notebook | chestxray | speed-up (baseline / ours) |\n|---|---:|---:|---:|")
+    for name, base, ours, better in rows:
+        ratio = base / ours if better == "lower" else ours / base
+        print(f"| {name} | {base:.2f} | {ours:.2f} | {ratio:.2f}x |")
+    floor = o_load["model_alone_ips_cl" if args.channels_last == "true" else "model_alone_ips_nchw"]
+    print(
+        f"\nmodel alone (SGD step, batch 4, in memory): {o_load['model_alone_ips_nchw']:.2f} images/s NCHW, "
+        f"{o_load['model_alone_ips_cl']:.2f} channels_last; our training reaches "
+        f"{o_ep['train_ips'] / floor:.0%} of it (channels_last={args.channels_last})"
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
