@@ -11,6 +11,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_only
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -117,7 +120,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         image_size: int = 224,
         val_fraction: float = 0.15,
         batch_size: int = 4,
-        eval_batch_size: int = 32,
+        eval_batch_size: int = 8,
         num_workers: int = 0,
         persistent_workers: bool = False,
         pin_memory: bool | None = None,
@@ -238,7 +241,8 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.leaking_pairs = pairs
         if not pairs:
             return train
-        report = write_leakage_report(pairs, self.hparams.report_dir, self.hparams.leakage_threshold)
+        report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None
+        report = write_leakage_report(pairs, report_dir, self.hparams.leakage_threshold)
         leaking = {pair.train for pair in pairs}
         where = f" (report: {report})" if report else ""
         warnings.warn(
@@ -266,10 +270,15 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
+        sampler = None
+        if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Each val/test image exactly once across ranks (Lightning's default sampler pads with repeats).
+            sampler = UnrepeatedDistributedSampler(self.datasets[split], shuffle=False)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             persistent_workers=bool(self.hparams.persistent_workers and workers > 0),

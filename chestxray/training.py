@@ -9,8 +9,10 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +40,23 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+@rank_zero_only
 def log_hyperparameters(logger: Logger | None, cfg: DictConfig, metric_names: list[str]) -> None:
     """The whole config for TensorBoard's HParams tab, with the metrics runs are compared on."""
-    if logger is None:
+    if not isinstance(logger, TensorBoardLogger):
+        if logger is not None:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         return
     params = OmegaConf.to_container(cfg, resolve=True)
     params.pop("hydra", None)
     flat = _flatten(params)
-    logger.log_hyperparams(flat, metrics={name: float("nan") for name in metric_names})
+    logger.log_hyperparams(flat)
+    # The HParams tab needs the metric names up front; Lightning's metrics= would also log a dummy point for
+    # each of them at step 0, so write only the plugin's summaries.
+    if logger.experiment is not None:
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(flat, {name: 0.0 for name in metric_names}):
+            writer.add_summary(summary)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,0 +1,185 @@
+"""DDP on CPU (gloo), cluster-style sweeps, and surviving faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from chestxray.model import NonFiniteLossError
+from chestxray.training import train
+from tests.conftest import FAST, ROOT, compose_config, train_config
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def scalars(folder, tag: str) -> list[float]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_a_single_process_reload(tmp_path, data_dir):
+    run = tmp_path / "ddp"
+    run_script("train.py", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}")
+    assert len(list((run / "checkpoints").glob("epoch_*.ckpt"))) == 1 and (run / "checkpoints" / "last.ckpt").exists()
+    # one run folder: rank 1 re-uses it (its own log file, no second .hydra/ or TensorBoard run)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "tensorboard"]
+    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # event files of one process (rank 0) only
+    logged = scalars(run / "tensorboard", "test/acc")[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 66 and metrics["accuracy"] == pytest.approx(logged, abs=1e-6)
+
+    best = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    out = tmp_path / "pred"
+    run_script(
+        "predict.py",
+        f"ckpt={best}",
+        f"inputs={data_dir / 'test'}",
+        "trainer.accelerator=cpu",
+        f"output_dir={out}",
+        f"hydra.run.dir={tmp_path / 'p1'}",
+    )
+    single = json.loads((out / "metrics.json").read_text())
+    assert single["accuracy"] == pytest.approx(logged, abs=1e-6)
+
+    ddp_out = tmp_path / "pred_ddp"
+    run_script(
+        "predict.py",
+        f"ckpt={best}",
+        f"inputs={data_dir / 'test'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "batch_size=4",
+        f"output_dir={ddp_out}",
+        f"hydra.run.dir={tmp_path / 'p2'}",
+    )
+    rows = (ddp_out / "predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 66 and len({r.split(",")[0] for r in rows}) == 66
+    assert json.loads((ddp_out / "metrics.json").read_text())["confusion_matrix"] == single["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_two_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=local",
+        "optimizer.lr=1e-3,1e-2",
+        "trainer.max_epochs=1",
+        "test=false",
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
+    )
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    assert list((sweep / ".submitit").rglob("*_result.pkl"))
+
+
+def test_slurm_launcher_config_composes():
+    with __import__("hydra").initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = __import__("hydra").compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_three_trials_and_reports_the_best_lr(tmp_path):
+    sweep = tmp_path / "optuna"
+    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    result = run_script(
+        "train.py",
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_epochs=1",
+        "test=false",
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
+    )
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert "optimizer.lr" in best["best_params"] and 1e-5 <= best["best_params"]["optimizer.lr"] <= 1e-1
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1", "2"]
+    assert "Best parameters" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    run = tmp_path / "killed"
+    args = [o for o in FAST if "max_epochs" not in o and "limit_train" not in o]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *args,
+        "trainer.max_epochs=4",
+        "trainer.limit_train_batches=40",
+        "test=false",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(last, weights_only=True)  # never half-written: it loads
+    assert saved["epoch"] < 3
+    run_script(
+        "train.py",
+        *args,
+        "trainer.max_epochs=4",
+        "trainer.limit_train_batches=40",
+        "test=false",
+        f"ckpt_path={last}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["epoch"] == 3 and final["global_step"] == 4 * 40
+
+
+def test_same_seed_deterministic_runs_log_identical_metrics(tmp_path):
+    histories = []
+    for name in ("a", "b"):
+        train(train_config(tmp_path / name, "trainer.deterministic=true", "test=false"))
+        histories.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert histories[0] == histories[1]
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = train_config(tmp_path, "optimizer.lr=1e12", "trainer.max_epochs=5", "test=false")
+    with pytest.raises(NonFiniteLossError, match=r"at epoch \d+, step \d+") as err:
+        train(cfg)
+    assert "checkpoints already written are kept" in str(err.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if last.exists():
+        state = torch.load(last, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_trainer_configs_compose_without_a_gpu():
+    gpu = compose_config("train", ["trainer=gpu"])
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.data.num_workers > 0 and gpu.data.persistent_workers and gpu.data.pin_memory
+    assert compose_config("train", ["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
+    ddp = compose_config("train", ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 4 and ddp.trainer.num_nodes == 2
+    notebook = compose_config("train", ["experiment=notebook"])
+    assert notebook.data.val_fraction == 0 and notebook.data.eval_batch_size == 1
+    assert notebook.trainer.max_epochs == 10 and notebook.optimizer.lr == 1e-3
