@@ -96,8 +96,7 @@ class RunReports(L.Callback):
         preds = probs.argmax(1).tolist()
         chosen = reports.pick_gallery(preds, labels, self.gradcam_images)
         images = torch.stack([dataset.images[index[i]] for i in chosen])
-        titles = [f"{pl_module.classes[preds[i]]} {probs[i, preds[i]]:.2f}" for i in chosen]
-        overlays = gradcam_overlays(pl_module, images, [preds[i] for i in chosen], titles)
+        overlays = gradcam_overlays(pl_module, images, [preds[i] for i in chosen])
         return reports.gallery_figure(
             overlays, [preds[i] for i in chosen], [labels[i] for i in chosen], pl_module.classes, columns=3
         )

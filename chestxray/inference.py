@@ -106,13 +106,8 @@ def write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str]) 
         writer.writerows(rows)
 
 
-def predict(cfg: DictConfig) -> dict:
-    """Run predict.py's job; returns counts. Raises PredictError when nothing can be predicted."""
-    model = load_checkpoint(cfg.ckpt)
-    classes = model.classes
-    inputs = find_inputs(cfg.inputs, classes)
-    if not inputs:
-        raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
+def infer(cfg: DictConfig, model: ChestXrayClassifier, inputs: list[InputImage]):
+    """Decode each input once, predict the readable ones in batches; bad files are returned, not raised."""
     decoded = ImageCache(model.hparams.image_size, cfg.get("cache_dir")).decode_all([i.path for i in inputs])
     errors = {Path(e.path): e.reason for e in decoded.bad}
     for path, reason in errors.items():
@@ -125,6 +120,16 @@ def predict(cfg: DictConfig) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
     index, probs = _gather(trainer.predict(model, dataloaders=loader))
+    return trainer, dataset, index, probs, errors
+
+
+def predict(cfg: DictConfig) -> dict:
+    """Run predict.py's job; returns counts. Raises PredictError when nothing can be predicted."""
+    model = load_checkpoint(cfg.ckpt)
+    inputs = find_inputs(cfg.inputs, model.classes)
+    if not inputs:
+        raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
+    trainer, dataset, index, probs, errors = infer(cfg, model, inputs)
     if not trainer.is_global_zero:
         return {}
     return write_outputs(cfg, model, dataset, index, probs, errors, inputs)

@@ -99,7 +99,7 @@ class ChestXrayClassifier(L.LightningModule):
         weights_path: str | None = None,
         freeze: str | int = "none",
         cache_features: bool = False,
-        channels_last: bool = False,
+        channels_last: bool = True,
         dropout: float = 0.1,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,

@@ -28,7 +28,7 @@ def read_rows(folder: Path) -> list[dict]:
 
 def test_predict_test_folder_writes_rows_metrics_and_figures(trained_run, data_dir, tmp_path):
     out = tmp_path / "pred"
-    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={data_dir / 'test'}", f"output_dir={out}")
+    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={data_dir / 'test'}", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_rows(out)
     assert len(rows) == 66 and all(r["label"] and r["pred"] and not r["error"] for r in rows)
@@ -59,7 +59,7 @@ def test_bad_files_get_error_rows_and_the_rest_is_predicted(trained_run, data_di
     shutil.copy(data_dir / "test" / "Normal" / "0101.jpeg", folder / "a.jpeg")
     shutil.copy(data_dir / "test" / "Covid" / "094.png", folder / "b.PNG")
     out = tmp_path / "out"
-    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={folder}", f"output_dir={out}")
+    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={folder}", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {Path(r["path"]).name: r for r in read_rows(out)}
     assert set(rows) == {"empty.png", "notes.jpg", "a.jpeg", "b.PNG"}
@@ -71,14 +71,18 @@ def test_bad_files_get_error_rows_and_the_rest_is_predicted(trained_run, data_di
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "empty.png").write_bytes(b"")
-    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={only_bad}", f"output_dir={tmp_path / 'o2'}")
+    result = run_predict(
+        f"ckpt={best_checkpoint(trained_run)}", f"inputs={only_bad}", f"hydra.run.dir={tmp_path / 'o2'}"
+    )
     assert result.returncode != 0 and "could be read" in result.stderr
 
 
 def test_missing_checkpoint_and_no_inputs_fail_clearly(trained_run, tmp_path):
-    result = run_predict(f"ckpt={tmp_path / 'none.ckpt'}", f"inputs={tmp_path}")
+    result = run_predict(f"ckpt={tmp_path / 'none.ckpt'}", f"inputs={tmp_path}", f"hydra.run.dir={tmp_path / 'r1'}")
     assert result.returncode != 0 and "checkpoint not found" in result.stderr
-    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={tmp_path}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", f"inputs={empty}", f"hydra.run.dir={tmp_path / 'r2'}")
     assert result.returncode != 0 and "no .jpeg/.jpg/.png image found" in result.stderr
 
 
@@ -115,7 +119,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
 def test_gradcam_writes_one_overlay_per_image(trained_run, data_dir, tmp_path):
     out = tmp_path / "cam"
     inputs = f"inputs=[{data_dir / 'test' / 'Normal' / '0101.jpeg'},{data_dir / 'test' / 'Covid' / '094.png'}]"
-    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", inputs, "gradcam=true", f"output_dir={out}")
+    result = run_predict(f"ckpt={best_checkpoint(trained_run)}", inputs, "gradcam=true", f"hydra.run.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     overlays = sorted((out / "gradcam").glob("*.png"))
     assert [p.name for p in overlays] == ["Covid_094.png", "Normal_0101.png"]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from chestxray.model import NonFiniteLossError
@@ -92,8 +93,8 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path):
 
 
 def test_slurm_launcher_config_composes():
-    with __import__("hydra").initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = __import__("hydra").compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
 
@@ -176,10 +177,13 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint
 def test_trainer_configs_compose_without_a_gpu():
     gpu = compose_config("train", ["trainer=gpu"])
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.trainer._target_ == "lightning.pytorch.trainer.Trainer" and gpu.trainer.max_epochs == 10
+    assert "_target_" not in gpu  # trainer/default.yaml landed under trainer, not at the top
     assert gpu.data.num_workers > 0 and gpu.data.persistent_workers and gpu.data.pin_memory
     assert compose_config("train", ["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
     ddp = compose_config("train", ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 4 and ddp.trainer.num_nodes == 2
+    assert compose_config("train", ["trainer=cpu"]).trainer._target_ == "lightning.pytorch.trainer.Trainer"
     notebook = compose_config("train", ["experiment=notebook"])
     assert notebook.data.val_fraction == 0 and notebook.data.eval_batch_size == 1
     assert notebook.trainer.max_epochs == 10 and notebook.optimizer.lr == 1e-3
