@@ -180,10 +180,13 @@ def gallery_figure(
 
 
 def pick_gallery(preds: Sequence[int], labels: Sequence[int | None], limit: int = 24) -> list[int]:
-    """Every mistake first (they are what a reader looks for), then correct ones, up to limit."""
+    """Mistakes first (up to two thirds of the grid), then correct ones, then any remaining mistakes."""
     wrong = [i for i, (p, y) in enumerate(zip(preds, labels, strict=True)) if y is not None and y >= 0 and p != y]
-    right = [i for i in range(len(preds)) if i not in set(wrong)]
-    return (wrong + right)[:limit]
+    wrong_set = set(wrong)
+    right = [i for i in range(len(preds)) if i not in wrong_set]
+    first = wrong[: max(1, 2 * limit // 3)]
+    chosen = first + right[: limit - len(first)]
+    return chosen + wrong[len(first) : len(first) + limit - len(chosen)]
 
 
 def curves_figure(history: Sequence[dict], best_epoch: int | None) -> Figure:

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
@@ -92,14 +92,14 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
-            log.warning("no best checkpoint was saved: testing the weights at the end of training")
+            rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         if best:
-            log.info("best checkpoint: %s", best)
+            rank_zero_info(f"best checkpoint: {best}")
     for name in ("val/acc_best", "test/acc", "test/loss"):
         if name in metrics:
-            log.info("%s = %.4f", name, metrics[name])
+            rank_zero_info(f"{name} = {metrics[name]:.4f}")
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")

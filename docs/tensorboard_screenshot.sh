@@ -13,5 +13,5 @@ profile=$(mktemp -d)
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
   --disable-component-update --disable-sync --user-data-dir="$profile" --hide-scrollbars \
   --window-size=1400,1000 --virtual-time-budget=15000 --screenshot="$out" \
-  "http://127.0.0.1:$port/?darkMode=false#timeseries" 2>/dev/null
+  "http://127.0.0.1:$port/#scalars&tagFilter=%5E(train%7Cval)%2F" 2>/dev/null
 echo "wrote $out"
