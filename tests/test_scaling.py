@@ -137,6 +137,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed mid-training"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
