@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -19,6 +20,24 @@ log = logging.getLogger(__name__)
 
 class OutputDirError(RuntimeError):
     """The run folder cannot be written: raised before any training starts."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story: train.py prints them without a traceback."""
+    from chestxray.data import DataError
+    from chestxray.model import NonFiniteLossError, WeightsError
+
+    return DataError, WeightsError, NonFiniteLossError, OutputDirError
+
+
+def _instantiate(node, **kwargs):
+    """hydra.utils.instantiate, but our own errors come out as themselves, not wrapped in Hydra's."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, user_errors()):
+            raise err.__cause__ from None
+        raise
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -72,10 +91,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The three objects of a run, from the config alone."""
-    datamodule = instantiate(cfg.data)
+    datamodule = _instantiate(cfg.data)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
+    model = _instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=logger)
     return datamodule, model, trainer

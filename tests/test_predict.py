@@ -110,6 +110,10 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
     with pytest.raises(PredictError, match="arbitrary unpickling"):
         load_checkpoint(zipped)
     assert not marker.exists()
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PredictError, match="cannot read checkpoint"):
+        load_checkpoint(garbage)
     not_ours = tmp_path / "other.ckpt"
     torch.save({"weights": torch.zeros(2)}, not_ours)
     with pytest.raises(PredictError, match="not a chestxray checkpoint"):
