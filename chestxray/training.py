@@ -11,7 +11,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
@@ -108,17 +108,18 @@ def train(cfg: DictConfig) -> float | None:
     log_hyperparameters(trainer.logger, cfg, ["val/acc_best", "test/acc", "test/loss"])
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if rank_zero_only.rank == 0:
         if best:
-            rank_zero_info(f"best checkpoint: {best}")
-    for name in ("val/acc_best", "test/acc", "test/loss"):
-        if name in metrics:
-            rank_zero_info(f"{name} = {metrics[name]:.4f}")
+            log.info("best checkpoint: %s", best)
+        for name in ("val/acc_best", "test/acc", "test/loss"):
+            if name in metrics:
+                log.info("%s = %.4f", name, metrics[name])
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
