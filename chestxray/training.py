@@ -91,6 +91,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The three objects of a run, from the config alone."""
+    if cfg.model.get("cache_features") and cfg.data.get("augment"):
+        raise ValueError("model.cache_features=true computes features once, so it needs data.augment=false")
     datamodule = _instantiate(cfg.data)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chestxray.data import ChestXrayDataModule, DataError
 
@@ -104,3 +105,23 @@ def test_missing_split_names_it(tmp_path, data_dir):
     (root / "train" / "Normal").symlink_to(data_dir / "train" / "Normal")
     with pytest.raises(DataError, match="split folder not found"):
         make_dm(root, classes=["Normal"]).setup()
+
+
+def test_augmentation_changes_train_images_only(data_dir):
+    dm = make_dm(data_dir, augment=True)
+    dm.setup()
+    train = dm.datasets["train"]
+    augmented = [train[i][0] for i in range(8)]
+    assert all(a.dtype == torch.uint8 and a.shape == (3, 32, 32) for a in augmented)
+    assert any(not torch.equal(a, train.images[i]) for i, a in enumerate(augmented))
+    val = dm.datasets["val"]
+    assert all(torch.equal(val[i][0], val.images[i]) for i in range(4))
+
+
+def test_feature_cache_with_augmentation_is_refused(tmp_path):
+    from chestxray.training import build
+    from tests.conftest import train_config
+
+    cfg = train_config(tmp_path, "model.freeze=features", "model.cache_features=true", "data.augment=true")
+    with pytest.raises(ValueError, match="data.augment=false"):
+        build(cfg)
