@@ -43,7 +43,10 @@ class RunReports(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dataset = trainer.datamodule.datasets["train"]
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or "train" not in getattr(datamodule, "datasets", {}):
+            return
+        dataset = datamodule.datasets["train"]
         classes = pl_module.classes
         rng = np.random.default_rng(0)
         by_class: dict[str, list[np.ndarray]] = {}
@@ -75,9 +78,10 @@ class RunReports(L.Callback):
         self._save(trainer, "curves", reports.curves_figure(self.history, best), trainer.current_epoch)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not pl_module.test_predictions:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not trainer.is_global_zero or not pl_module.test_predictions or datamodule is None:
             return
-        dataset = trainer.datamodule.datasets["test"]
+        dataset = datamodule.datasets["test"]
         result = pl_module.test_predictions
         index = result["index"].tolist()
         labels = result["labels"].tolist()
