@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from chestxray.model import NonFiniteLossError
-from chestxray.training import train
+from chestxray.training import build, train
 from tests.conftest import FAST, ROOT, compose_config, train_config
 
 
@@ -164,15 +165,32 @@ def test_same_seed_deterministic_runs_log_identical_metrics(tmp_path):
     assert histories[0] == histories[1]
 
 
-def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_diverging_lr_stops_with_epoch_and_step(tmp_path):
     cfg = train_config(tmp_path, "optimizer.lr=1e12", "trainer.max_epochs=5", "test=false")
-    with pytest.raises(NonFiniteLossError, match=r"at epoch \d+, step \d+") as err:
+    with pytest.raises(NonFiniteLossError, match=r"at epoch \d+, step \d+"):
         train(cfg)
-    assert "checkpoints already written are kept" in str(err.value)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    if last.exists():
-        state = torch.load(last, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class PoisonAtSecondEpoch(L.Callback):
+    """Makes every logit NaN from the second epoch on, after the first epoch's checkpoints were written."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            with torch.no_grad():
+                pl_module.net.classifier[-1].bias.fill_(float("nan"))
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
+    datamodule, model, trainer = build(train_config(tmp_path, "trainer.max_epochs=3", "test=false"))
+    trainer.callbacks.append(PoisonAtSecondEpoch())
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit(model, datamodule=datamodule)
+    message = str(err.value)
+    assert "training loss is nan at epoch 1, step 4 (batch 0)" in message
+    assert "checkpoints already written are kept" in message
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
 def test_trainer_configs_compose_without_a_gpu():
