@@ -22,7 +22,7 @@ import numpy as np
 
 from chestxray.data import DEFAULT_CLASSES, SPLITS, DataError, scan_split
 from chestxray.duplicates import DEFAULT_THRESHOLD, exact_duplicate_groups, near_pairs, perceptual_hash
-from chestxray.images import BadImageError, decode_raw, to_rgb8
+from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
 
 
 @dataclass
@@ -44,11 +44,11 @@ def inspect_file(path: Path, split: str, label: str) -> FileRecord:
     """One full decode per file gives its mode, depth and size, validates it, and feeds the perceptual hash."""
     record = FileRecord(path, split, label)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
         record.bytes = len(data)
         image, record.format = decode_raw(data, path)
-    except (BadImageError, OSError) as err:
-        record.error = err.reason if isinstance(err, BadImageError) else str(err)
+    except BadImageError as err:
+        record.error = err.reason
         return record
     channels = 1 if image.ndim == 2 else image.shape[2]
     record.mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")

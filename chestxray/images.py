@@ -127,13 +127,17 @@ def decode_bytes(data: bytes, path: str | os.PathLike, min_side: int | None = No
     return to_rgb8(decode_raw(data, path, flags)[0])
 
 
-def read_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Read and decode one file to 8-bit RGB (see decode_bytes)."""
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes, or BadImageError naming it (permissions, a vanished file)."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as err:
         raise BadImageError(path, f"cannot read file: {err.strerror or err}") from err
-    return decode_bytes(data, path, min_side)
+
+
+def read_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
+    """Read and decode one file to 8-bit RGB (see decode_bytes)."""
+    return decode_bytes(read_bytes(path), path, min_side)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -174,10 +178,7 @@ class ImageCache:
 
     def load(self, path: Path) -> np.ndarray:
         """One file as a 3 x S x S uint8 array, from the disk cache when it is there."""
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise BadImageError(path, f"cannot read file: {err.strerror or err}") from err
+        data = read_bytes(path)
         cache_file = self._cache_file(data)
         if cache_file is not None and cache_file.exists():
             try:

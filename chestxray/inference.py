@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from chestxray import reports
 from chestxray.data import CachedImages
+from chestxray.distributed import gather_by_index
 from chestxray.images import ImageCache, is_image_file, list_images
 from chestxray.model import ChestXrayClassifier
 from chestxray.saliency import gradcam_overlays
@@ -85,19 +84,6 @@ def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[Inp
     ]
 
 
-def _gather(predictions: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and probabilities from every rank, each image once (distributed samplers pad with repeats)."""
-    parts = [(p["index"].cpu(), p["probs"].cpu()) for p in predictions]
-    if dist.is_available() and dist.is_initialized():
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, parts)
-        parts = [p for rank in everyone for p in rank]
-    index = torch.cat([i for i, _ in parts]).numpy()
-    probs = torch.cat([p for _, p in parts]).numpy()
-    _, first = np.unique(index, return_index=True)
-    return index[first], probs[first]
-
-
 def write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str]) -> None:
     fields = ["path", "label", "pred", *[f"prob_{c}" for c in classes], "error"]
     with open(path, "w", newline="") as fh:
@@ -119,7 +105,8 @@ def infer(cfg: DictConfig, model: ChestXrayClassifier, inputs: list[InputImage])
     dataset = CachedImages(decoded.paths, torch.from_numpy(decoded.images), [-1 if y is None else y for y in labels])
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
-    index, probs = _gather(trainer.predict(model, dataloaders=loader))
+    batches = trainer.predict(model, dataloaders=loader)
+    index, probs = (t.numpy() for t in gather_by_index([(b["index"].cpu(), b["probs"].cpu()) for b in batches]))
     return trainer, dataset, index, probs, errors
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VGG19_Weights, vgg19
+
+from chestxray.distributed import gather_by_index
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +208,8 @@ class ChestXrayClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Keep every test image's probabilities (from all ranks) for the report."""
-        parts = self._test_parts
-        if dist.is_available() and dist.is_initialized():
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, parts)
-            parts = [p for rank_parts in gathered for p in rank_parts]
-        if not parts:
-            self.test_predictions = {}
-            return
-        index, labels, probs = (torch.cat(t) for t in zip(*parts, strict=True))
-        order = torch.argsort(index)
-        keep = torch.ones_like(order, dtype=torch.bool)
-        keep[1:] = index[order][1:] != index[order][:-1]  # a distributed sampler may repeat images
-        order = order[keep]
-        self.test_predictions = {"index": index[order], "labels": labels[order], "probs": probs[order]}
+        gathered = gather_by_index(self._test_parts)
+        self.test_predictions = dict(zip(("index", "labels", "probs"), gathered, strict=True)) if gathered else {}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, index = batch
