@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from sklearn.model_selection import train_test_split
@@ -265,8 +266,7 @@ class ChestXrayDataModule(L.LightningDataModule):
     def _pin_memory(self) -> bool:
         if self.hparams.pin_memory is not None:
             return bool(self.hparams.pin_memory)
-        accelerator = getattr(self.trainer, "accelerator", None) if self.trainer is not None else None
-        return type(accelerator).__name__ == "CUDAAccelerator"
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
