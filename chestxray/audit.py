@@ -8,12 +8,13 @@ splits. Cross-split pairs are train/test leakage. Writes audit.md and audit.json
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data import DEFAULT_CLASSES, SPLITS, DataError, scan_split
-from chestxray.duplicates import DEFAULT_THRESHOLD, exact_duplicate_groups, near_pairs, perceptual_hash
+from chestxray.duplicates import DEFAULT_THRESHOLD, near_pairs, perceptual_hash
 from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
 
 
@@ -31,6 +32,7 @@ class FileRecord:
     split: str
     label: str
     bytes: int = 0
+    sha256: str = ""
     format: str = ""
     mode: str = ""
     bit_depth: int = 0
@@ -46,6 +48,7 @@ def inspect_file(path: Path, split: str, label: str) -> FileRecord:
     try:
         data = read_bytes(path)
         record.bytes = len(data)
+        record.sha256 = hashlib.sha256(data).hexdigest()
         image, record.format = decode_raw(data, path)
     except BadImageError as err:
         record.error = err.reason
@@ -82,12 +85,21 @@ def _group_stats(records: list[FileRecord]) -> dict:
     return stats
 
 
+def exact_duplicate_groups(records: list[FileRecord]) -> list[list[Path]]:
+    """Files with identical bytes, grouped by the SHA-256 taken while inspecting them."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for r in records:
+        if r.sha256:
+            groups[r.sha256].append(r.path)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
 def audit(data_dir: Path, threshold: int = DEFAULT_THRESHOLD, classes=DEFAULT_CLASSES) -> dict:
     """Everything the report shows, as plain data."""
     records = scan(data_dir, classes)
     split_of = {r.path: r.split for r in records}
     rel = {r.path: str(r.path.relative_to(data_dir)) for r in records}
-    exact = exact_duplicate_groups([r.path for r in records if not r.error])
+    exact = exact_duplicate_groups([r for r in records if not r.error])
     exact_pairs = {frozenset((a, b)) for g in exact for i, a in enumerate(g) for b in g[i + 1 :]}
     hashes = {r.path: r.phash for r in records if r.phash is not None}
     near = [p for p in near_pairs(hashes, None, threshold) if frozenset((p.train, p.test)) not in exact_pairs]
@@ -105,7 +117,7 @@ def audit(data_dir: Path, threshold: int = DEFAULT_THRESHOLD, classes=DEFAULT_CL
         split: {c: _group_stats([r for r in records if r.split == split and r.label == c]) for c in classes}
         for split in SPLITS
     }
-    exact_cross_pairs = sum(1 for g in exact for i, a in enumerate(g) for b in g[i + 1 :] if split_of[a] != split_of[b])
+    exact_cross_pairs = sum(1 for pair in exact_pairs if len({split_of[p] for p in pair}) > 1)
     return {
         "data_dir": str(data_dir),
         "threshold_bits": threshold,

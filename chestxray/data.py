@@ -141,7 +141,6 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.classes = list(classes)
         self.datasets: dict[str, CachedImages] = {}
         self.skipped: list[BadImageError] = []
-        self.leaking_pairs: list = []
 
     # --- preparing ---------------------------------------------------------------------------------
 
@@ -239,7 +238,6 @@ class ChestXrayDataModule(L.LightningDataModule):
 
         train_paths, train_images, train_labels = train
         pairs = cross_split_pairs(train_paths, test[0], self.hparams.leakage_threshold)
-        self.leaking_pairs = pairs
         if not pairs:
             return train
         report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None

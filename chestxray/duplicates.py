@@ -1,4 +1,4 @@
-"""Exact and near-duplicate images, and the train/test leakage they cause.
+"""Near-duplicate images (perceptual hashes), and the train/test leakage they cause.
 
 Near-duplicates are found with a 256-bit perceptual hash (imagehash.phash, hash_size=16) of the grey image.
 On the real dataset, re-encoded (JPEG q30), resized (1/3) and contrast-stretched copies stay within 30 bits
@@ -8,10 +8,8 @@ sits in that gap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -89,17 +87,6 @@ def cross_split_pairs(
     return near_pairs(
         {p: hashes[p] for p in train if p in hashes}, {p: hashes[p] for p in test if p in hashes}, threshold
     )
-
-
-def exact_duplicate_groups(paths: Sequence[Path]) -> list[list[Path]]:
-    """Files with identical bytes, grouped by SHA-256."""
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for path in paths:
-        try:
-            groups[hashlib.sha256(path.read_bytes()).hexdigest()].append(path)
-        except OSError:
-            continue
-    return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
 def write_leakage_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 log = logging.getLogger(__name__)
+
+# Compared across runs in TensorBoard's HParams tab and printed at the end of a run.
+REPORTED_METRICS = ("val/acc_best", "test/acc", "test/loss")
 
 
 class OutputDirError(RuntimeError):
@@ -60,13 +64,14 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
 
 
 @rank_zero_only
-def log_hyperparameters(logger: Logger | None, cfg: DictConfig, metric_names: list[str]) -> None:
+def log_hyperparameters(logger: Logger | None, cfg: DictConfig, metric_names: Sequence[str]) -> None:
     """The whole config for TensorBoard's HParams tab, with the metrics runs are compared on."""
-    if not isinstance(logger, TensorBoardLogger):
-        if logger is not None:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if logger is None:
         return
     params = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(logger, TensorBoardLogger):
+        logger.log_hyperparams(params)
+        return
     params.pop("hydra", None)
     flat = _flatten(params)
     logger.log_hyperparams(flat)
@@ -107,7 +112,7 @@ def train(cfg: DictConfig) -> float | None:
     check_writable(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    log_hyperparameters(trainer.logger, cfg, ["val/acc_best", "test/acc", "test/loss"])
+    log_hyperparameters(trainer.logger, cfg, REPORTED_METRICS)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -119,7 +124,7 @@ def train(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:
         if best:
             log.info("best checkpoint: %s", best)
-        for name in ("val/acc_best", "test/acc", "test/loss"):
+        for name in REPORTED_METRICS:
             if name in metrics:
                 log.info("%s = %.4f", name, metrics[name])
     name = cfg.get("optimized_metric")
