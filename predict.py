@@ -5,13 +5,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import chestxray  # noqa: F401 - registers the config resolvers
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     from chestxray.inference import PredictError, predict
+    from chestxray.interrupt import run_until_signal
 
     try:
-        summary = predict(cfg)
+        summary = run_until_signal("predict.py", lambda: predict(cfg), f"the finished rows are in {cfg.output_dir}")
     except PredictError as err:
         print(f"predict.py: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,45 +1,55 @@
-"""A Lightning callback that leaves the pictures of a run in its folder and in TensorBoard."""
+"""Lightning callbacks: the pictures of a run, the evaluation reports of trainer.test, a stable best.ckpt."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 
 from chestxray import reports
-from chestxray.saliency import gradcam_overlays
+from chestxray.distributed import gather_by_index
+from chestxray.evaluation import Evaluation, ReportSettings, side_by_side, write_report
 
 log = logging.getLogger(__name__)
 
 
-def _hwc(image: torch.Tensor) -> np.ndarray:
-    return image.permute(1, 2, 0).cpu().numpy()
+def log_figure(trainer: L.Trainer, tag: str, fig: Figure, step: int = 0) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+
+
+def metric_prefix(set_name: str) -> str:
+    """TensorBoard and callback-metric prefix of an evaluated set: test/..., eval/<name>/..."""
+    return "test" if set_name == "test" else f"eval/{set_name}"
+
+
+def report_folder(output_dir: Path, set_name: str) -> Path:
+    """The test report in the run folder itself; each evaluation set's in eval/<name>/."""
+    return output_dir if set_name == "test" else output_dir / "eval" / set_name
 
 
 class RunReports(L.Callback):
-    """samples.png at the start, curves.png at the end of fit, the test report after trainer.test."""
+    """samples.png at the start of fit, history.json and curves.png at its end (all epochs, across resumes)."""
 
-    def __init__(self, output_dir: str, samples_per_class: int = 4, gradcam_images: int = 6):
+    def __init__(self, output_dir: str, samples_per_class: int = 4):
         self.output_dir = Path(output_dir)
         self.samples_per_class = samples_per_class
-        self.gradcam_images = gradcam_images
         self.history: list[dict] = []
 
-    def _log_figure(self, trainer: L.Trainer, tag: str, fig: Figure, step: int = 0) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(tag, fig, global_step=step, close=False)
-
-    def _save(self, trainer: L.Trainer, name: str, fig: Figure, step: int = 0, tag: str | None = None) -> Path:
-        self._log_figure(trainer, tag or name, fig, step)
-        return reports.save_figure(fig, self.output_dir / f"{name}.png")
+    def _save(self, trainer: L.Trainer, name: str, fig: Figure, step: int = 0) -> None:
+        log_figure(trainer, name, fig, step)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.output_dir / f"{name}.png", dpi=100)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -47,20 +57,19 @@ class RunReports(L.Callback):
         if datamodule is None or "train" not in getattr(datamodule, "datasets", {}):
             return
         dataset = datamodule.datasets["train"]
-        classes = pl_module.classes
         rng = np.random.default_rng(0)
         by_class: dict[str, list[np.ndarray]] = {}
-        for label, name in enumerate(classes):
+        for label, name in enumerate(pl_module.classes):
             idx = np.flatnonzero(dataset.labels.numpy() == label)
             chosen = rng.choice(idx, min(self.samples_per_class, len(idx)), replace=False)
-            by_class[name] = [_hwc(dataset[int(i)][0]) for i in chosen]  # after resize and augmentation
+            by_class[name] = [dataset[int(i)][0].permute(1, 2, 0).numpy() for i in chosen]  # after augmentation
         self._save(trainer, "samples", reports.samples_figure(by_class))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
         row.update({k: float(metrics[k]) for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in metrics})
-        self.history.append(row)
+        self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -74,33 +83,109 @@ class RunReports(L.Callback):
             return
         with_val = [h for h in self.history if "val/acc" in h]
         best = max(with_val, key=lambda h: h["val/acc"])["epoch"] if with_val else None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=2))
         self._save(trainer, "curves", reports.curves_figure(self.history, best), trainer.current_epoch)
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if not trainer.is_global_zero or not pl_module.test_predictions or datamodule is None:
-            return
-        dataset = datamodule.datasets["test"]
-        result = pl_module.test_predictions
-        index = result["index"].tolist()
-        labels = result["labels"].tolist()
-        probs = result["probs"].numpy()
-        images = [_hwc(dataset.images[i]) for i in index]
-        metrics, figures = reports.write_evaluation(self.output_dir, labels, probs, pl_module.classes, images)
-        step = trainer.global_step
-        for name, fig in figures.items():
-            self._log_figure(trainer, f"test/{name}", fig, step)
-            reports.plt.close(fig)
-        gradcam = self._gradcam_figure(pl_module, dataset, index, labels, probs)
-        self._save(trainer, "gradcam_gallery", gradcam, step, tag="test/gradcam")
-        log.info("test report (%s):\n%s", self.output_dir, reports.summary_text(metrics))
 
-    def _gradcam_figure(self, pl_module, dataset, index, labels, probs) -> Figure:
-        preds = probs.argmax(1).tolist()
-        chosen = reports.pick_gallery(preds, labels, self.gradcam_images)
-        images = torch.stack([dataset.images[index[i]] for i in chosen])
-        overlays = gradcam_overlays(pl_module, images, [preds[i] for i in chosen])
-        return reports.gallery_figure(
-            overlays, [preds[i] for i in chosen], [labels[i] for i in chosen], pl_module.classes, columns=3
-        )
+class TestReports(L.Callback):
+    """After trainer.test: per set (the test folder, each evaluation set) its metrics, logged and written.
+
+    Collects the per-image probabilities that test_step returns, gathers them from every rank, logs
+    `test/acc`, `test/loss` (`eval/<name>/...` for evaluation sets) and their `_leak_free` twins, and writes each
+    set's report folder (metrics.json, figures) and a side-by-side summary.
+    """
+
+    def __init__(self, output_dir: str, settings: dict | None = None):
+        self.output_dir = Path(output_dir)
+        self.settings = ReportSettings(**(settings or {}))
+        self._parts: dict[int, list] = defaultdict(list)
+        self.results: dict[str, Evaluation] = {}
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._parts = defaultdict(list)
+        self.results = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._parts[dataloader_idx].append((outputs["index"].cpu(), outputs["probs"].cpu()))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        for idx, (name, dataset) in enumerate(datamodule.test_sets.items()):
+            gathered = gather_by_index(self._parts[idx])  # every rank takes part
+            if gathered is None:
+                continue
+            index, probs = (t.numpy() for t in gathered)
+            leaking = datamodule.leaking.get(name, np.zeros(len(dataset), bool))
+            evaluation = Evaluation(
+                name,
+                pl_module.classes,
+                [dataset.paths[i] for i in index],
+                dataset.labels.numpy()[index],
+                probs.astype(np.float64),
+                leaking[index],
+            )
+            self.results[name] = evaluation
+            quick = evaluation.metrics(ReportSettings(bootstrap_resamples=0))
+            clean = quick["leak_free"] or quick  # no leaking images: the leak-free numbers are the numbers
+            prefix = metric_prefix(name)
+            for key, value in (("acc", quick["accuracy"]), ("loss", quick["loss"])):
+                clean_value = clean["loss" if key == "loss" else "accuracy"]
+                # identical on every rank (gathered above); sync_dist keeps Lightning's bookkeeping consistent
+                pl_module.log(f"{prefix}/{key}", value, add_dataloader_idx=False, sync_dist=True)
+                pl_module.log(f"{prefix}/{key}_leak_free", clean_value, add_dataloader_idx=False, sync_dist=True)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.results:
+            return
+        written = {}
+        for name, evaluation in self.results.items():
+            folder = report_folder(self.output_dir, name)
+            model = pl_module if self.settings.gradcam_tiles else None
+            metrics, figures = write_report(evaluation, folder, self.settings, model, predictions=True)
+            for fig_name, fig in figures.items():
+                tag = (
+                    "test/gradcam"
+                    if fig_name == "gradcam_gallery" and name == "test"
+                    else f"{metric_prefix(name)}/{fig_name}"
+                )
+                log_figure(trainer, tag, fig, trainer.global_step)
+            if metrics:
+                written[name] = metrics
+                log.info("%s report (%s):\n%s", name, folder, reports.summary_text(metrics, metrics["leak_free"]))
+        if len(written) > 1 or any(m["leak_free"] for m in written.values()):
+            log.info("all evaluated sets, all images and leak-free:\n%s", side_by_side(written))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also keeps `best.ckpt` beside `epoch_NNN.ckpt`: a stable name for the best epoch."""
+
+    BEST_NAME = "best.ckpt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._link_best(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._link_best(trainer)
+
+    def _link_best(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero or not self.best_model_path or not os.path.exists(self.best_model_path):
+            return
+        best = Path(self.best_model_path)
+        link = best.with_name(self.BEST_NAME)
+        if link.is_symlink() and os.readlink(link) == best.name:
+            return
+        tmp = link.with_name(f".{self.BEST_NAME}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            tmp.symlink_to(best.name)  # relative: the run folder can be moved
+        except OSError:  # no symbolic links here (Windows without the privilege): a hard link, else a copy
+            try:
+                os.link(best, tmp)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(best, tmp)
+        os.replace(tmp, link)

@@ -1,11 +1,11 @@
-"""The chest X-ray folders as a LightningDataModule: scan, decode once, split, load."""
+"""The chest X-ray data as a LightningDataModule: find, decode once, check for leakage, split, load."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -15,22 +15,22 @@ import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from chestxray.images import BadImageError, ImageCache, list_images
+from chestxray import duplicates
+from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
+from chestxray.sources import SPLITS, DataError, LabelledFiles, load_labelled, load_split
+from chestxray.splits import holdout, kfold
+from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images, default_workers
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLASSES = ("Normal", "Covid", "Viral Pneumonia")
 KAGGLE_DATASET = "pranavraikokte/covid19-image-dataset"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
-SPLITS = ("train", "test")
 
-
-class DataError(RuntimeError):
-    """The data folder is missing or not laid out as DATA/{train,test}/<class>/ images."""
+__all__ = ["SPLITS", "BadFilesError", "ChestXrayDataModule", "DataError", "ImageDataset"]
 
 
 class BadFilesError(DataError):
@@ -45,38 +45,14 @@ class BadFilesError(DataError):
         )
 
 
-def scan_split(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
-    """Image paths and labels of one split, checking the folder layout first."""
-    if not split_dir.is_dir():
-        raise DataError(f"split folder not found: {split_dir} (expected {split_dir}/<class>/ for {list(classes)})")
-    present = {p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    for extra in sorted(present - set(classes)):
-        warnings.warn(
-            f"ignoring unexpected folder {split_dir / extra} (not one of data.classes={list(classes)})",
-            stacklevel=2,
-        )
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
-            raise DataError(f"class folder not found: {class_dir} (data.classes={list(classes)})")
-        files = list_images(class_dir)
-        if not files:
-            raise DataError(f"class folder has no .jpeg/.jpg/.png images: {class_dir}")
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels
-
-
 def handle_bad_files(bad: Sequence[BadImageError], on_bad_file: str, where: str) -> None:
     """Warn once per bad file and summarise (skip), or raise one error listing them all (error)."""
+    if on_bad_file not in ("skip", "error"):
+        raise ValueError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
     if not bad:
         return
     if on_bad_file == "error":
         raise BadFilesError(bad)
-    if on_bad_file != "skip":
-        raise ValueError(f"data.on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
     for err in bad:
         warnings.warn(f"skipping unreadable image {err.path}: {err.reason}", stacklevel=2)
     warnings.warn(f"{where}: skipped {len(bad)} unreadable image file(s)", stacklevel=2)
@@ -92,10 +68,13 @@ def train_transform() -> v2.Transform:
     )
 
 
-class CachedImages(Dataset):
-    """Decoded uint8 images in memory; normalisation happens in the model, on the model's device."""
+class ImageDataset(Dataset):
+    """Decoded uint8 images with labels; an item is (image 3 x S x S, label, position in this dataset).
 
-    def __init__(self, paths: Sequence[Path], images: torch.Tensor, labels: Sequence[int], transform=None):
+    Normalisation happens in the model, on the model's device.
+    """
+
+    def __init__(self, paths: Sequence[Path], images: ImageArray, labels: Sequence[int], transform=None):
         self.paths = list(paths)
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
@@ -105,48 +84,76 @@ class CachedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = self.images[index]
+        image = torch.from_numpy(self.images[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index], index
 
+    def subset(self, positions: np.ndarray, transform=None) -> ImageDataset:
+        return ImageDataset(
+            [self.paths[i] for i in positions], self.images.subset(positions), self.labels[positions], transform
+        )
+
 
 class ChestXrayDataModule(L.LightningDataModule):
-    """DATA/{train,test}/<class>/ as train / val (stratified hold-out of train) / test loaders."""
+    """DATA/{train,test}/<class>/ (or a label file) as train / val / test loaders, plus extra evaluation sets."""
 
     def __init__(
         self,
         data_dir: str,
         classes: Sequence[str] = DEFAULT_CLASSES,
+        index: str | None = None,
         image_size: int = 224,
         val_fraction: float = 0.15,
+        folds: int = 5,
+        fold: int | None = None,
         batch_size: int = 4,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
-        persistent_workers: bool = False,
+        eval_batch_size: int | None = None,
+        num_workers: int | str = "auto",
         pin_memory: bool | None = None,
         augment: bool = False,
         seed: int = 2022,
         on_bad_file: str = "skip",
+        store: str = "auto",
         cache_dir: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_image_side: int = DEFAULT_MIN_SIDE,
         download: bool = True,
         check_leakage: bool = True,
         drop_leaking: bool = False,
-        leakage_threshold: int = 40,
+        leakage_threshold: int = duplicates.DEFAULT_THRESHOLD,
+        eval_sets: Mapping[str, str] | None = None,
         report_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir)
+        self.index = Path(index) if index else None
         self.classes = list(classes)
-        self.datasets: dict[str, CachedImages] = {}
+        self.eval_sets = dict(eval_sets or {})
+        for name in self.eval_sets:
+            if name == "test" or "/" in name:
+                raise DataError(f"eval_sets.{name}: the name must not be 'test' or contain '/'")
+        self.settings = DecodeSettings(int(image_size), ImageLimits(int(max_pixels), int(min_image_side)))
+        self.datasets: dict[str, ImageDataset] = {}  # train, val
+        self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
+        self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image
         self.skipped: list[BadImageError] = []
 
-    # --- preparing ---------------------------------------------------------------------------------
+    # --- preparing: once per machine --------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Offer the Kaggle download when the data folder is missing; fail with instructions offline."""
-        if self.data_dir.exists():
+        """Offer the Kaggle download when the data is missing; build the on-disk stores (once per machine)."""
+        self._ensure_data()
+        sources = self._sources()
+        if self._store_mode(sources) == "disk":
+            for name, files in sources.items():
+                decoded = self._decode(name, files, "disk")
+                if self.hparams.check_leakage:
+                    duplicates.hash_decoded(decoded, self.settings.limits)
+
+    def _ensure_data(self) -> None:
+        if self.index is not None or self.data_dir.exists():
             return
         reason = "automatic download is off (data.download=false)"
         if self.hparams.download:
@@ -176,118 +183,151 @@ class ChestXrayDataModule(L.LightningDataModule):
         os.symlink(source.resolve(), self.data_dir, target_is_directory=True)
         log.info("linked %s -> %s", self.data_dir, source)
 
-    # --- setting up ----------------------------------------------------------------------------------
+    def _sources(self) -> dict[str, LabelledFiles]:
+        """train, test and every evaluation set, as labelled files (nothing decoded yet)."""
+        sources = {split: load_split(self.data_dir, self.index, split, self.classes) for split in SPLITS}
+        for name, source in self.eval_sets.items():
+            sources[name] = load_labelled(source, self.classes, f"eval_sets.{name}")
+        return sources
 
-    def _decode_split(self, split: str) -> tuple[list[Path], torch.Tensor, list[int]]:
-        paths, labels = scan_split(self.data_dir / split, self.classes)
-        decoded = ImageCache(self.hparams.image_size, self.hparams.cache_dir).decode_all(paths)
-        handle_bad_files(decoded.bad, self.hparams.on_bad_file, f"{self.data_dir / split}")
-        self.skipped += decoded.bad
-        label_of = dict(zip(paths, labels, strict=True))
-        good_labels = [label_of[p] for p in decoded.paths]
-        for label, name in enumerate(self.classes):
-            if label not in good_labels:
-                raise DataError(f"no readable images left in {self.data_dir / split / name}")
-        return decoded.paths, torch.from_numpy(decoded.images), good_labels
+    def _store_mode(self, sources: Mapping[str, LabelledFiles]) -> str:
+        """data.store resolved: auto goes to disk for large sets and for several processes on one machine."""
+        processes = int(self.trainer.num_devices) if self.trainer is not None else 1
+        count = sum(len(f) for f in sources.values())
+        return choose_store(self.hparams.store, count, self.settings.image_size, processes)
+
+    def _decode(self, name: str, files: LabelledFiles, mode: str) -> DecodedImages:
+        return decode_images(
+            files.paths,
+            self.settings,
+            mode,
+            self.hparams.cache_dir,
+            progress=rank_zero_only.rank == 0,
+            what=f"{name} ({files.where})",
+        )
+
+    # --- setting up: in every process -------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if not self.data_dir.is_dir():
-            self.prepare_data()
-        splits = {split: self._decode_split(split) for split in SPLITS}
+        self._ensure_data()
+        sources = self._sources()
+        mode = self._store_mode(sources)
+        sets = {name: self._readable(name, files, mode) for name, files in sources.items()}
         if self.hparams.check_leakage:
-            splits["train"] = self._check_leakage(splits["train"], splits["test"])
-        train_paths, train_images, train_labels = splits["train"]
-        test_paths, test_images, test_labels = splits["test"]
-        self.datasets["test"] = CachedImages(test_paths, test_images, test_labels)
+            sets["train"] = self._check_leakage(sets)
+        for name, (decoded, labels) in sets.items():
+            if name != "train":
+                self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels)
+                self.leaking.setdefault(name, np.zeros(len(labels), bool))
+        decoded, labels = sets["train"]
+        train = ImageDataset(decoded.paths, decoded.images, labels)
+        fit, val = self._split(labels)
         augment = train_transform() if self.hparams.augment else None
-        if self.hparams.val_fraction <= 0:
+        self.datasets["train"] = train.subset(fit, augment)
+        self.datasets["val"] = self.test_sets["test"] if val is None else train.subset(val)
+
+    def _readable(self, name: str, files: LabelledFiles, mode: str) -> tuple[DecodedImages, list[int]]:
+        """Decoded images of a set and the labels of its readable files; bad files reported per the setting."""
+        decoded = self._decode(name, files, mode)
+        handle_bad_files(decoded.bad, self.hparams.on_bad_file, files.where)
+        self.skipped += decoded.bad
+        label_of = dict(zip(files.paths, files.labels, strict=True))
+        labels = [label_of[p] for p in decoded.paths]
+        if name in SPLITS:
+            for label, class_name in enumerate(self.classes):
+                if label not in labels:
+                    raise DataError(f"no readable images of class {class_name} left in {files.where}")
+        return decoded, labels
+
+    def _split(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(fit, val) positions in train; val None means the test folder validates (val_fraction=0)."""
+        hp = self.hparams
+        if hp.fold is not None:
+            return kfold(labels, hp.folds, hp.fold, hp.seed)
+        if hp.val_fraction <= 0:
             # The original notebook's protocol: the test folder also picks the best epoch (optimistic).
-            self.datasets["train"] = CachedImages(train_paths, train_images, train_labels, augment)
-            self.datasets["val"] = self.datasets["test"]
-            return
-        try:
-            fit_idx, val_idx = train_test_split(
-                np.arange(len(train_paths)),
-                test_size=self.hparams.val_fraction,
-                stratify=train_labels,
-                random_state=self.hparams.seed,
-            )
-        except ValueError as err:
-            raise DataError(
-                f"data.val_fraction={self.hparams.val_fraction} cannot make a stratified hold-out of "
-                f"{len(train_paths)} train images over {len(self.classes)} classes: {err}"
-            ) from err
-        fit_idx, val_idx = np.sort(fit_idx), np.sort(val_idx)
+            return np.arange(len(labels)), None
+        return holdout(labels, hp.val_fraction, hp.seed)
 
-        def subset(idx: np.ndarray, transform=None) -> CachedImages:
-            return CachedImages(
-                [train_paths[i] for i in idx],
-                train_images[torch.from_numpy(idx)],
-                [train_labels[i] for i in idx],
-                transform,
-            )
-
-        self.datasets["train"] = subset(fit_idx, augment)
-        self.datasets["val"] = subset(val_idx)
-
-    def _check_leakage(self, train, test):
-        """Warn about (and optionally drop) train images that are near-duplicates of test images."""
-        from chestxray.duplicates import cross_split_pairs, write_leakage_report
-
-        train_paths, train_images, train_labels = train
-        pairs = cross_split_pairs(train_paths, test[0], self.hparams.leakage_threshold)
-        if not pairs:
-            return train
+    def _check_leakage(self, sets: dict) -> tuple[DecodedImages, list[int]]:
+        """Mark test-set images that duplicate train images; warn; optionally drop those train images."""
+        threshold, limits = self.hparams.leakage_threshold, self.settings.limits
+        train, train_labels = sets["train"]
+        train_hashes = duplicates.hash_decoded(train, limits)
+        pairs = {}
+        for name, (decoded, _) in sets.items():
+            if name != "train":
+                hashes = duplicates.hash_decoded(decoded, limits)
+                pairs[name] = duplicates.near_pairs(train.paths, train_hashes, decoded.paths, hashes, threshold)
+        leaking_train = {p.train for set_pairs in pairs.values() for p in set_pairs}
+        drop = self.hparams.drop_leaking
+        for name, set_pairs in pairs.items():
+            position = {p: i for i, p in enumerate(sets[name][0].paths)}
+            mask = np.zeros(len(position), bool)
+            mask[[position[p.test] for p in set_pairs]] = not drop  # with the train copies dropped, nothing leaks
+            self.leaking[name] = mask
+        if not leaking_train:
+            return train, train_labels
         report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None
-        report = write_leakage_report(pairs, report_dir, self.hparams.leakage_threshold)
-        leaking = {pair.train for pair in pairs}
+        report = duplicates.write_leakage_report(pairs, report_dir, threshold)
         where = f" (report: {report})" if report else ""
+        counts = ", ".join(f"{name}: {len(p)}" for name, p in pairs.items() if p)
         warnings.warn(
-            f"{len(pairs)} train/test near-duplicate pair(s) ({len(leaking)} train images) found: the test "
-            f"accuracy may be inflated by leakage{where}. Pass data.drop_leaking=true to drop them from train.",
+            f"{sum(map(len, pairs.values()))} train/test near-duplicate pair(s) ({len(leaking_train)} train images; "
+            f"{counts}) found: the test accuracy may be inflated by leakage{where}. The reports give every metric "
+            "also without those test images; data.drop_leaking=true drops the train copies instead.",
             stacklevel=2,
         )
-        if not self.hparams.drop_leaking:
-            return train
-        keep = [i for i, p in enumerate(train_paths) if p not in leaking]
-        log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(train_paths) - len(keep))
-        return (
-            [train_paths[i] for i in keep],
-            train_images[torch.as_tensor(keep, dtype=torch.long)],
-            [train_labels[i] for i in keep],
-        )
+        if not drop:
+            return train, train_labels
+        keep = np.array([i for i, p in enumerate(train.paths) if p not in leaking_train], dtype=np.int64)
+        log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(train.paths) - len(keep))
+        kept = DecodedImages([train.paths[i] for i in keep], train.images.subset(keep), [], [], None)
+        return kept, [train_labels[i] for i in keep]
 
-    # --- loading --------------------------------------------------------------------------------------
+    # --- loading -------------------------------------------------------------------------------------------------
 
-    def _pin_memory(self) -> bool:
-        if self.hparams.pin_memory is not None:
-            return bool(self.hparams.pin_memory)
+    def _on_cuda(self) -> bool:
         return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _num_workers(self) -> int:
+        """auto: none on CPU (the images are decoded already; workers would take cores from the model), 4 on CUDA."""
         workers = self.hparams.num_workers
+        if workers == "auto":
+            return min(4, default_workers()) if self._on_cuda() else 0
+        return int(workers)
+
+    def _loader(self, dataset: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         sampler = None
         if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Each val/test image exactly once across ranks (Lightning's default sampler pads with repeats).
-            sampler = UnrepeatedDistributedSampler(self.datasets[split], shuffle=False)
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        workers = self._num_workers()
+        pin = self.hparams.pin_memory
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
-            persistent_workers=bool(self.hparams.persistent_workers and workers > 0),
-            pin_memory=self._pin_memory(),
+            persistent_workers=workers > 0,
+            pin_memory=self._on_cuda() if pin is None else bool(pin),
         )
 
+    def _eval_batch_size(self) -> int:
+        """null: 64 on CUDA; 8 on CPU, where small evaluation batches are fastest (see benchmarks/)."""
+        size = self.hparams.eval_batch_size
+        return int(size) if size else (64 if self._on_cuda() else 8)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True, drop_last=True)
+        return self._loader(self.datasets["train"], self.hparams.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.datasets["val"], self._eval_batch_size(), shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+    def test_dataloader(self) -> list[DataLoader]:
+        """The test folder first, then each evaluation set, in the order of `test_sets`."""
+        return [self._loader(d, self._eval_batch_size(), shuffle=False) for d in self.test_sets.values()]

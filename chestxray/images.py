@@ -1,28 +1,35 @@
-"""Finding and decoding image files: one code path for training, prediction and the audit."""
+"""Finding and decoding image files: one code path for training, prediction and the audit.
+
+Every file goes through the same checks before a pixel is decoded: the content must be a complete JPEG or PNG
+(not just named like one), and its header must declare a size within the limits (a 30,000 x 30,000 PNG of 1 MB
+would otherwise take 4.5 GB to decode). JPEG EXIF orientation is applied, as `cv2.imread` does.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import logging
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
-
-log = logging.getLogger(__name__)
+from PIL import JpegImagePlugin, PngImagePlugin
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-# Bump when decoding or resizing changes, so on-disk caches made by older code are not reused.
-DECODE_VERSION = 1
+# Bump when decoding or resizing changes, so on-disk stores made by older code are not reused.
+DECODE_VERSION = 2
+# Refuse images above this many pixels (data.max_pixels): well above any radiograph (a 43 x 43 cm detector at
+# 100 um is 18 megapixels), well below what takes a machine down when several are decoded at once.
+DEFAULT_MAX_PIXELS = 100_000_000
+# Refuse images with a shorter side than this (data.min_image_side): a 1 x 1 PNG is not a chest X-ray.
+DEFAULT_MIN_SIDE = 32
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_HEADER_READERS = {"JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile}
+_EXIF_ORIENTATION = 0x0112
 
 
 class BadImageError(ValueError):
@@ -34,16 +41,47 @@ class BadImageError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a file must declare in its header to be decoded at all (data.max_pixels, data.min_image_side)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+@dataclass(frozen=True)
+class Header:
+    format: str  # JPEG or PNG
+    width: int
+    height: int
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+
+
 def is_image_file(path: Path) -> bool:
     """Accept jpeg/jpg/png in any letter case; skip hidden files such as .DS_Store."""
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _walk(folder: Path) -> Iterable[Path]:
+    """Every file below folder, following links to folders but entering each real folder once (no link loops)."""
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield from (Path(top) / name for name in files)
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """All image files of a folder, sorted so that every run sees the same order."""
-    candidates: Iterable[Path] = folder.rglob("*") if recursive else folder.iterdir()
-    visible = (p for p in candidates if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return sorted(p for p in visible if p.is_file() and is_image_file(p))
+    """All image files of a folder (and its sub-folders), sorted so that every run sees the same order."""
+    candidates = _walk(folder) if recursive else folder.iterdir()
+    return sorted(p for p in candidates if is_image_file(p) and p.is_file())
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -64,19 +102,61 @@ def _check_complete(data: bytes, fmt: str) -> str | None:
     return None
 
 
-def _reduction_factor(data: bytes, min_side: int) -> int:
-    """Largest libjpeg DCT scaling (1/2, 1/4, 1/8) that keeps the short side at least min_side."""
+def read_header(data: bytes, path: str | os.PathLike) -> Header:
+    """Format, size and EXIF orientation from the file's header alone, or BadImageError with the reason."""
+    if not data:
+        raise BadImageError(path, "empty file (0 bytes)")
+    fmt = _sniff_format(data)
+    if fmt is None:
+        raise BadImageError(path, "not a JPEG or PNG image (unrecognised file content)")
+    problem = _check_complete(data, fmt)
+    if problem:
+        raise BadImageError(path, problem)
     try:
-        width, height = Image.open(io.BytesIO(data)).size  # header only
-    except Exception:  # noqa: BLE001 - a header PIL cannot read is decoded at full size
+        # The plugin classes parse the header without Image.open's global decompression-bomb limit.
+        image = _HEADER_READERS[fmt](io.BytesIO(data))
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+    except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is a bad file
+        raise BadImageError(path, f"unreadable {fmt} header ({type(err).__name__}: {err})") from None
+    return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1)
+
+
+def check_limits(header: Header, path: str | os.PathLike, limits: ImageLimits) -> None:
+    """Refuse, before decoding, images too large to decode safely or too small to be a radiograph."""
+    pixels = header.width * header.height
+    if pixels > limits.max_pixels:
+        raise BadImageError(
+            path,
+            f"image of {header.width} x {header.height} = {pixels:,} pixels is above data.max_pixels="
+            f"{limits.max_pixels:,} (not decoded: a file this size can exhaust memory)",
+        )
+    if min(header.width, header.height) < limits.min_side:
+        raise BadImageError(
+            path,
+            f"image of {header.width} x {header.height} pixels is smaller than data.min_image_side={limits.min_side}",
+        )
+
+
+def _reduction_factor(header: Header, target: int | None) -> int:
+    """Largest libjpeg DCT scaling (1/2, 1/4, 1/8) that keeps the short side at least `target`."""
+    if not target or header.format != "JPEG":
         return 1
     for factor in (8, 4, 2):
-        if min(width, height) // factor >= min_side:
+        if min(header.width, header.height) // factor >= target:
             return factor
     return 1
 
 
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decode as stored into the picture as meant, for EXIF orientations 2-8."""
+    if orientation in (5, 6, 7, 8):
+        image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE if orientation in (5, 6) else cv2.ROTATE_90_COUNTERCLOCKWISE)
+    flip = {2: 1, 3: -1, 4: 0, 5: 1, 7: 1}.get(orientation)
+    return image if flip is None else cv2.flip(image, flip)
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:
@@ -97,47 +177,42 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def decode_raw(data: bytes, path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> tuple[np.ndarray, str]:
-    """OpenCV's decode as stored (gray/BGR/BGRA, 8 or 16 bit) and the format, or BadImageError with the reason."""
-    if not data:
-        raise BadImageError(path, "empty file (0 bytes)")
-    fmt = _sniff_format(data)
-    if fmt is None:
-        raise BadImageError(path, "not a JPEG or PNG image (unrecognised file content)")
-    problem = _check_complete(data, fmt)
-    if problem:
-        raise BadImageError(path, problem)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if image is None or image.size == 0:
-        raise BadImageError(path, f"OpenCV could not decode this {fmt} file")
-    return image, fmt
+def decode_raw(
+    data: bytes, path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS, target: int | None = None
+) -> tuple[np.ndarray, Header]:
+    """OpenCV's decode (gray/BGR/BGRA, 8 or 16 bit), upright, and the header; or BadImageError with the reason.
 
-
-def decode_bytes(data: bytes, path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode a JPEG/PNG to 8-bit RGB, or raise BadImageError naming the file and why.
-
-    With min_side, large JPEGs are decoded at a reduced resolution (still at least min_side on the short side),
-    which is several times faster than a full decode followed by a resize.
+    With `target`, a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (still at least `target` on the short
+    side), several times faster than a full decode followed by a resize.
     """
-    flags = cv2.IMREAD_UNCHANGED
-    if min_side and data.startswith(_JPEG_MAGIC):
-        factor = _reduction_factor(data, min_side)
-        if factor > 1:
-            flags = _REDUCED_FLAGS[factor]
-    return to_rgb8(decode_raw(data, path, flags)[0])
+    header = read_header(data, path)
+    check_limits(header, path, limits)
+    factor = _reduction_factor(header, target)
+    flags = _REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None or image.size == 0:
+        raise BadImageError(path, f"OpenCV could not decode this {header.format} file")
+    return apply_orientation(image, header.orientation), header
+
+
+def decode_bytes(
+    data: bytes, path: str | os.PathLike, target: int | None = None, limits: ImageLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """Decode a JPEG/PNG to upright 8-bit RGB, or raise BadImageError naming the file and why."""
+    return to_rgb8(decode_raw(data, path, limits, target)[0])
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """A file's bytes, or BadImageError naming it (permissions, a vanished file)."""
+    """A file's bytes, or BadImageError naming it (permissions, a vanished file, a folder named like an image)."""
     try:
         return Path(path).read_bytes()
     except OSError as err:
         raise BadImageError(path, f"cannot read file: {err.strerror or err}") from err
 
 
-def read_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Read and decode one file to 8-bit RGB (see decode_bytes)."""
-    return decode_bytes(read_bytes(path), path, min_side)
+def read_image(path: str | os.PathLike, target: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Read and decode one file to 8-bit RGB (see decode_raw)."""
+    return decode_bytes(read_bytes(path), path, target, limits)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -148,67 +223,14 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """The model's view of a file: decoded, 8-bit RGB, image_size x image_size, HWC uint8."""
-    return resize_square(read_image(path, min_side=image_size), image_size)
+def model_view(
+    data: bytes, path: str | os.PathLike, image_size: int, limits: ImageLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """The model's view of a file's bytes: 3 x S x S uint8 (CHW), decoded, upright, RGB, resized."""
+    image = resize_square(decode_bytes(data, path, image_size, limits), image_size)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-@dataclass
-class DecodedImages:
-    """Images decoded once to the model's size, as an N x 3 x S x S uint8 array, plus the files that failed."""
-
-    paths: list[Path]
-    images: np.ndarray
-    bad: list[BadImageError]
-
-
-class ImageCache:
-    """Decode each file once; optionally keep the result on disk keyed by file content and settings."""
-
-    def __init__(self, image_size: int, cache_dir: str | os.PathLike | None = None, workers: int | None = None):
-        self.image_size = int(image_size)
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.workers = workers or min(8, os.cpu_count() or 1)
-
-    def _cache_file(self, data: bytes) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = hashlib.sha256(data).hexdigest()
-        return self.cache_dir / f"v{DECODE_VERSION}-s{self.image_size}" / key[:2] / f"{key}.npy"
-
-    def load(self, path: Path) -> np.ndarray:
-        """One file as a 3 x S x S uint8 array, from the disk cache when it is there."""
-        data = read_bytes(path)
-        cache_file = self._cache_file(data)
-        if cache_file is not None and cache_file.exists():
-            try:
-                return np.load(cache_file)
-            except (OSError, ValueError):
-                log.warning("ignoring unreadable cache entry %s", cache_file)
-        image = resize_square(decode_bytes(data, path, min_side=self.image_size), self.image_size)
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, chw)
-            os.replace(tmp, cache_file)  # atomic: a killed run never leaves half an entry
-        return chw
-
-    def decode_all(self, paths: Sequence[Path]) -> DecodedImages:
-        """Decode many files in threads (OpenCV releases the GIL); bad files are collected, not raised."""
-
-        def one(path: Path) -> np.ndarray | BadImageError:
-            try:
-                return self.load(path)
-            except BadImageError as err:
-                return err
-
-        with ThreadPoolExecutor(self.workers) as pool:
-            results = list(pool.map(one, paths))
-        good = [(p, r) for p, r in zip(paths, results, strict=True) if not isinstance(r, BadImageError)]
-        images = (
-            np.stack([r for _, r in good]) if good else np.empty((0, 3, self.image_size, self.image_size), np.uint8)
-        )
-        bad = [r for r in results if isinstance(r, BadImageError)]
-        return DecodedImages([p for p, _ in good], images, bad)
+def load_image(path: str | os.PathLike, image_size: int, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """The model's view of a file, as HWC uint8 (for figures): decoded, upright, RGB, image_size x image_size."""
+    return model_view(read_bytes(path), path, image_size, limits).transpose(1, 2, 0)

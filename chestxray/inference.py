@@ -1,27 +1,35 @@
-"""Prediction from a checkpoint alone: safe loading, input discovery, batched inference, the report."""
+"""predict.py's work: find inputs, decode them in DataLoader workers, predict batch by batch, stream the rows.
+
+Memory does not grow with the number of inputs: images live only in the loader's few batches in flight, rows
+are appended to predictions.csv as each batch finishes (a stopped run leaves the rows it finished), only the
+per-image probabilities are kept for the report, and the report's figures re-read the few images they show.
+"""
 
 from __future__ import annotations
 
 import csv
 import glob
 import logging
-import pickle
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
 
 from chestxray import reports
-from chestxray.data import CachedImages
+from chestxray.checkpoints import CheckpointError, check_same_preprocessing, load_checkpoint
+from chestxray.console import tidy_lightning_output
 from chestxray.distributed import gather_by_index
-from chestxray.images import ImageCache, is_image_file, list_images
+from chestxray.evaluation import Evaluation, ReportSettings, display_image, write_report
+from chestxray.images import BadImageError, ImageLimits, is_image_file, list_images, model_view, read_bytes
 from chestxray.model import ChestXrayClassifier
-from chestxray.saliency import gradcam_overlays
+from chestxray.store import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +42,6 @@ class PredictError(RuntimeError):
 class InputImage:
     path: Path
     label: int | None  # from a parent folder named like a class, else None
-
-
-def load_checkpoint(path: str | Path) -> ChestXrayClassifier:
-    """Rebuild the model from the checkpoint's own hyper-parameters, never running code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"checkpoint not found: {path} (pass ckpt=PATH to a .ckpt written by train.py)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise PredictError(
-            f"refusing to load {path}: it needs arbitrary unpickling (code could run), which is not allowed "
-            f"for a chestxray checkpoint.\n  {str(err).splitlines()[-1][:300]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise PredictError(f"cannot read checkpoint {path}: {err}") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "classes" not in hparams or "state_dict" not in checkpoint:
-        raise PredictError(f"{path} is not a chestxray checkpoint (no state_dict with class names in it)")
-    hparams = {**hparams, "pretrained": False, "weights_path": None, "cache_features": False}
-    model = ChestXrayClassifier(**hparams)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        raise PredictError(f"{path}: weights do not fit the model described by its hyper-parameters: {err}") from None
-    return model.eval()
 
 
 def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[InputImage]:
@@ -84,92 +66,240 @@ def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[Inp
     ]
 
 
-def write_predictions_csv(path: Path, rows: list[dict], classes: Sequence[str]) -> None:
-    fields = ["path", "label", "pred", *[f"prob_{c}" for c in classes], "error"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+class FileDataset(Dataset):
+    """Decodes one file per item, in the DataLoader's workers: (image, position, error); a bad file gives zeros."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int, limits: ImageLimits):
+        self.paths, self.image_size, self.limits = list(paths), image_size, limits
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, str]:
+        path = self.paths[position]
+        try:
+            return torch.from_numpy(model_view(read_bytes(path), path, self.image_size, self.limits)), position, ""
+        except BadImageError as err:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
 
-def infer(cfg: DictConfig, model: ChestXrayClassifier, inputs: list[InputImage]):
-    """Decode each input once, predict the readable ones in batches; bad files are returned, not raised."""
-    decoded = ImageCache(model.hparams.image_size, cfg.get("cache_dir")).decode_all([i.path for i in inputs])
-    errors = {Path(e.path): e.reason for e in decoded.bad}
-    for path, reason in errors.items():
-        log.warning("cannot predict %s: %s", path, reason)
-    if not decoded.paths:
-        raise PredictError(f"none of the {len(inputs)} input image(s) could be read (see the warnings above)")
-    label_of = {i.path: i.label for i in inputs}
-    labels = [label_of[p] for p in decoded.paths]
-    dataset = CachedImages(decoded.paths, torch.from_numpy(decoded.images), [-1 if y is None else y for y in labels])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
-    batches = trainer.predict(model, dataloaders=loader)
-    index, probs = (t.numpy() for t in gather_by_index([(b["index"].cpu(), b["probs"].cpu()) for b in batches]))
-    return trainer, dataset, index, probs, errors
+class Ensemble(L.LightningModule):
+    """The average of the members' class probabilities (one member: that checkpoint's own probabilities)."""
+
+    def __init__(self, members: Sequence[ChestXrayClassifier]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.classes = members[0].classes
+        self.image_size = members[0].hparams.image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+
+CSV_FIELDS = ("path", "label", "pred")
+
+
+def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str) -> dict:
+    row = {"path": str(item.path), "label": classes[item.label] if item.label is not None else ""}
+    if probs is not None and not error:
+        row["pred"] = classes[int(probs.argmax())]
+        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)})
+    else:
+        row["error"] = error or "not predicted"
+    return row
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Appends each finished batch's rows to the CSV (flushed), keeps the probabilities, writes Grad-CAM overlays."""
+
+    def __init__(self, out_dir: Path, inputs: Sequence[InputImage], classes: Sequence[str], gradcam_models=None):
+        super().__init__("batch")
+        self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
+        self.gradcam_models = gradcam_models
+        self.fields = [*CSV_FIELDS, *[f"prob_{c}" for c in classes], "error"]
+        self.positions: list[int] = []
+        self.probs: list[np.ndarray] = []
+        self.errors: dict[int, str] = {}
+        self.csv_path: Path | None = None
+        self._fh = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        name = "predictions.csv" if trainer.world_size == 1 else f".predictions.rank{trainer.global_rank}.csv"
+        self.csv_path = self.out_dir / name
+        self._fh = open(self.csv_path, "w", newline="")  # noqa: SIM115 - closed in on_predict_end or at exit
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields)
+        self._writer.writeheader()
+        self._fh.flush()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        probs = prediction.float().cpu().numpy()
+        positions = batch[1].tolist()
+        errors = list(batch[2])
+        for position, p, error in zip(positions, probs, errors, strict=True):
+            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error))
+            if error:
+                self.errors[position] = error
+                log.warning("cannot predict %s: %s", self.inputs[position].path, error)
+            else:
+                self.positions.append(position)
+                self.probs.append(p)
+        self._fh.flush()
+        if self.gradcam_models is not None:
+            good = [k for k, e in enumerate(errors) if not e]
+            write_gradcam(
+                self.out_dir / "gradcam",
+                self.gradcam_models,
+                batch[0][good],
+                [self.inputs[positions[k]].path for k in good],
+                probs[good],
+                self.classes,
+            )
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fh.close()
+
+
+def write_gradcam(
+    folder: Path, models, images: torch.Tensor, paths: Sequence[Path], probs: np.ndarray, classes
+) -> None:
+    """One overlay PNG per image over the source at a readable size, named after its folder and file."""
+    import cv2
+
+    from chestxray.saliency import gradcam_maps, overlay
+
+    if not len(paths):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    preds = probs.argmax(1).tolist()
+    maps = np.mean([gradcam_maps(m, images, preds) for m in models], axis=0)
+    for path, heat, pred, p in zip(paths, maps, preds, probs, strict=True):
+        image = overlay(display_image(path), heat, f"{classes[pred]} {p[pred]:.2f}")
+        cv2.imwrite(str(folder / f"{path.parent.name}_{path.stem}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def _listed(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list | tuple | ListConfig) else [str(value)]
+
+
+def load_members(cfg: DictConfig) -> tuple[list[str], list[ChestXrayClassifier]]:
+    paths = _listed(cfg.ckpt)
+    try:
+        models = [load_checkpoint(p) for p in paths]
+        check_same_preprocessing(models, paths)
+    except CheckpointError as err:
+        raise PredictError(str(err)) from None
+    return paths, models
+
+
+def required(cfg: DictConfig, key: str, what: str) -> None:
+    if OmegaConf.is_missing(cfg, key):
+        raise PredictError(f"{key}= is required: {what}")
 
 
 def predict(cfg: DictConfig) -> dict:
     """Run predict.py's job; returns counts. Raises PredictError when nothing can be predicted."""
-    model = load_checkpoint(cfg.ckpt)
-    inputs = find_inputs(cfg.inputs, model.classes)
+    tidy_lightning_output()
+    required(cfg, "ckpt", "the checkpoint of a training run, e.g. ckpt=outputs/train/runs/<time>/checkpoints/best.ckpt")
+    required(cfg, "inputs", "an image, a folder, a glob or a list of these, e.g. inputs=scan.png")
+    paths, models = load_members(cfg)
+    classes, image_size = models[0].classes, models[0].hparams.image_size
+    inputs = find_inputs(OmegaConf.to_object(cfg.inputs) if isinstance(cfg.inputs, ListConfig) else cfg.inputs, classes)
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
-    trainer, dataset, index, probs, errors = infer(cfg, model, inputs)
+    limits = ImageLimits(cfg.max_pixels, cfg.min_image_side)
+    workers = default_workers() - 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
+    loader = DataLoader(
+        FileDataset([i.path for i in inputs], image_size, limits),
+        batch_size=cfg.batch_size,
+        num_workers=max(0, workers),
+    )
+    out = Path(cfg.output_dir)
+    predictor = runtime_module(cfg, paths, models, inputs)
+    writer = PredictionWriter(out, inputs, classes, models if cfg.gradcam else None)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer], enable_progress_bar=False)
+    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
+    gathered = gather_by_index(
+        [
+            (
+                torch.tensor(writer.positions, dtype=torch.long),
+                torch.from_numpy(np.array(writer.probs, dtype=np.float32).reshape(-1, len(classes))),
+            )
+        ]
+    )
+    errors = _gather_errors(writer.errors)
     if not trainer.is_global_zero:
         return {}
-    return write_outputs(cfg, model, dataset, index, probs, errors, inputs)
+    if trainer.world_size > 1:
+        merge_parts(out, inputs)
+    positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), np.zeros((0, len(classes))))
+    if not len(positions):
+        raise PredictError(f"none of the {len(inputs)} input image(s) could be read (see the warnings above)")
+    evaluation = Evaluation(
+        "predict",
+        classes,
+        [inputs[i].path for i in positions],
+        np.array([-1 if inputs[i].label is None else inputs[i].label for i in positions]),
+        probs.astype(np.float64),
+        np.zeros(len(positions), bool),
+    )
+    settings = ReportSettings(**OmegaConf.to_container(cfg.report))
+    metrics, _ = write_report(evaluation, out, settings)
+    show(evaluation, metrics, cfg.print_limit)
+    return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": metrics}
 
 
-def write_outputs(cfg, model, dataset, index, probs, errors, inputs) -> dict:
-    """predictions.csv always; metrics and figures when labels are known; Grad-CAM overlays on request."""
-    classes = model.classes
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    by_path = {dataset.paths[i]: k for k, i in enumerate(index)}
-    rows = []
-    for item in inputs:
-        row = {"path": str(item.path), "label": classes[item.label] if item.label is not None else ""}
-        if item.path in by_path:
-            p = probs[by_path[item.path]]
-            row.update(
-                {"pred": classes[int(p.argmax())], **{f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, p, strict=True)}}
-            )
-        else:
-            row["error"] = errors.get(item.path, "not predicted")
-        rows.append(row)
-    write_predictions_csv(out / "predictions.csv", rows, classes)
-    labels = dataset.labels[index].tolist()
-    images = [dataset.images[i].permute(1, 2, 0).numpy() for i in index]
-    known = [k for k, y in enumerate(labels) if y >= 0]
-    summary = {"predicted": len(index), "errors": len(errors), "output_dir": str(out)}
-    if known:
-        metrics, figures = reports.write_evaluation(
-            out, [labels[k] for k in known], probs[known], classes, [images[k] for k in known]
-        )
-        for fig in figures.values():
-            reports.plt.close(fig)
-        summary["metrics"] = metrics
-        print(reports.summary_text(metrics))
-    if cfg.get("gradcam"):
-        write_gradcam(out / "gradcam", model, dataset, index, probs)
-    return summary
+def runtime_module(
+    cfg: DictConfig, paths: Sequence[str], models: Sequence[ChestXrayClassifier], inputs
+) -> L.LightningModule:
+    """The module Trainer.predict runs: the torch ensemble, or its ONNX Runtime session (runtime=onnx)."""
+    if cfg.runtime == "torch":
+        return Ensemble(models)
+    if cfg.runtime in ("onnx", "onnx-int8"):
+        from chestxray.export import OnnxPredictor
+
+        # int8 calibrates on the first images to predict (or calibration=FOLDER of python -m chestxray.export)
+        return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, [i.path for i in inputs])
+    raise PredictError(f"runtime={cfg.runtime}: must be torch, onnx or onnx-int8")
 
 
-def write_gradcam(folder: Path, model: ChestXrayClassifier, dataset: CachedImages, index, probs) -> None:
-    """One overlay PNG per image, named after its source file, titled with the class and its probability."""
-    import cv2
+def _gather_errors(errors: dict[int, str]) -> dict[int, str]:
+    import torch.distributed as dist
 
-    folder.mkdir(parents=True, exist_ok=True)
-    preds = probs.argmax(1)
-    titles = [f"{model.classes[p]} {probs[k, p]:.2f}" for k, p in enumerate(preds)]
-    overlays = gradcam_overlays(model, dataset.images[torch.as_tensor(index)], preds.tolist(), titles)
-    used: set[str] = set()
-    for i, overlay in zip(index, overlays, strict=True):
-        source = dataset.paths[i]
-        name = f"{source.parent.name}_{source.stem}"
-        while name in used:
-            name += "_"
-        used.add(name)
-        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return errors
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, errors)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
+    """DDP: the ranks' part files as one predictions.csv in input order, each image once."""
+    order = {str(item.path): i for i, item in enumerate(inputs)}
+    rows: dict[str, dict] = {}
+    parts = sorted(out.glob(".predictions.rank*.csv"))
+    fields = None
+    for part in parts:
+        with open(part, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames
+            rows.update({row["path"]: row for row in reader})
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(sorted(rows.values(), key=lambda r: order[r["path"]]))
+    for part in parts:
+        part.unlink()
+
+
+def show(evaluation: Evaluation, metrics: dict | None, limit: int) -> None:
+    """Each image's answer when there are few, the report when labels are known."""
+    if len(evaluation.paths) <= limit:
+        for path, p in zip(evaluation.paths, evaluation.probs, strict=True):
+            ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
+            print(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
+    if metrics:
+        print(reports.summary_text(metrics, metrics["leak_free"]))

@@ -13,8 +13,6 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models import VGG19_Weights, vgg19
 
-from chestxray.distributed import gather_by_index
-
 log = logging.getLogger(__name__)
 
 # Index of the last layer (a MaxPool) of each of VGG19's five convolutional blocks in `features`.
@@ -33,11 +31,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def _load_imagenet_weights(model: nn.Module, weights_path: str | None) -> None:
     if weights_path:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise WeightsError(f"model.weights_path={weights_path}: file not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        model.load_state_dict(read_vgg19_weights(weights_path, model))
         return
     weights = VGG19_Weights.IMAGENET1K_V1
     try:
@@ -48,6 +42,35 @@ def _load_imagenet_weights(model: nn.Module, weights_path: str | None) -> None:
             "  On a machine without internet, download that file elsewhere and pass model.weights_path=FILE,\n"
             "  or train from scratch with model.pretrained=false."
         ) from err
+
+
+def read_vgg19_weights(weights_path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A VGG19 state dict from a file, or WeightsError saying what the file is instead (one line)."""
+    path = Path(weights_path)
+    setting = f"model.weights_path={weights_path}"
+    if not path.is_file():
+        raise WeightsError(f"{setting}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors all mean "not a torch weights file"
+        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{setting}: not a PyTorch weights file ({detail})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{setting}: not a state dict (a mapping of parameter names to tensors)")
+    expected = (model or vgg19(weights=None)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise WeightsError(f"{setting}: not torchvision VGG19 weights: keys {'; '.join(parts)}")
+    return state
 
 
 def build_vgg19(
@@ -101,6 +124,7 @@ class ChestXrayClassifier(L.LightningModule):
         freeze: str | int = "none",
         cache_features: bool = False,
         channels_last: bool = True,
+        compile: bool | str = False,
         dropout: float = 0.1,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
@@ -110,6 +134,8 @@ class ChestXrayClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams.classes = list(classes)
         self.hparams.mean, self.hparams.std = list(mean), list(std)
+        if compile not in (False, True, "default", "reduce-overhead", "max-autotune"):
+            raise ValueError(f"model.compile must be false, true, reduce-overhead or max-autotune, got {compile!r}")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.net = build_vgg19(len(classes), pretrained, weights_path, dropout)
@@ -125,16 +151,22 @@ class ChestXrayClassifier(L.LightningModule):
         num_classes = len(classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        # In the checkpoint, so that a resumed run's best covers the epochs before the interruption too.
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
         self.feature_cache: dict[tuple[str, int], torch.Tensor] = {}
-        self.test_predictions: dict[str, torch.Tensor] = {}
-        self._test_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_loss: tuple[torch.Tensor, int] | None = None
 
     @property
     def classes(self) -> list[str]:
         return list(self.hparams.classes)
+
+    def configure_model(self) -> None:
+        """model.compile: torch.compile the network in place (its parameter names, and checkpoints, unchanged)."""
+        mode = self.hparams.get("compile", False)
+        if mode and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile(mode=None if mode in (True, "default") else mode)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] -> float normalised as the notebook's Normalize(mean, std) after ToTensor."""
@@ -157,34 +189,48 @@ class ChestXrayClassifier(L.LightningModule):
                 self.feature_cache[keys[k]] = f
         return torch.stack([self.feature_cache[key] for key in keys])
 
-    def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, labels, index = batch
-        logits = self.net.classifier(self._features(images, index, stage))
-        return self.criterion(logits, labels), logits, labels
+    def _logits(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
+        if self.hparams.cache_features:
+            return self.net.classifier(self._features(images, index, stage))
+        return self(images)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits, labels = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(batch {batch_idx}): training stopped before this step was applied; the checkpoints already "
-                "written are kept. Lower optimizer.lr or check the data."
-            )
+        images, labels, index = batch
+        logits = self._logits(images, index, "train")
+        loss = self.criterion(logits, labels)
+        self._pending_loss = (loss.detach(), batch_idx)
         self.train_loss(loss)
         self.train_acc(logits, labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before a non-finite loss changes the weights.
+
+        Checked here, after backward was queued, rather than in training_step: reading the loss waits for the
+        device, and waiting before backward would leave a GPU idle while the backward kernels are launched.
+        """
+        if self._pending_loss is None:
+            return
+        loss, batch_idx = self._pending_loss
+        self._pending_loss = None
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(batch {batch_idx}): training stopped before this step was applied; the checkpoints already "
+                "written are kept. Lower optimizer.lr or check the data."
+            )
+
     def on_train_start(self) -> None:
-        # The sanity check's few batches must not count towards the best validation accuracy.
+        # The sanity check's few batches must not count towards the validation metrics.
         self.val_loss.reset()
         self.val_acc.reset()
-        self.val_acc_best.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, logits, labels = self._step(batch, "val")
-        self.val_loss(loss)
+        images, labels, index = batch
+        logits = self._logits(images, index, "val")
+        self.val_loss(self.criterion(logits, labels))
         self.val_acc(logits, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -195,21 +241,11 @@ class ChestXrayClassifier(L.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
-    def on_test_epoch_start(self) -> None:
-        self._test_parts = []
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        loss, logits, labels = self._step(batch, "test")
-        self.test_loss(loss)
-        self.test_acc(logits, labels)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-        self._test_parts.append((batch[2].cpu(), labels.cpu(), logits.float().softmax(1).cpu()))
-
-    def on_test_epoch_end(self) -> None:
-        """Keep every test image's probabilities (from all ranks) for the report."""
-        gathered = gather_by_index(self._test_parts)
-        self.test_predictions = dict(zip(("index", "labels", "probs"), gathered, strict=True)) if gathered else {}
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-image probabilities for the evaluation reports (chestxray.evaluation), which compute and log."""
+        images, _, index = batch
+        logits = self._logits(images, index, f"test{dataloader_idx}")
+        return {"index": index, "probs": logits.float().softmax(1)}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, _, index = batch

@@ -1,4 +1,4 @@
-"""Grad-CAM overlays (pytorch-grad-cam) on the last convolutional block of VGG19."""
+"""Grad-CAM (pytorch-grad-cam) on the last convolutional block of VGG19, drawn over the source image."""
 
 from __future__ import annotations
 
@@ -15,40 +15,43 @@ from chestxray.model import GRADCAM_LAYER, ChestXrayClassifier
 
 
 def put_title(image: np.ndarray, text: str) -> np.ndarray:
-    """Write text in the top-left corner, white on a dark outline, keeping the image size."""
+    """Write text in the top-left corner, white on a dark outline, sized to stay readable at any image size."""
     out = image.copy()
-    scale = max(0.3, image.shape[1] / 450)
-    thickness = max(1, round(scale * 2))
-    origin = (4, 4 + round(18 * scale))
+    scale = max(0.45, min(image.shape[:2]) / 420)
+    thickness = max(1, round(scale * 1.6))
+    origin = (6, 8 + round(20 * scale))
     cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
     cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return out
 
 
-def gradcam_overlays(
-    model: ChestXrayClassifier,
-    images: torch.Tensor,
-    targets: Sequence[int],
-    titles: Sequence[str] | None = None,
-    batch_size: int = 16,
-) -> list[np.ndarray]:
-    """One RGB overlay per uint8 image (N x 3 x S x S), at the model's input size, for the given classes."""
+def gradcam_maps(
+    model: ChestXrayClassifier, images: torch.Tensor, targets: Sequence[int], batch_size: int = 16
+) -> np.ndarray:
+    """Grad-CAM maps in [0, 1], N x S x S, for uint8 images N x 3 x S x S and the given target classes."""
     net = model.net
     device = next(net.parameters()).device
-    overlays: list[np.ndarray] = []
+    maps = []
     was_training = net.training
     net.eval()
-    # Grad-CAM needs gradients even when called from trainer.test or predict, which run in inference mode.
-    with torch.inference_mode(False), torch.enable_grad(), GradCAM(net, [net.features[GRADCAM_LAYER]]) as cam:
+    # Grad-CAM needs gradients even when called from trainer.test or predict, which run in inference mode; and the
+    # eager network (its hooks), when model.compile is on.
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.compiler.set_stance("force_eager"),
+        GradCAM(net, [net.features[GRADCAM_LAYER]]) as cam,
+    ):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size].clone().to(device)
-            x = model.preprocess(chunk)
-            maps = cam(x, [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]])
-            for k, heat in enumerate(maps):
-                rgb = chunk[k].permute(1, 2, 0).cpu().numpy().astype(np.float32) / 255.0
-                overlay = show_cam_on_image(rgb, heat, use_rgb=True)
-                if titles is not None:
-                    overlay = put_title(overlay, titles[start + k])
-                overlays.append(overlay)
+            chunk_targets = [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
+            maps.append(cam(model.preprocess(chunk), chunk_targets))
     net.train(was_training)
-    return overlays
+    return np.concatenate(maps) if maps else np.zeros((0, images.shape[-2], images.shape[-1]), np.float32)
+
+
+def overlay(display: np.ndarray, heat: np.ndarray, title: str | None = None) -> np.ndarray:
+    """The map (at the model's size) stretched over the display image (RGB uint8, any size), jet colours."""
+    heat = cv2.resize(heat.astype(np.float32), (display.shape[1], display.shape[0]), interpolation=cv2.INTER_CUBIC)
+    image = show_cam_on_image(display.astype(np.float32) / 255.0, np.clip(heat, 0, 1), use_rgb=True)
+    return put_title(image, title) if title else image

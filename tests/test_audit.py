@@ -1,44 +1,77 @@
 import json
 import shutil
+import warnings
 
 import cv2
 import numpy as np
 import pytest
 
 from chestxray.audit import main
-from chestxray.duplicates import DEFAULT_THRESHOLD, cross_split_pairs
+from chestxray.duplicates import DEFAULT_THRESHOLD, cross_split_pairs, hamming_pairs
 
 
 @pytest.fixture
 def variants(tmp_path, data_dir):
-    """One real image, three altered copies of it, and another patient's image."""
-    src = data_dir / "train" / "Normal" / "01.jpeg"
+    """One image, three altered copies of it, and two other patients' images."""
+    normal = sorted((data_dir / "train" / "Normal").iterdir())
+    src = normal[0]
     image = cv2.imread(str(src))
     out = tmp_path / "v"
     out.mkdir()
     cv2.imwrite(str(out / "requality.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 40])
-    cv2.imwrite(str(out / "resized.png"), cv2.resize(image, (image.shape[1] // 3, image.shape[0] // 3)))
+    cv2.imwrite(str(out / "resized.png"), cv2.resize(image, (image.shape[1] * 2 // 3, image.shape[0] * 2 // 3)))
     stretched = np.clip((image.astype(np.float32) - 30) * 1.5, 0, 255).astype(np.uint8)
     cv2.imwrite(str(out / "contrast.jpg"), stretched)
-    shutil.copy(data_dir / "train" / "Normal" / "02.jpeg", out / "other_patient.jpeg")
-    shutil.copy(data_dir / "test" / "Normal" / "0101.jpeg", out / "another.jpeg")
+    shutil.copy(normal[1], out / f"other_patient{normal[1].suffix}")
+    shutil.copy(sorted((data_dir / "test" / "Normal").iterdir())[0], out / "another.jpeg")
     return src, out
 
 
 def test_near_duplicates_found_and_different_patients_not(variants):
     src, out = variants
     copies = [out / "requality.jpg", out / "resized.png", out / "contrast.jpg"]
-    pairs = cross_split_pairs([src], copies + [out / "other_patient.jpeg", out / "another.jpeg"])
+    others = [p for p in out.iterdir() if p not in copies]
+    pairs = cross_split_pairs([src], copies + others)
     assert {p.test.name for p in pairs} == {"requality.jpg", "resized.png", "contrast.jpg"}
     assert all(p.distance <= DEFAULT_THRESHOLD for p in pairs)
 
 
-def test_audit_of_the_real_dataset_finds_its_leaks(data_dir, tmp_path, capsys):
-    assert main([str(data_dir), "--out", str(tmp_path)]) == 0
+def brute_force(a: np.ndarray, b: np.ndarray | None, threshold: int) -> list[tuple[int, int, int]]:
+    bits_a = np.unpackbits(a, axis=1).astype(bool)
+    bits_b = bits_a if b is None else np.unpackbits(b, axis=1).astype(bool)
+    distance = (bits_a[:, None, :] != bits_b[None, :, :]).sum(-1)
+    return sorted(
+        (i, j, int(distance[i, j]))
+        for i, j in zip(*np.nonzero(distance <= threshold), strict=True)
+        if b is not None or j > i
+    )
+
+
+@pytest.mark.parametrize("threshold", [40, 110, 124])
+def test_blocked_search_equals_brute_force_on_random_hashes(threshold, monkeypatch):
+    from chestxray import duplicates
+
+    rng = np.random.default_rng(threshold)
+    a = rng.integers(0, 256, (500, 32), dtype=np.uint8)
+    a[100] = a[7]  # an exact copy
+    a[200] = a[7] ^ np.eye(1, 32, 3, dtype=np.uint8)[0]  # one bit apart
+    b = rng.integers(0, 256, (130, 32), dtype=np.uint8)
+    b[5] = a[9]
+    monkeypatch.setattr(duplicates, "_BLOCK_BYTES", 32 * 500 * 7)  # blocks of 7 rows: many blocks, ragged end
+    within = sorted(hamming_pairs(a, None, threshold))
+    across = sorted(hamming_pairs(a, b, threshold))
+    assert within == brute_force(a, None, threshold) and (7, 100, 0) in within and (7, 200, 1) in within
+    assert across == brute_force(a, b, threshold) and (9, 5, 0) in across
+
+
+@pytest.mark.real_data
+def test_audit_of_the_real_dataset_finds_its_leaks(real_data_dir, tmp_path, capsys):
+    assert main([str(real_data_dir), "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "audit.json").read_text())
     s = report["summary"]
     assert report["files"] == 317 and s["bad_files"] == 0
     assert s["exact_duplicate_groups"] == 10 and s["exact_duplicate_pairs_train_test"] == 6
+    assert s["near_duplicate_pairs"] == 11 and s["near_duplicate_pairs_train_test"] == 5
     leaks = {(r["a"], r["b"]) for r in report["near_duplicates"] if r["cross_split"]}
     assert ("train/Covid/COVID-00033.jpg", "test/Covid/COVID-00037.jpg") in leaks
     assert ("train/Covid/090.jpeg", "test/Covid/0112.jpg") in leaks
@@ -50,19 +83,40 @@ def test_audit_of_the_real_dataset_finds_its_leaks(data_dir, tmp_path, capsys):
     assert "leak:" in capsys.readouterr().out
 
 
+def test_audit_of_one_labelled_folder_and_against_another(synthetic_dir, tmp_path, capsys):
+    one = tmp_path / "hospital"
+    shutil.copytree(synthetic_dir / "test", one)  # class folders, no train/test
+    assert main([str(one), "--against", str(synthetic_dir), "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert list(report["per_split_class"]) == ["all"]
+    assert report["files"] == sum(1 for _ in one.rglob("*.*"))
+    shared = report["against"]["shared"]
+    identical = {r["ours"] for r in shared if r["identical"]}
+    assert identical == {str(p.relative_to(one)) for p in one.rglob("*.*")}  # each is a copy of a test image
+    leak_copies = {(r["ours"], r["theirs"].rsplit(".", 1)[0]) for r in shared if not r["identical"]}
+    assert {(f"Covid/leak_{k}.jpg", f"train/Covid/train_0000{k}") for k in range(3)} == leak_copies  # leak_k copies
+    assert "shared with" in capsys.readouterr().out
+
+
 def test_audit_of_a_missing_folder_fails_clearly(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "split folder not found" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().err
 
 
-def test_training_start_warns_about_and_can_drop_leaking_images(data_dir, tmp_path):
+@pytest.mark.real_data
+def test_training_start_flags_the_leaking_test_images_and_can_drop_their_train_copies(real_data_dir, tmp_path):
     from chestxray.data import ChestXrayDataModule
 
-    dm = ChestXrayDataModule(str(data_dir), image_size=32, download=False, report_dir=str(tmp_path))
-    with pytest.warns(UserWarning, match=r"11 train/test near-duplicate pair\(s\) \(7 train images\)"):
+    dm = ChestXrayDataModule(str(real_data_dir), image_size=32, download=False, report_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"11 train/test near-duplicate pair\(s\) \(7 train images; test: 11\)"):
         dm.setup()
-    assert json.loads((tmp_path / "leakage.json").read_text())["pairs"]
-    dropping = ChestXrayDataModule(str(data_dir), image_size=32, download=False, drop_leaking=True)
-    with pytest.warns(UserWarning):
+    pairs = json.loads((tmp_path / "leakage.json").read_text())["pairs"]["test"]
+    flagged = {p for p, leak in zip(dm.test_sets["test"].paths, dm.leaking["test"], strict=True) if leak}
+    assert flagged == {real_data_dir / "test" / "Covid" / name for name in {r["test"].split("/")[-1] for r in pairs}}
+    assert len(flagged) == 9  # of the 26 Covid test images
+    dropping = ChestXrayDataModule(str(real_data_dir), image_size=32, download=False, drop_leaking=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         dropping.setup()
     assert len(dropping.datasets["train"]) + len(dropping.datasets["val"]) == 251 - 7
+    assert not dropping.leaking["test"].any()  # their train copies are gone: nothing leaks any more

@@ -1,3 +1,6 @@
+import csv
+import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 from chestxray.data import ChestXrayDataModule, DataError
+from chestxray.sources import read_index
 
 EXPECTED = {
     "train": {"Normal": 70, "Covid": 111, "Viral Pneumonia": 70},
@@ -18,50 +22,121 @@ def make_dm(data_dir, **kwargs) -> ChestXrayDataModule:
     return ChestXrayDataModule(**{**args, **kwargs})
 
 
-@pytest.fixture(scope="module")
-def datamodule(data_dir):
-    dm = make_dm(data_dir)
-    dm.setup()
+def setup(dm: ChestXrayDataModule) -> ChestXrayDataModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup()
     return dm
 
 
-def test_finds_every_image_with_its_label(datamodule):
-    dm = datamodule
+def train_folder_counts(data_dir: Path) -> list[int]:
+    return [len(list((data_dir / "train" / c).iterdir())) for c in ("Normal", "Covid", "Viral Pneumonia")]
+
+
+@pytest.mark.real_data
+def test_finds_every_image_of_the_real_dataset_with_its_label(real_data_dir):
+    dm = setup(make_dm(real_data_dir))
     train_paths = dm.datasets["train"].paths + dm.datasets["val"].paths
     train_labels = dm.datasets["train"].labels.tolist() + dm.datasets["val"].labels.tolist()
-    assert len(train_paths) == 251 and len(dm.datasets["test"]) == 66
+    assert len(train_paths) == 251 and len(dm.test_sets["test"]) == 66
     for split, paths, labels in (
         ("train", train_paths, train_labels),
-        ("test", dm.datasets["test"].paths, dm.datasets["test"].labels.tolist()),
+        ("test", dm.test_sets["test"].paths, dm.test_sets["test"].labels.tolist()),
     ):
         assert Counter(dm.classes[y] for y in labels) == EXPECTED[split]
         for path, label in zip(paths, labels, strict=True):
-            assert path.parent.name == dm.classes[label]
-            assert path.parent.parent.name == split
-    assert dm.classes == ["Normal", "Covid", "Viral Pneumonia"]
-    assert dm.datasets["train"].images.dtype.is_floating_point is False
-    assert tuple(dm.datasets["test"].images.shape) == (66, 3, 32, 32)
+            assert path.parent.name == dm.classes[label] and path.parent.parent.name == split
+    image, label, position = dm.test_sets["test"][0]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 32, 32) and position == 0
 
 
-def test_val_split_is_stratified_disjoint_and_seeded(datamodule, data_dir):
-    train, val = datamodule.datasets["train"], datamodule.datasets["val"]
-    assert not set(train.paths) & set(val.paths)
-    assert len(val) == 38  # ceil(0.15 * 251), as scikit-learn rounds the test share
-    fractions = np.bincount(val.labels.numpy(), minlength=3) / np.array([70, 111, 70])
-    assert np.allclose(fractions, 0.15, atol=0.02), fractions
-    again = make_dm(data_dir)
-    again.setup()
-    assert again.datasets["val"].paths == val.paths
-    other = make_dm(data_dir, seed=7)
-    other.setup()
-    assert other.datasets["val"].paths != val.paths
+def test_val_split_is_stratified_disjoint_and_seeded(data_dir):
+    dm = setup(make_dm(data_dir))
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    counts = np.array(train_folder_counts(data_dir))
+    assert not set(train.paths) & set(val.paths) and len(train) + len(val) == counts.sum()
+    assert len(val) == int(np.ceil(0.15 * counts.sum()))  # as scikit-learn rounds the test share
+    fractions = np.bincount(val.labels.numpy(), minlength=3) / counts
+    assert np.allclose(fractions, 0.15, atol=0.03), fractions
+    assert setup(make_dm(data_dir)).datasets["val"].paths == val.paths
+    assert setup(make_dm(data_dir, seed=7)).datasets["val"].paths != val.paths
 
 
 def test_val_fraction_zero_validates_on_test_folder(data_dir):
-    dm = make_dm(data_dir, val_fraction=0)
-    dm.setup()
-    assert dm.datasets["val"] is dm.datasets["test"]
-    assert len(dm.datasets["train"]) == 251
+    dm = setup(make_dm(data_dir, val_fraction=0))
+    assert dm.datasets["val"] is dm.test_sets["test"]
+    assert len(dm.datasets["train"]) == sum(train_folder_counts(data_dir))
+
+
+def test_k_folds_are_disjoint_stratified_cover_train_once_and_never_touch_test(data_dir):
+    folds = [setup(make_dm(data_dir, fold=k, folds=5)) for k in range(5)]
+    test_paths = set(folds[0].test_sets["test"].paths)
+    every_train = set(folds[0].datasets["train"].paths) | set(folds[0].datasets["val"].paths)
+    vals = [dm.datasets["val"].paths for dm in folds]
+    assert sum(len(v) for v in vals) == len(every_train) == sum(train_folder_counts(data_dir))
+    assert set().union(*map(set, vals)) == every_train  # each train image validates exactly once
+    for dm in folds:
+        val = set(dm.datasets["val"].paths)
+        assert not val & set(dm.datasets["train"].paths) and not val & test_paths
+        assert not set(dm.datasets["train"].paths) & test_paths
+        share = np.bincount(dm.datasets["val"].labels.numpy(), minlength=3) / np.array(train_folder_counts(data_dir))
+        assert np.allclose(share, 0.2, atol=0.05), share
+    assert setup(make_dm(data_dir, fold=2, folds=5)).datasets["val"].paths == vals[2]  # seeded
+    with pytest.raises(DataError, match=r"data.fold=5 must be between 0 and data.folds-1=4"):
+        setup(make_dm(data_dir, fold=5, folds=5))
+
+
+def write_index(data_dir: Path, index: Path, with_split: bool = True) -> None:
+    """A label file listing every image of the folder layout, paths relative to the file."""
+    with open(index, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"] if with_split else ["path", "label"])
+        for split in ("train", "test"):
+            for path in sorted((data_dir / split).rglob("*.*")):
+                rel = os.path.relpath(path, index.parent)  # relative to the label file, as the public sets ship
+                writer.writerow([rel, path.parent.name, split] if with_split else [rel, path.parent.name])
+
+
+@pytest.mark.real_data
+def test_label_file_of_the_real_dataset_gives_the_same_split_and_images(real_data_dir, tmp_path):
+    check_label_file_matches_folders(real_data_dir, tmp_path)
+
+
+def test_label_file_gives_the_same_split_and_images_as_the_folders(synthetic_dir, tmp_path):
+    check_label_file_matches_folders(synthetic_dir, tmp_path)
+
+
+def check_label_file_matches_folders(data_dir: Path, tmp_path: Path) -> None:
+    index = tmp_path / "labels" / "index.csv"
+    index.parent.mkdir()
+    write_index(data_dir, index)
+    folders = setup(make_dm(data_dir))
+    listed = setup(make_dm(tmp_path / "unused", index=str(index)))
+    for name in ("train", "val"):
+        assert [p.resolve() for p in listed.datasets[name].paths] == [p.resolve() for p in folders.datasets[name].paths]
+        assert torch.equal(listed.datasets[name].labels, folders.datasets[name].labels)
+    ours, theirs = listed.test_sets["test"], folders.test_sets["test"]
+    assert [p.resolve() for p in ours.paths] == [p.resolve() for p in theirs.paths]
+    assert all(torch.equal(ours[i][0], theirs[i][0]) for i in range(0, len(ours), 7))
+
+
+def test_label_file_errors_name_the_file_line_and_problem(synthetic_dir, tmp_path):
+    index = tmp_path / "labels.csv"
+    image = next((synthetic_dir / "train" / "Normal").iterdir())
+    index.write_text(
+        f"path,label,split\n{image},Normal,train\n{image},Pneumonia,train\n{tmp_path / 'gone.png'},Covid,test\n"
+    )
+    with pytest.raises(DataError, match=r"labels.csv: labels that are not one of .*\n  line 3: 'Pneumonia'"):
+        read_index(index, ["Normal", "Covid", "Viral Pneumonia"])
+    index.write_text(f"path,label,split\n{image},Normal,train\n{tmp_path / 'gone.png'},Covid,test\n")
+    with pytest.raises(DataError, match=r"1 listed file\(s\) do not exist:\n  line 3: .*gone.png"):
+        read_index(index, ["Normal", "Covid", "Viral Pneumonia"])
+    index.write_text("file,class\nx.png,Normal\n")
+    with pytest.raises(DataError, match=r"needs a header with the columns path,label\[,split\]"):
+        read_index(index, ["Normal"])
+    index.write_text(f"path,label\n{image},Normal\n")
+    with pytest.raises(DataError, match="training needs a split column"):
+        setup(make_dm(tmp_path, index=str(index)))
 
 
 def test_missing_data_folder_names_path_and_setting(tmp_path):
@@ -108,20 +183,19 @@ def test_missing_split_names_it(tmp_path, data_dir):
 
 
 def test_augmentation_changes_train_images_only(data_dir):
-    dm = make_dm(data_dir, augment=True)
-    dm.setup()
+    dm = setup(make_dm(data_dir, augment=True))
     train = dm.datasets["train"]
     augmented = [train[i][0] for i in range(8)]
     assert all(a.dtype == torch.uint8 and a.shape == (3, 32, 32) for a in augmented)
-    assert any(not torch.equal(a, train.images[i]) for i, a in enumerate(augmented))
+    assert any(not torch.equal(a, torch.from_numpy(train.images[i])) for i, a in enumerate(augmented))
     val = dm.datasets["val"]
-    assert all(torch.equal(val[i][0], val.images[i]) for i in range(4))
+    assert all(torch.equal(val[i][0], torch.from_numpy(val.images[i])) for i in range(4))
 
 
-def test_feature_cache_with_augmentation_is_refused(tmp_path):
+def test_feature_cache_with_augmentation_is_refused(tmp_path, data_dir):
     from chestxray.training import build
     from tests.conftest import train_config
 
-    cfg = train_config(tmp_path, "model.freeze=features", "model.cache_features=true", "data.augment=true")
+    cfg = train_config(tmp_path, data_dir, "model.freeze=features", "model.cache_features=true", "data.augment=true")
     with pytest.raises(ValueError, match="data.augment=false"):
         build(cfg)

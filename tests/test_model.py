@@ -47,12 +47,36 @@ def test_failed_download_names_both_ways_out(monkeypatch, tmp_path):
         build_vgg19(3, pretrained=True, weights_path=str(tmp_path / "missing.pth"))
 
 
+def test_wrong_weights_files_say_what_they_are(tmp_path):
+    wrapped = tmp_path / "wrapped.pth"
+    state = vgg19(weights=None).state_dict()
+    torch.save({"state_dict": state}, wrapped)  # a common wrapping: accepted
+    assert build_vgg19(3, weights_path=str(wrapped)) is not None
+    truncated = tmp_path / "vgg_part.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("classifier")}, truncated)
+    with pytest.raises(WeightsError, match=r"not torchvision VGG19 weights: keys missing 6 \(e.g. classifier.0.bias"):
+        build_vgg19(3, weights_path=str(truncated))
+    reshaped = tmp_path / "vgg_other.pth"
+    torch.save({**state, "features.0.weight": torch.zeros(64, 1, 3, 3)}, reshaped)
+    with pytest.raises(WeightsError, match=r"keys wrong shape 1 \(e.g. features.0.weight\)"):
+        build_vgg19(3, weights_path=str(reshaped))
+
+
 @pytest.mark.parametrize("freeze, trainable_convs", [("none", 16), ("features", 0), (2, 12), (5, 0)])
 def test_freeze_options(freeze, trainable_convs):
     model = ChestXrayClassifier(["a", "b", "c"], 32, pretrained=False, freeze=freeze)
     convs = [m for m in model.net.features if isinstance(m, nn.Conv2d)]
     assert sum(m.weight.requires_grad for m in convs) == trainable_convs
     assert all(p.requires_grad for p in model.net.classifier.parameters())
+
+
+def test_compile_keeps_parameter_names_and_checkpoints():
+    model = ChestXrayClassifier(["a", "b", "c"], 32, pretrained=False, compile=True)
+    names = list(model.state_dict())
+    model.configure_model()
+    assert list(model.state_dict()) == names  # compiled in place: checkpoints load into an uncompiled model
+    with pytest.raises(ValueError, match="model.compile must be"):
+        ChestXrayClassifier(["a"], 32, pretrained=False, compile="fast")
 
 
 def test_train_py_prints_a_clear_error_and_exits_2_without_data(tmp_path):

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo), cluster-style sweeps, and surviving faults."""
 
+import csv
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from chestxray.model import NonFiniteLossError
 from chestxray.training import build, train
-from tests.conftest import FAST, ROOT, compose_config, train_config
+from tests.conftest import ROOT, TINY, compose_config, train_config
 
 
 def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -31,10 +33,16 @@ def scalars(folder, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
+def probabilities(folder) -> dict[str, list[float]]:
+    with open(folder / "predictions.csv", newline="") as fh:
+        return {r["path"]: [float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(fh)}
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_a_single_process_reload(tmp_path, data_dir):
     run = tmp_path / "ddp"
-    run_script("train.py", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}")
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    run_script("train.py", *TINY, f"data.data_dir={data_dir}", *ddp, f"hydra.run.dir={run}")
     assert len(list((run / "checkpoints").glob("epoch_*.ckpt"))) == 1 and (run / "checkpoints" / "last.ckpt").exists()
     # one run folder: rank 1 re-uses it (its own log file, no second .hydra/ or TensorBoard run)
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "tensorboard"]
@@ -42,42 +50,37 @@ def test_ddp_on_two_cpu_processes_matches_a_single_process_reload(tmp_path, data
     assert len(writers) == 1  # event files of one process (rank 0) only
     logged = scalars(run / "tensorboard", "test/acc")[-1]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["n"] == 66 and metrics["accuracy"] == pytest.approx(logged, abs=1e-6)
+    n_test = sum(1 for _ in (data_dir / "test").rglob("*.*"))
+    assert metrics["n"] == n_test and metrics["accuracy"] == pytest.approx(logged, abs=1e-6)
 
-    best = next((run / "checkpoints").glob("epoch_*.ckpt"))
-    out = tmp_path / "pred"
-    run_script(
-        "predict.py",
-        f"ckpt={best}",
-        f"inputs={data_dir / 'test'}",
-        "trainer.accelerator=cpu",
-        f"output_dir={out}",
-        f"hydra.run.dir={tmp_path / 'p1'}",
-    )
-    single = json.loads((out / "metrics.json").read_text())
+    best = run / "checkpoints" / "best.ckpt"
+    single_out, ddp_out = tmp_path / "pred", tmp_path / "pred_ddp"
+    predict = ["predict.py", f"ckpt={best}", f"inputs={data_dir / 'test'}", "trainer.accelerator=cpu"]
+    run_script(*predict, f"output_dir={single_out}", f"hydra.run.dir={tmp_path / 'p1'}")
+    single = json.loads((single_out / "metrics.json").read_text())
     assert single["accuracy"] == pytest.approx(logged, abs=1e-6)
-
-    ddp_out = tmp_path / "pred_ddp"
     run_script(
-        "predict.py",
-        f"ckpt={best}",
-        f"inputs={data_dir / 'test'}",
+        *predict,
         "trainer=ddp",
-        "trainer.accelerator=cpu",
         "trainer.devices=2",
         "batch_size=4",
         f"output_dir={ddp_out}",
         f"hydra.run.dir={tmp_path / 'p2'}",
     )
     rows = (ddp_out / "predictions.csv").read_text().splitlines()[1:]
-    assert len(rows) == 66 and len({r.split(",")[0] for r in rows}) == 66
+    assert len(rows) == n_test and len({r.split(",")[0] for r in rows}) == n_test
     assert json.loads((ddp_out / "metrics.json").read_text())["confusion_matrix"] == single["confusion_matrix"]
+    # image by image: the DDP test report, one process and two processes predict the same probabilities
+    reference = probabilities(run)
+    for other in (probabilities(single_out), probabilities(ddp_out)):
+        assert set(other) == set(reference)
+        assert all(np.allclose(other[p], reference[p], atol=2e-6) for p in reference)
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_two_jobs(tmp_path):
+def test_submitit_local_launcher_runs_two_jobs(tmp_path, synthetic_dir):
     sweep = tmp_path / "sweep"
-    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    overrides = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [f"data.data_dir={synthetic_dir}"]
     run_script(
         "train.py",
         "-m",
@@ -101,9 +104,9 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.slow
-def test_optuna_search_runs_three_trials_and_reports_the_best_lr(tmp_path):
+def test_optuna_search_runs_three_trials_and_reports_the_best_lr(tmp_path, synthetic_dir):
     sweep = tmp_path / "optuna"
-    overrides = [o for o in FAST if not o.startswith("trainer.max_epochs")]
+    overrides = [o for o in TINY if not o.startswith("trainer.max_epochs")] + [f"data.data_dir={synthetic_dir}"]
     result = run_script(
         "train.py",
         "hparams_search=lr_optuna",
@@ -120,19 +123,12 @@ def test_optuna_search_runs_three_trials_and_reports_the_best_lr(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+def test_sigkill_never_leaves_half_a_checkpoint(tmp_path, synthetic_dir):
+    """SIGKILL cannot be handled: last.ckpt must still be whole (Lightning writes it to a temporary file first)."""
     run = tmp_path / "killed"
-    args = [o for o in FAST if "max_epochs" not in o and "limit_train" not in o]
-    cmd = [
-        sys.executable,
-        "train.py",
-        *args,
-        "trainer.max_epochs=4",
-        "trainer.limit_train_batches=40",
-        "test=false",
-        f"hydra.run.dir={run}",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [o for o in TINY if "max_epochs" not in o and "limit_train" not in o]
+    cmd = [sys.executable, "train.py", *args, f"data.data_dir={synthetic_dir}", "trainer.max_epochs=4"]
+    proc = subprocess.Popen([*cmd, "data.batch_size=2", "test=false", f"hydra.run.dir={run}"], cwd=ROOT)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -142,31 +138,22 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(last, weights_only=True)  # never half-written: it loads
-    assert saved["epoch"] < 3
-    run_script(
-        "train.py",
-        *args,
-        "trainer.max_epochs=4",
-        "trainer.limit_train_batches=40",
-        "test=false",
-        f"ckpt_path={last}",
-        f"hydra.run.dir={tmp_path / 'resumed'}",
+    saved = torch.load(last, weights_only=True)  # it loads
+    assert saved["epoch"] < 3 and all(
+        torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()
     )
-    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert final["epoch"] == 3 and final["global_step"] == 4 * 40
 
 
-def test_same_seed_deterministic_runs_log_identical_metrics(tmp_path):
+def test_same_seed_deterministic_runs_log_identical_metrics(tmp_path, synthetic_dir):
     histories = []
     for name in ("a", "b"):
-        train(train_config(tmp_path / name, "trainer.deterministic=true", "test=false"))
+        train(train_config(tmp_path / name, synthetic_dir, "trainer.deterministic=true", "test=false"))
         histories.append(json.loads((tmp_path / name / "history.json").read_text()))
     assert histories[0] == histories[1]
 
 
-def test_diverging_lr_stops_with_epoch_and_step(tmp_path):
-    cfg = train_config(tmp_path, "optimizer.lr=1e12", "trainer.max_epochs=5", "test=false")
+def test_diverging_lr_stops_with_epoch_and_step(tmp_path, synthetic_dir):
+    cfg = train_config(tmp_path, synthetic_dir, "optimizer.lr=1e12", "trainer.max_epochs=5", "test=false")
     with pytest.raises(NonFiniteLossError, match=r"at epoch \d+, step \d+"):
         train(cfg)
 
@@ -180,8 +167,8 @@ class PoisonAtSecondEpoch(L.Callback):
                 pl_module.net.classifier[-1].bias.fill_(float("nan"))
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
-    datamodule, model, trainer = build(train_config(tmp_path, "trainer.max_epochs=3", "test=false"))
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, synthetic_dir):
+    datamodule, model, trainer = build(train_config(tmp_path, synthetic_dir, "trainer.max_epochs=3", "test=false"))
     trainer.callbacks.append(PoisonAtSecondEpoch())
     with pytest.raises(NonFiniteLossError) as err:
         trainer.fit(model, datamodule=datamodule)
@@ -195,10 +182,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_trainer_configs_compose_without_a_gpu():
     gpu = compose_config("train", ["trainer=gpu"])
-    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed"
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "32-true"  # fp32 + TF32: faster at batch 4
     assert gpu.trainer._target_ == "lightning.pytorch.trainer.Trainer" and gpu.trainer.max_epochs == 10
-    assert "_target_" not in gpu  # trainer/default.yaml landed under trainer, not at the top
-    assert gpu.data.num_workers > 0 and gpu.data.persistent_workers and gpu.data.pin_memory
+    assert gpu.data == compose_config("train", []).data  # loader settings live in data/, chosen for the device there
     assert compose_config("train", ["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
     ddp = compose_config("train", ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 4 and ddp.trainer.num_nodes == 2
@@ -206,3 +192,6 @@ def test_trainer_configs_compose_without_a_gpu():
     notebook = compose_config("train", ["experiment=notebook"])
     assert notebook.data.val_fraction == 0 and notebook.data.eval_batch_size == 1
     assert notebook.trainer.max_epochs == 10 and notebook.optimizer.lr == 1e-3
+    fast = compose_config("train", ["experiment=gpu_fast"])
+    assert fast.data.batch_size == 64 and fast.trainer.precision == "bf16-mixed" and fast.model.compile
+    assert fast.model.channels_last and fast.optimizer.lr == pytest.approx(1e-3 * 64 / 4)

@@ -1,0 +1,93 @@
+"""python train.py resume=RUN_DIR [overrides]: continue an earlier run in its own folder, with its own settings.
+
+The run's settings are its command-line overrides (`.hydra/overrides.yaml`), replayed through Hydra's compose
+with the new command line's overrides after them (so `trainer.max_epochs=20` wins), in the same folder (checkpoints,
+the same TensorBoard run, train.log appended), from its `checkpoints/last.ckpt`. The merged overrides are written
+back, so a second resume replays everything again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+# A checkpoint means nothing to a model that differs in these (hyper-parameter name: config key).
+MUST_MATCH = {"classes": "data.classes", "image_size": "data.image_size", "mean": "model.mean", "std": "model.std"}
+
+
+class ResumeError(RuntimeError):
+    """resume= or ckpt_path= cannot continue this run: the message says why and what to do."""
+
+
+def _setting(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def check_fits(checkpoint: dict, cfg: DictConfig, setting: str) -> None:
+    """A checkpoint continues only a model with the same classes, image size and normalisation."""
+    hparams = checkpoint["hyper_parameters"]
+    differ = []
+    for key, config_key in MUST_MATCH.items():
+        wanted = _setting(cfg, config_key)
+        saved = hparams.get(key)
+        if saved is not None and _plain(saved) != _plain(wanted):
+            differ.append(f"{config_key}={wanted} but the checkpoint has {saved}")
+    if differ:
+        raise ResumeError(
+            f"{setting}: {'; '.join(differ)}. Continuing would make the checkpoint meaningless: "
+            "drop the override, or start a new run."
+        )
+
+
+def _plain(value):
+    return [float(v) if isinstance(v, int | float) else v for v in value] if isinstance(value, list | tuple) else value
+
+
+def _current_overrides() -> list[str]:
+    """This command line's overrides, without resume= and Hydra's own settings."""
+    if not HydraConfig.initialized():
+        return []
+    return [
+        o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~").startswith(("resume", "hydra."))
+    ]
+
+
+def merge_overrides(saved: list[str], current: list[str]) -> list[str]:
+    """Saved first, then the new ones; an addition (+key=) that may exist already becomes an override (++key=)."""
+    merged = [o for o in saved if not o.startswith("resume=")]
+    for override in current:
+        if override.startswith("+") and not override.startswith("++"):
+            override = "+" + override
+        if override not in merged:
+            merged.append(override)
+    return merged
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """The run's own config with this command line's overrides on top, its folder, and its last.ckpt."""
+    run = Path(cfg.resume).resolve()
+    saved_file = run / ".hydra" / "overrides.yaml"
+    last = run / "checkpoints" / "last.ckpt"
+    if not saved_file.is_file():
+        raise ResumeError(f"resume={cfg.resume}: not the folder of a train.py run (no .hydra/overrides.yaml in it)")
+    if not last.is_file():
+        raise ResumeError(
+            f"resume={cfg.resume}: no checkpoints/last.ckpt: the run stopped before its first epoch ended, "
+            "so there is nothing to continue; start it again"
+        )
+    saved = yaml.safe_load(saved_file.read_text()) or []
+    merged = merge_overrides(saved, _current_overrides())
+    if not GlobalHydra.instance().is_initialized():
+        raise ResumeError("resume= works from the command line (python train.py resume=RUN_DIR)")
+    resumed = compose("train", overrides=[*merged, f"paths.output_dir={run}", f"ckpt_path={last}"])
+    if rank_zero_only.rank == 0:
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(merged))
+        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(resumed))
+    return resumed

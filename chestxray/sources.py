@@ -1,0 +1,147 @@
+"""Where labelled images come from: class folders (DATA/<split>/<class>/) or a label file (data.index=FILE).
+
+A label file is a CSV with a header and the columns `path,label[,split]`, paths relative to the file's folder
+(or absolute), as the large public sets ship them. Both give the same LabelledFiles, so everything downstream
+(decoding, bad files, splits, leakage, reports) is one code path.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from chestxray.images import list_images
+
+SPLITS = ("train", "test")
+_SHOWN = 10  # how many offending lines an error lists
+
+
+class DataError(RuntimeError):
+    """The data is missing or not laid out as the settings say: the message names the file or setting."""
+
+
+@dataclass
+class LabelledFiles:
+    """Image files with their class index, and where they came from (for messages)."""
+
+    paths: list[Path]
+    labels: list[int]
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def scan_class_folders(
+    folder: Path, classes: Sequence[str], setting: str = "data.data_dir", strict: bool = False
+) -> LabelledFiles:
+    """folder/<class>/ images for each class, checking the layout first.
+
+    strict (an evaluation set): the class folders must be exactly the model's classes. Otherwise an extra folder
+    is a warning and a missing class an error.
+    """
+    if not folder.is_dir():
+        raise DataError(f"split folder not found: {folder} (expected {folder}/<class>/ for {list(classes)}; {setting})")
+    present = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if strict and present != set(classes):
+        raise DataError(
+            f"{setting}={folder}: its class folders {sorted(present)} differ from the model's classes "
+            f"{list(classes)}; rename the folders (or use a label file with the model's class names)"
+        )
+    for extra in sorted(present - set(classes)):
+        warnings.warn(f"ignoring unexpected folder {folder / extra} (not one of {list(classes)})", stacklevel=2)
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise DataError(f"class folder not found: {class_dir} (classes: {list(classes)})")
+        files = list_images(class_dir)
+        if not files:
+            raise DataError(f"class folder has no .jpeg/.jpg/.png images: {class_dir}")
+        paths += files
+        labels += [label] * len(files)
+    return LabelledFiles(paths, labels, str(folder))
+
+
+def _listed(lines: list[str]) -> str:
+    more = f"\n  ... and {len(lines) - _SHOWN} more" if len(lines) > _SHOWN else ""
+    return "\n".join(f"  {line}" for line in lines[:_SHOWN]) + more
+
+
+def read_index(index: Path, classes: Sequence[str], setting: str = "data.index") -> dict[str | None, LabelledFiles]:
+    """A label file's rows grouped by split (None when it has no split column); every problem in one error."""
+    if not index.is_file():
+        raise DataError(f"{setting}={index}: file not found")
+    with open(index, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(columns):
+            raise DataError(f"{setting}={index}: needs a header with the columns path,label[,split]; found {columns}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    class_index = {c: i for i, c in enumerate(classes)}
+    unknown, missing, bad_split = [], [], []
+    groups: dict[str | None, LabelledFiles] = {}
+    for line, row in enumerate(rows, start=2):
+        path = Path(row["path"])
+        path = path if path.is_absolute() else index.parent / path
+        split = (row.get("split") or None) if "split" in columns else None
+        if row["label"] not in class_index:
+            unknown.append(f"line {line}: {row['label']!r}")
+        elif "split" in columns and split not in SPLITS:
+            bad_split.append(f"line {line}: split {row.get('split')!r}")
+        elif not path.is_file():
+            missing.append(f"line {line}: {path}")
+        else:
+            group = groups.setdefault(split, LabelledFiles([], [], f"{index}" + (f" (split={split})" if split else "")))
+            group.paths.append(path)
+            group.labels.append(class_index[row["label"]])
+    if unknown:
+        raise DataError(f"{setting}={index}: labels that are not one of {list(classes)}:\n{_listed(unknown)}")
+    if bad_split:
+        raise DataError(f"{setting}={index}: the split column must be one of {list(SPLITS)}:\n{_listed(bad_split)}")
+    if missing:
+        raise DataError(f"{setting}={index}: {len(missing)} listed file(s) do not exist:\n{_listed(missing)}")
+    for group in groups.values():  # the order of class folders: the split does not depend on the rows' order
+        order = sorted(range(len(group)), key=lambda i: (group.labels[i], str(group.paths[i])))
+        group.paths, group.labels = [group.paths[i] for i in order], [group.labels[i] for i in order]
+    return groups
+
+
+def load_split(data_dir: Path, index: Path | None, split: str, classes: Sequence[str]) -> LabelledFiles:
+    """One split of the training data, from the label file when there is one, else from DATA/<split>/<class>/."""
+    if index is None:
+        return scan_class_folders(data_dir / split, classes)
+    groups = read_index(index, classes)
+    if None in groups:
+        raise DataError(f"data.index={index}: training needs a split column (train or test) on every row")
+    if split not in groups:
+        raise DataError(f"data.index={index}: no rows with split={split}")
+    _check_every_class(groups[split], classes)
+    return groups[split]
+
+
+def load_labelled(source: str | Path, classes: Sequence[str], setting: str) -> LabelledFiles:
+    """A whole labelled set: a folder of class folders, or a label file (its split column, if any, ignored)."""
+    source = Path(source)
+    if source.is_file() or source.suffix.lower() == ".csv":
+        groups = read_index(source, classes, setting)
+        files = LabelledFiles([], [], str(source))
+        for group in groups.values():
+            files.paths += group.paths
+            files.labels += group.labels
+        if not files.paths:
+            raise DataError(f"{setting}={source}: no rows")
+        return files
+    return scan_class_folders(source, classes, setting, strict=True)
+
+
+def _check_every_class(files: LabelledFiles, classes: Sequence[str]) -> None:
+    counts = Counter(files.labels)
+    empty = [name for label, name in enumerate(classes) if not counts[label]]
+    if empty:
+        raise DataError(f"{files.where}: no images of class {', '.join(empty)}")
