@@ -1,10 +1,12 @@
 """The original notebook's pipeline against this project's, side by side, on the real dataset.
 
-    python benchmarks/epoch_benchmark.py [--data DIR] [--image-size 224] [--trainer cpu|gpu]
+    python benchmarks/epoch_benchmark.py [--data DIR] [--image-size 224] [--device cpu|cuda]
 
 Each measurement runs in its own fresh process (so that whole-process time and peak RSS are honest), one after
 the other, and the table prints baseline time / our time. Same model (the re-headed VGG19, random weights), same
-image size, same train batch size (4).
+image size, same train batch size (4), same device: with --device cuda the notebook's loop, the model alone and
+our Trainer all run on the GPU (the notebook moves the model and each batch to cuda, as it did), and the table
+adds the large-batch recipe (experiment=gpu_fast) and the model alone at that batch, bf16, channels_last.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def notebook_loaders(data: Path, size: int):
     return train, val
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that a timer measures it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def role_baseline_loader(args) -> dict:
     train, _ = notebook_loaders(Path(args.data), args.image_size)
     times = []
@@ -81,8 +91,9 @@ def role_baseline_epoch(args) -> dict:
     from chestxray.model import build_vgg19
 
     torch.manual_seed(2022)
+    device = torch.device(args.device)
     train, val = notebook_loaders(Path(args.data), args.image_size)
-    model = build_vgg19(3, pretrained=False)
+    model = build_vgg19(3, pretrained=False).to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -95,7 +106,7 @@ def role_baseline_epoch(args) -> dict:
         model.train() if phase == "train" else model.eval()
         start, seen = time.perf_counter(), 0
         for batch in loader:
-            images, targets = batch["image"], batch["target"].squeeze(1)
+            images, targets = batch["image"].to(device), batch["target"].squeeze(1).to(device)
             optimizer.zero_grad()
             with torch.set_grad_enabled(phase == "train"):
                 loss = criterion(model(images), targets)
@@ -104,6 +115,7 @@ def role_baseline_epoch(args) -> dict:
                     optimizer.step()
             accuracy(images, targets)
             seen += len(images)
+        synchronize(device)
         phases[phase] = {"seconds": time.perf_counter() - start, "images": seen}
     return {
         "train_ips": phases["train"]["images"] / phases["train"]["seconds"],
@@ -122,7 +134,7 @@ def compose_train(args, *overrides: str):
         f"data.data_dir={args.data}",
         f"data.image_size={args.image_size}",
         "model.pretrained=false",
-        f"trainer={args.trainer}",
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         "trainer.num_sanity_val_steps=0",
         "test=false",
         "callbacks.progress_bar.refresh_rate=0",
@@ -134,17 +146,14 @@ def compose_train(args, *overrides: str):
 
 
 def role_ours_loader(args) -> dict:
-    import torch
     from hydra.utils import instantiate
-
-    from chestxray.model import ChestXrayClassifier
 
     cfg = compose_train(args, "data.check_leakage=false")
     start = time.perf_counter()
     dm = instantiate(cfg.data)
     dm.setup()  # decodes every image once (train, val and test)
     decode_s = time.perf_counter() - start
-    decoded = len(dm.datasets["train"]) + len(dm.datasets["val"]) + len(dm.datasets["test"])
+    decoded = len(dm.datasets["train"]) + len(dm.datasets["val"]) + len(dm.test_sets["test"])
 
     def one_pass() -> tuple[int, float]:
         t = time.perf_counter()
@@ -157,23 +166,40 @@ def role_ours_loader(args) -> dict:
         "cold_ips": decoded / (decode_s + first * decoded / n),
         "warm_ips": n / statistics.median(warm),
     }
-    # The floor: the model alone, input already in memory, an SGD step per batch of 4.
-    for channels_last in (False, True):
-        model = ChestXrayClassifier(CLASSES, args.image_size, pretrained=False, channels_last=channels_last)
-        model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        opt = model.configure_optimizers()
-        images = torch.randint(0, 256, (4, 3, args.image_size, args.image_size), dtype=torch.uint8)
-        labels = torch.tensor([0, 1, 2, 0])
-        times = []
-        for step in range(args.model_steps + 2):
-            t = time.perf_counter()
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(images), labels).backward()
-            opt.step()
-            if step >= 2:  # warm-up steps excluded
-                times.append(time.perf_counter() - t)
-        result[f"model_alone_ips_{'cl' if channels_last else 'nchw'}"] = 4 / statistics.median(times)
+    batches = [4] if args.device == "cpu" else [4, args.large_batch]
+    for batch in batches:
+        for channels_last in (False, True):
+            for bf16 in (False, True) if args.device == "cuda" else (False,):
+                name = f"model_alone_ips_b{batch}_{'cl' if channels_last else 'nchw'}{'_bf16' if bf16 else ''}"
+                result[name] = model_alone(args, batch, channels_last, bf16)
     return result
+
+
+def model_alone(args, batch: int, channels_last: bool, bf16: bool, steps: int | None = None) -> float:
+    """The floor: the model alone, input already on the device, an SGD step per batch; images/s."""
+    import torch
+
+    from chestxray.model import ChestXrayClassifier
+
+    device = torch.device(args.device)
+    model = ChestXrayClassifier(CLASSES, args.image_size, pretrained=False, channels_last=channels_last).to(device)
+    model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opt = model.configure_optimizers()
+    images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    labels = torch.arange(batch, device=device) % 3
+    times = []
+    for step in range((steps or args.model_steps) + 2):
+        synchronize(device)
+        t = time.perf_counter()
+        opt.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        synchronize(device)
+        if step >= 2:  # warm-up steps excluded
+            times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
 
 
 class PhaseTimer:
@@ -220,6 +246,17 @@ def role_ours_epoch(args) -> dict:
     }
 
 
+def role_ours_epoch_large(args) -> dict:
+    """experiment=gpu_fast: batch 64, bf16, channels_last, compiled; three epochs, the last one timed."""
+    epochs, dm = run_ours(args, "experiment=gpu_fast", "trainer.max_epochs=3")
+    e = epochs[-1]
+    n_train = len(dm.datasets["train"]) // 64 * 64
+    return {
+        "train_ips": n_train / (e["val_start"] - e["start"]),
+        "val_ips": len(dm.datasets["val"]) / (e["val_end"] - e["val_start"]),
+    }
+
+
 def role_ours_frozen(args) -> dict:
     epochs, _ = run_ours(
         args,
@@ -238,6 +275,7 @@ ROLES = {
     "ours-loader": role_ours_loader,
     "ours-epoch": role_ours_epoch,
     "ours-frozen": role_ours_frozen,
+    "ours-epoch-large": role_ours_epoch_large,  # --device cuda only
 }
 
 
@@ -249,7 +287,8 @@ def child(args) -> None:
 
 def run_child(args, role: str) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--data", args.data, "--image-size", str(args.image_size)]
-    cmd += ["--trainer", args.trainer, "--out", str(Path(args.out) / role), "--channels-last", args.channels_last]
+    cmd += ["--device", args.device, "--out", str(Path(args.out) / role), "--channels-last", args.channels_last]
+    cmd += ["--large-batch", str(args.large_batch), "--model-steps", str(args.model_steps)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -266,7 +305,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--trainer", default="cpu", help="a conf/trainer option for our path: cpu or gpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every pipeline runs")
+    parser.add_argument("--large-batch", type=int, default=64, help="the large batch of --device cuda (64)")
     parser.add_argument("--channels-last", default="true")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark"))
     parser.add_argument("--model-steps", type=int, default=5)
@@ -274,9 +314,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.role:
         return child(args)
-    print(f"benchmark: {args.data}, {args.image_size} px, our trainer={args.trainer}", file=sys.stderr)
-    r = {role: run_child(args, role) for role in ROLES}
-    b_load, b_ep, o_load, o_ep, o_fr = (r[k] for k in ROLES)
+    import torch
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"benchmark: {args.data}, {args.image_size} px, device {device_name}", file=sys.stderr)
+    roles = [r for r in ROLES if args.device == "cuda" or r != "ours-epoch-large"]
+    r = {role: run_child(args, role) for role in roles}
+    b_load, b_ep, o_load, o_ep, o_fr = (r[k] for k in roles[:5])
     ten_baseline = 10 * b_ep["epoch_s"]
     rows = [
         ("loader, cold (first epoch), images/s", b_load["cold_ips"], o_load["cold_ips"], "higher"),
@@ -290,16 +334,27 @@ def main() -> None:
         ("freeze=features: 10 epochs, s (baseline 10 x 1)", ten_baseline, o_fr["ten_epochs_s"], "lower"),
         ("peak RSS of the epoch process, MB", b_ep["peak_rss_mb"], o_ep["peak_rss_mb"], "lower"),
     ]
-    print("\n| measurement | notebook | chestxray | speed-up (baseline / ours) |\n|---|---:|---:|---:|")
+    print(f"\n{device_name}, {args.image_size} px\n")
+    print("| measurement | notebook | chestxray | speed-up (baseline / ours) |\n|---|---:|---:|---:|")
     for name, base, ours, better in rows:
         ratio = base / ours if better == "lower" else ours / base
         print(f"| {name} | {base:.2f} | {ours:.2f} | {ratio:.2f}x |")
-    floor = o_load["model_alone_ips_cl" if args.channels_last == "true" else "model_alone_ips_nchw"]
-    print(
-        f"\nmodel alone (SGD step, batch 4, in memory): {o_load['model_alone_ips_nchw']:.2f} images/s NCHW, "
-        f"{o_load['model_alone_ips_cl']:.2f} channels_last; our training reaches "
-        f"{o_ep['train_ips'] / floor:.0%} of it (channels_last={args.channels_last})"
-    )
+    layout = "cl" if args.channels_last == "true" else "nchw"
+    floor = o_load[f"model_alone_ips_b4_{layout}"]
+    print("\nthe model alone (SGD step, inputs on the device), images/s:")
+    for key, value in sorted(o_load.items()):
+        if key.startswith("model_alone_ips_"):
+            print(f"  {key.removeprefix('model_alone_ips_')}: {value:.1f}")
+    share = o_ep["train_ips"] / floor
+    print(f"our training at batch 4 reaches {share:.0%} of the model alone (channels_last={args.channels_last})")
+    if "ours-epoch-large" in r:
+        large = r["ours-epoch-large"]
+        alone = o_load[f"model_alone_ips_b{args.large_batch}_cl_bf16"]
+        print(
+            f"experiment=gpu_fast (batch {args.large_batch}, bf16, channels_last, compiled): "
+            f"{large['train_ips']:.0f} train images/s, {large['val_ips']:.0f} val images/s; "
+            f"the model alone at that batch, bf16, channels_last (not compiled): {alone:.0f}"
+        )
 
 
 if __name__ == "__main__":

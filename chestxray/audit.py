@@ -24,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from chestxray.data import DEFAULT_CLASSES
 from chestxray.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
 from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
-from chestxray.sources import SPLITS, DataError, load_labelled, read_index, scan_class_folders
+from chestxray.sources import DEFAULT_CLASSES, SPLITS, DataError, load_labelled, read_index, scan_class_folders
 from chestxray.store import bounded_map, default_workers
 
 WHOLE = "all"  # the split name of a dataset without train/test splits
 
 
-@dataclass
+@dataclass(slots=True)  # one per file, 100,000 of them: no per-object __dict__
 class FileRecord:
     path: Path
     split: str
@@ -46,7 +45,7 @@ class FileRecord:
     width: int = 0
     height: int = 0
     error: str = ""
-    phash: np.ndarray | None = field(default=None, repr=False)
+    phash: bytes | None = field(default=None, repr=False)  # 32 bytes, packed
 
 
 def inspect_file(path: Path, split: str, label: str) -> FileRecord:
@@ -65,7 +64,7 @@ def inspect_file(path: Path, split: str, label: str) -> FileRecord:
     record.mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
     record.bit_depth = 16 if image.dtype == np.uint16 else 8
     record.height, record.width = image.shape[:2]
-    record.phash = perceptual_hash(to_rgb8(image))
+    record.phash = perceptual_hash(to_rgb8(image)).tobytes()
     return record
 
 
@@ -129,7 +128,8 @@ def exact_duplicate_groups(records: list[FileRecord]) -> list[list[Path]]:
 
 def _hashes(records: list[FileRecord]) -> tuple[list[Path], np.ndarray]:
     hashed = [r for r in records if r.phash is not None]
-    return [r.path for r in hashed], np.array([r.phash for r in hashed], np.uint8).reshape(-1, HASH_BYTES)
+    packed = np.frombuffer(b"".join(r.phash for r in hashed), np.uint8).reshape(-1, HASH_BYTES)
+    return [r.path for r in hashed], packed
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -148,7 +148,10 @@ def audit(data_dir: Path, threshold: int = DEFAULT_THRESHOLD, classes=DEFAULT_CL
 def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes=DEFAULT_CLASSES) -> dict:
     """The report of inspected files: per split and class, bad files, exact and near duplicates."""
     split_of = {r.path: r.split for r in records}
-    rel = {r.path: _relative(r.path, data_dir) for r in records}
+
+    def rel(path: Path) -> str:
+        return _relative(path, data_dir)
+
     exact = exact_duplicate_groups([r for r in records if not r.error])
     exact_pairs = {frozenset((a, b)) for g in exact for i, a in enumerate(g) for b in g[i + 1 :]}
     paths, hashes = _hashes(records)
@@ -157,14 +160,14 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
     ]
     near_rows = [
         {
-            "a": rel[p.train],
-            "b": rel[p.test],
+            "a": rel(p.train),
+            "b": rel(p.test),
             "distance_bits": p.distance,
             "cross_split": split_of[p.train] != split_of[p.test],
         }
         for p in near
     ]
-    exact_rows = [{"files": [rel[p] for p in g], "cross_split": len({split_of[p] for p in g}) > 1} for g in exact]
+    exact_rows = [{"files": [rel(p) for p in g], "cross_split": len({split_of[p] for p in g}) > 1} for g in exact]
     splits = [s for s in [*SPLITS, WHOLE] if any(r.split == s for r in records)]
     per_group = {
         split: {c: _group_stats([r for r in records if r.split == split and r.label == c]) for c in classes}
@@ -177,7 +180,7 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
         "hash": "imagehash.phash, hash_size=16 (256 bits), of the grey image resized to 128x128",
         "files": len(records),
         "per_split_class": per_group,
-        "bad_files": [{"path": rel[r.path], "reason": r.error} for r in records if r.error],
+        "bad_files": [{"path": rel(r.path), "reason": r.error} for r in records if r.error],
         "exact_duplicates": exact_rows,
         "near_duplicates": near_rows,
         "summary": {

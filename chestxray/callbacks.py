@@ -127,13 +127,12 @@ class TestReports(L.Callback):
             )
             self.results[name] = evaluation
             quick = evaluation.metrics(ReportSettings(bootstrap_resamples=0))
-            clean = quick["leak_free"] or quick  # no leaking images: the leak-free numbers are the numbers
             prefix = metric_prefix(name)
-            for key, value in (("acc", quick["accuracy"]), ("loss", quick["loss"])):
-                clean_value = clean["loss" if key == "loss" else "accuracy"]
-                # identical on every rank (gathered above); sync_dist keeps Lightning's bookkeeping consistent
-                pl_module.log(f"{prefix}/{key}", value, add_dataloader_idx=False, sync_dist=True)
-                pl_module.log(f"{prefix}/{key}_leak_free", clean_value, add_dataloader_idx=False, sync_dist=True)
+            # without leaking images the leak-free numbers are the numbers; values are identical on every rank
+            # (gathered above), and sync_dist keeps Lightning's bookkeeping consistent
+            for suffix, m in (("", quick), ("_leak_free", quick["leak_free"] or quick)):
+                pl_module.log(f"{prefix}/acc{suffix}", m["accuracy"], add_dataloader_idx=False, sync_dist=True)
+                pl_module.log(f"{prefix}/loss{suffix}", m["loss"], add_dataloader_idx=False, sync_dist=True)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.results:

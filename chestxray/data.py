@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,17 +19,22 @@ from torchvision.transforms import v2
 
 from chestxray import duplicates
 from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
-from chestxray.sources import SPLITS, DataError, LabelledFiles, load_labelled, load_split
+from chestxray.sources import (
+    DEFAULT_CLASSES,
+    SPLITS,
+    DataError,
+    LabelledFiles,
+    ensure_dataset,
+    load_labelled,
+    load_split,
+)
 from chestxray.splits import holdout, kfold
 from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images, default_workers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLASSES = ("Normal", "Covid", "Viral Pneumonia")
-KAGGLE_DATASET = "pranavraikokte/covid19-image-dataset"
-KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 
-__all__ = ["SPLITS", "BadFilesError", "ChestXrayDataModule", "DataError", "ImageDataset"]
+__all__ = ["DEFAULT_CLASSES", "SPLITS", "BadFilesError", "ChestXrayDataModule", "DataError", "ImageDataset"]
 
 
 class BadFilesError(DataError):
@@ -153,35 +157,8 @@ class ChestXrayDataModule(L.LightningDataModule):
                     duplicates.hash_decoded(decoded, self.settings.limits)
 
     def _ensure_data(self) -> None:
-        if self.index is not None or self.data_dir.exists():
-            return
-        reason = "automatic download is off (data.download=false)"
-        if self.hparams.download:
-            try:
-                self._download()
-                return
-            except Exception as err:  # noqa: BLE001 - any failure ends in the same instructions
-                reason = f"automatic download from Kaggle failed: {type(err).__name__}: {err}"
-        raise DataError(
-            f"data folder not found: {self.data_dir}\n"
-            f"  {reason}\n"
-            f"  Get the 'Covid-19 Image Dataset' from {KAGGLE_URL} (or `kagglehub.dataset_download"
-            f"('{KAGGLE_DATASET}')`),\n"
-            "  unzip it so that DATA/train/<class>/ and DATA/test/<class>/ exist, and pass\n"
-            "  data.data_dir=DATA (or set the CHESTXRAY_DATA environment variable)."
-        )
-
-    def _download(self) -> None:
-        import kagglehub
-
-        log.info("data folder %s not found: downloading %s with kagglehub", self.data_dir, KAGGLE_DATASET)
-        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
-        source = next((p for p in [root / "Covid19-dataset", root] if (p / "train").is_dir()), None)
-        if source is None:
-            raise DataError(f"downloaded {KAGGLE_DATASET} to {root} but found no train/ folder in it")
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(source.resolve(), self.data_dir, target_is_directory=True)
-        log.info("linked %s -> %s", self.data_dir, source)
+        if self.index is None:
+            ensure_dataset(self.data_dir, self.hparams.download)
 
     def _sources(self) -> dict[str, LabelledFiles]:
         """train, test and every evaluation set, as labelled files (nothing decoded yet)."""
@@ -253,36 +230,20 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _check_leakage(self, sets: dict) -> tuple[DecodedImages, list[int]]:
         """Mark test-set images that duplicate train images; warn; optionally drop those train images."""
-        threshold, limits = self.hparams.leakage_threshold, self.settings.limits
         train, train_labels = sets["train"]
-        train_hashes = duplicates.hash_decoded(train, limits)
-        pairs = {}
-        for name, (decoded, _) in sets.items():
-            if name != "train":
-                hashes = duplicates.hash_decoded(decoded, limits)
-                pairs[name] = duplicates.near_pairs(train.paths, train_hashes, decoded.paths, hashes, threshold)
-        leaking_train = {p.train for set_pairs in pairs.values() for p in set_pairs}
+        others = {name: decoded for name, (decoded, _) in sets.items() if name != "train"}
+        leaks = duplicates.find_leaks(train, others, self.hparams.leakage_threshold, self.settings.limits)
         drop = self.hparams.drop_leaking
-        for name, set_pairs in pairs.items():
-            position = {p: i for i, p in enumerate(sets[name][0].paths)}
-            mask = np.zeros(len(position), bool)
-            mask[[position[p.test] for p in set_pairs]] = not drop  # with the train copies dropped, nothing leaks
-            self.leaking[name] = mask
-        if not leaking_train:
+        for name, decoded in others.items():  # with the train copies dropped, nothing leaks any more
+            self.leaking[name] = leaks.mask(name, decoded.paths) & (not drop)
+        if not leaks.train:
             return train, train_labels
         report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None
-        report = duplicates.write_leakage_report(pairs, report_dir, threshold)
-        where = f" (report: {report})" if report else ""
-        counts = ", ".join(f"{name}: {len(p)}" for name, p in pairs.items() if p)
-        warnings.warn(
-            f"{sum(map(len, pairs.values()))} train/test near-duplicate pair(s) ({len(leaking_train)} train images; "
-            f"{counts}) found: the test accuracy may be inflated by leakage{where}. The reports give every metric "
-            "also without those test images; data.drop_leaking=true drops the train copies instead.",
-            stacklevel=2,
-        )
+        report = duplicates.write_leakage_report(leaks.pairs, report_dir, self.hparams.leakage_threshold)
+        warnings.warn(leaks.warning(report), stacklevel=2)
         if not drop:
             return train, train_labels
-        keep = np.array([i for i, p in enumerate(train.paths) if p not in leaking_train], dtype=np.int64)
+        keep = np.array([i for i, p in enumerate(train.paths) if p not in leaks.train], dtype=np.int64)
         log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(train.paths) - len(keep))
         kept = DecodedImages([train.paths[i] for i in keep], train.images.subset(keep), [], [], None)
         return kept, [train_labels[i] for i in keep]

@@ -31,7 +31,7 @@ HASH_SIZE = 16
 HASH_BYTES = HASH_SIZE * HASH_SIZE // 8
 DEFAULT_THRESHOLD = 40
 HASH_DECODE_SIDE = 128  # files are decoded at least this large for hashing, whatever data.image_size is
-_BLOCK_BYTES = 32 << 20  # working memory of one block of the search
+_BLOCK_BYTES = 16 << 20  # working memory of one block of the search (XOR of 32-byte hashes)
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,40 @@ def cross_split_pairs(
     return near_pairs(
         [train[i] for i in keep_a], train_hashes[keep_a], [test[i] for i in keep_b], test_hashes[keep_b], threshold
     )
+
+
+@dataclass
+class Leaks:
+    """Train images that other sets (the test folder, evaluation sets) contain again, set by set."""
+
+    pairs: dict[str, list[NearPair]]
+    train: set[Path]  # the train side of every pair
+
+    def mask(self, name: str, paths: Sequence[Path]) -> np.ndarray:
+        """Which of a set's images duplicate a train image."""
+        leaking = {p.test for p in self.pairs.get(name, [])}
+        return np.array([p in leaking for p in paths], dtype=bool)
+
+    def warning(self, report: Path | None) -> str:
+        counts = ", ".join(f"{name}: {len(p)}" for name, p in self.pairs.items() if p)
+        where = f" (report: {report})" if report else ""
+        return (
+            f"{sum(map(len, self.pairs.values()))} train/test near-duplicate pair(s) ({len(self.train)} train images; "
+            f"{counts}) found: the test accuracy may be inflated by leakage{where}. The reports give every metric "
+            "also without those test images; data.drop_leaking=true drops the train copies instead."
+        )
+
+
+def find_leaks(
+    train: DecodedImages, others: dict[str, DecodedImages], threshold: int, limits: ImageLimits = DEFAULT_LIMITS
+) -> Leaks:
+    """Near-duplicates (and copies) of train images in each other set, from cached perceptual hashes."""
+    train_hashes = hash_decoded(train, limits)
+    pairs = {
+        name: near_pairs(train.paths, train_hashes, decoded.paths, hash_decoded(decoded, limits), threshold)
+        for name, decoded in others.items()
+    }
+    return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs})
 
 
 def write_leakage_report(

@@ -162,6 +162,26 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fh.close()
 
+    def results(self) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """(positions, probabilities, errors) of every rank, each image once: every rank must call it."""
+        probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, len(self.classes)))
+        gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs)])
+        positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), probs.numpy())
+        return positions, probs, _gather_errors(self.errors)
+
+    def evaluation(self, positions: np.ndarray, probs: np.ndarray) -> Evaluation:
+        """The predicted images as an Evaluation (labels from class-named folders; nothing known to leak)."""
+        chosen = [self.inputs[i] for i in positions]
+        labels = np.array([-1 if i.label is None else i.label for i in chosen], dtype=np.int64)
+        return Evaluation(
+            "predict",
+            self.classes,
+            [i.path for i in chosen],
+            labels,
+            probs.astype(np.float64),
+            np.zeros(len(chosen), bool),
+        )
+
 
 def write_gradcam(
     folder: Path, models, images: torch.Tensor, paths: Sequence[Path], probs: np.ndarray, classes
@@ -210,46 +230,29 @@ def predict(cfg: DictConfig) -> dict:
     inputs = find_inputs(OmegaConf.to_object(cfg.inputs) if isinstance(cfg.inputs, ListConfig) else cfg.inputs, classes)
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
-    limits = ImageLimits(cfg.max_pixels, cfg.min_image_side)
-    workers = default_workers() - 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
-    loader = DataLoader(
-        FileDataset([i.path for i in inputs], image_size, limits),
-        batch_size=cfg.batch_size,
-        num_workers=max(0, workers),
-    )
     out = Path(cfg.output_dir)
     predictor = runtime_module(cfg, paths, models, inputs)
     writer = PredictionWriter(out, inputs, classes, models if cfg.gradcam else None)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer], enable_progress_bar=False)
-    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
-    gathered = gather_by_index(
-        [
-            (
-                torch.tensor(writer.positions, dtype=torch.long),
-                torch.from_numpy(np.array(writer.probs, dtype=np.float32).reshape(-1, len(classes))),
-            )
-        ]
-    )
-    errors = _gather_errors(writer.errors)
+    trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size), return_predictions=False)
+    positions, probs, errors = writer.results()
     if not trainer.is_global_zero:
         return {}
     if trainer.world_size > 1:
         merge_parts(out, inputs)
-    positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), np.zeros((0, len(classes))))
     if not len(positions):
         raise PredictError(f"none of the {len(inputs)} input image(s) could be read (see the warnings above)")
-    evaluation = Evaluation(
-        "predict",
-        classes,
-        [inputs[i].path for i in positions],
-        np.array([-1 if inputs[i].label is None else inputs[i].label for i in positions]),
-        probs.astype(np.float64),
-        np.zeros(len(positions), bool),
-    )
-    settings = ReportSettings(**OmegaConf.to_container(cfg.report))
-    metrics, _ = write_report(evaluation, out, settings)
+    evaluation = writer.evaluation(positions, probs)
+    metrics, _ = write_report(evaluation, out, ReportSettings(**OmegaConf.to_container(cfg.report)))
     show(evaluation, metrics, cfg.print_limit)
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": metrics}
+
+
+def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int) -> DataLoader:
+    """Batches of decoded files; num_workers=auto decodes in one worker process per core but one."""
+    workers = default_workers() - 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
+    dataset = FileDataset([i.path for i in inputs], image_size, ImageLimits(cfg.max_pixels, cfg.min_image_side))
+    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=max(0, workers))
 
 
 def runtime_module(

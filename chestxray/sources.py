@@ -8,6 +8,8 @@ A label file is a CSV with a header and the columns `path,label[,split]`, paths 
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -16,7 +18,10 @@ from pathlib import Path
 
 from chestxray.images import list_images
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "test")
+DEFAULT_CLASSES = ("Normal", "Covid", "Viral Pneumonia")
 _SHOWN = 10  # how many offending lines an error lists
 
 
@@ -145,3 +150,41 @@ def _check_every_class(files: LabelledFiles, classes: Sequence[str]) -> None:
     empty = [name for label, name in enumerate(classes) if not counts[label]]
     if empty:
         raise DataError(f"{files.where}: no images of class {', '.join(empty)}")
+
+
+KAGGLE_DATASET = "pranavraikokte/covid19-image-dataset"
+KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
+
+
+def ensure_dataset(data_dir: Path, download: bool) -> None:
+    """Offer the Kaggle download (kagglehub) when the data folder is missing; stop with instructions offline."""
+    if data_dir.exists():
+        return
+    reason = "automatic download is off (data.download=false)"
+    if download:
+        try:
+            _download(data_dir)
+            return
+        except Exception as err:  # noqa: BLE001 - any failure ends in the same instructions
+            reason = f"automatic download from Kaggle failed: {type(err).__name__}: {err}"
+    raise DataError(
+        f"data folder not found: {data_dir}\n"
+        f"  {reason}\n"
+        f"  Get the 'Covid-19 Image Dataset' from {KAGGLE_URL} (or `kagglehub.dataset_download"
+        f"('{KAGGLE_DATASET}')`),\n"
+        "  unzip it so that DATA/train/<class>/ and DATA/test/<class>/ exist, and pass\n"
+        "  data.data_dir=DATA (or set the CHESTXRAY_DATA environment variable)."
+    )
+
+
+def _download(data_dir: Path) -> None:
+    import kagglehub
+
+    log.info("data folder %s not found: downloading %s with kagglehub", data_dir, KAGGLE_DATASET)
+    root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    source = next((p for p in [root / "Covid19-dataset", root] if (p / "train").is_dir()), None)
+    if source is None:
+        raise DataError(f"downloaded {KAGGLE_DATASET} to {root} but found no train/ folder in it")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(source.resolve(), data_dir, target_is_directory=True)
+    log.info("linked %s -> %s", data_dir, source)
