@@ -117,14 +117,17 @@ def main() -> None:
         }
         for name, extra in PATHS.items():
             seconds[name] = timed(lambda extra=extra: run_predict(ckpt, flat, tmp / "speed", extra), args.repeats)
-        rows = {name: run_predict(ckpt, args.inputs, tmp / name.split()[1], extra) for name, extra in PATHS.items()}
-    n = len(files)
-    print(f"\n{n} images, {image_size} px, median of {args.repeats}, from files on disk to a class per image")
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    torch_s = seconds["predict.py runtime=torch"]
-    print("| path | seconds | images/s | vs torch path |\n|---|---:|---:|---:|")
-    for name, s in seconds.items():
-        print(f"| {name} | {s:.2f} | {n / s:.2f} | {torch_s / s:.2f}x |")
+        n = len(files)
+        print(f"\n{n} images, {image_size} px, median of {args.repeats}, from files on disk to a class per image")
+        print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+        torch_s = seconds["predict.py runtime=torch"]
+        print("| path | seconds | images/s | vs torch path |\n|---|---:|---:|---:|")
+        for name, s in seconds.items():
+            print(f"| {name} | {s:.2f} | {n / s:.2f} | {torch_s / s:.2f}x |", flush=True)
+        rows = {
+            name: run_predict(ckpt, args.inputs, tmp / f"labelled{i}", extra)
+            for i, (name, extra) in enumerate(PATHS.items())
+        }
     reference = rows["predict.py runtime=torch"]
     labelled = [r for r in reference if r["label"]]
     print("\n| path | test accuracy | same class as torch | largest probability difference |\n|---|---:|---:|---:|")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -17,15 +18,16 @@ from matplotlib.figure import Figure
 
 from chestxray import reports
 from chestxray.distributed import gather_by_index
-from chestxray.evaluation import Evaluation, ReportSettings, side_by_side, write_report
+from chestxray.evaluation import Evaluation, ReportSettings, leak_free, side_by_side, write_report
 
 log = logging.getLogger(__name__)
 
 
-def log_figure(trainer: L.Trainer, tag: str, fig: Figure, step: int = 0) -> None:
+def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int = 0) -> None:
+    """A rendered figure (H x W x 3) into TensorBoard's Images tab."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
 
 
 def metric_prefix(set_name: str) -> str:
@@ -47,9 +49,8 @@ class RunReports(L.Callback):
         self.history: list[dict] = []
 
     def _save(self, trainer: L.Trainer, name: str, fig: Figure, step: int = 0) -> None:
-        log_figure(trainer, name, fig, step)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / f"{name}.png", dpi=100)
+        log_image(trainer, name, reports.render(fig, self.output_dir / f"{name}.png"), step)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -130,7 +131,8 @@ class TestReports(L.Callback):
             prefix = metric_prefix(name)
             # without leaking images the leak-free numbers are the numbers; values are identical on every rank
             # (gathered above), and sync_dist keeps Lightning's bookkeeping consistent
-            for suffix, m in (("", quick), ("_leak_free", quick["leak_free"] or quick)):
+            nothing = {"accuracy": float("nan"), "loss": float("nan")}  # every image leaks: no leak-free number
+            for suffix, m in (("", quick), ("_leak_free", leak_free(quick) or nothing)):
                 pl_module.log(f"{prefix}/acc{suffix}", m["accuracy"], add_dataloader_idx=False, sync_dist=True)
                 pl_module.log(f"{prefix}/loss{suffix}", m["loss"], add_dataloader_idx=False, sync_dist=True)
 
@@ -138,20 +140,17 @@ class TestReports(L.Callback):
         if not trainer.is_global_zero or not self.results:
             return
         written = {}
+        settings = replace(self.settings, limits=trainer.datamodule.settings.limits)
         for name, evaluation in self.results.items():
             folder = report_folder(self.output_dir, name)
-            model = pl_module if self.settings.gradcam_tiles else None
-            metrics, figures = write_report(evaluation, folder, self.settings, model, predictions=True)
-            for fig_name, fig in figures.items():
-                tag = (
-                    "test/gradcam"
-                    if fig_name == "gradcam_gallery" and name == "test"
-                    else f"{metric_prefix(name)}/{fig_name}"
-                )
-                log_figure(trainer, tag, fig, trainer.global_step)
+            model = pl_module if settings.gradcam_tiles else None
+            metrics, images = write_report(evaluation, folder, settings, model, predictions=True)
+            for figure_name, image in images.items():
+                tag = f"{metric_prefix(name)}/{figure_name}"
+                log_image(trainer, "test/gradcam" if tag == "test/gradcam_gallery" else tag, image, trainer.global_step)
             if metrics:
                 written[name] = metrics
-                log.info("%s report (%s):\n%s", name, folder, reports.summary_text(metrics, metrics["leak_free"]))
+                log.info("%s report (%s):\n%s", name, folder, reports.summary_text(metrics))
         if len(written) > 1 or any(m["leak_free"] for m in written.values()):
             log.info("all evaluated sets, all images and leak-free:\n%s", side_by_side(written))
 

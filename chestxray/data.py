@@ -153,7 +153,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         if self._store_mode(sources) == "disk":
             for name, files in sources.items():
                 decoded = self._decode(name, files, "disk")
-                if self.hparams.check_leakage:
+                if self.hparams.check_leakage:  # hashed once here, read from the store by every rank
                     duplicates.hash_decoded(decoded, self.settings.limits)
 
     def _ensure_data(self) -> None:

@@ -68,19 +68,20 @@ def hash_files(paths: Sequence[Path], limits: ImageLimits = DEFAULT_LIMITS) -> t
     return hashes, ok
 
 
-def hash_decoded(decoded: DecodedImages, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Hashes of a decoded set's readable files; kept in its on-disk store, if it has one, for the next run."""
+def hash_decoded(decoded: DecodedImages, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of a decoded set's readable files and which could be hashed; kept in its on-disk store, if it has
+    one, for the next run (only when every file could be: a file that failed now may be readable next time)."""
     cache = decoded.store / "phash.npy" if decoded.store is not None else None
     if cache is not None and cache.exists():
         hashes = np.load(cache)
         if hashes.shape == (len(decoded.paths), HASH_BYTES):
-            return hashes
-    hashes, _ = hash_files(decoded.paths, limits)
-    if cache is not None:
+            return hashes, np.ones(len(hashes), bool)
+    hashes, ok = hash_files(decoded.paths, limits)
+    if cache is not None and ok.all():
         tmp = cache.with_name(f".phash.{os.getpid()}.npy")
         np.save(tmp, hashes)
         os.replace(tmp, cache)
-    return hashes
+    return hashes, ok
 
 
 def hamming_pairs(a: np.ndarray, b: np.ndarray | None, threshold: int) -> list[tuple[int, int, int]]:
@@ -113,18 +114,6 @@ def near_pairs(
     return sorted(pairs, key=lambda p: (p.distance, str(p.train), str(p.test)))
 
 
-def cross_split_pairs(
-    train: Sequence[Path], test: Sequence[Path], threshold: int = DEFAULT_THRESHOLD
-) -> list[NearPair]:
-    """Train/test pairs that are the same picture: leakage that inflates test accuracy."""
-    train_hashes, train_ok = hash_files(train)
-    test_hashes, test_ok = hash_files(test)
-    keep_a, keep_b = np.flatnonzero(train_ok), np.flatnonzero(test_ok)
-    return near_pairs(
-        [train[i] for i in keep_a], train_hashes[keep_a], [test[i] for i in keep_b], test_hashes[keep_b], threshold
-    )
-
-
 @dataclass
 class Leaks:
     """Train images that other sets (the test folder, evaluation sets) contain again, set by set."""
@@ -150,11 +139,18 @@ class Leaks:
 def find_leaks(
     train: DecodedImages, others: dict[str, DecodedImages], threshold: int, limits: ImageLimits = DEFAULT_LIMITS
 ) -> Leaks:
-    """Near-duplicates (and copies) of train images in each other set, from cached perceptual hashes."""
-    train_hashes = hash_decoded(train, limits)
+    """Near-duplicates (and copies) of train images in each other set, from cached perceptual hashes.
+
+    A file that could not be hashed (changed or gone since it was decoded) is left out of the search.
+    """
+
+    def hashed(decoded: DecodedImages) -> tuple[list[Path], np.ndarray]:
+        hashes, ok = hash_decoded(decoded, limits)
+        return [p for p, good in zip(decoded.paths, ok, strict=True) if good], hashes[ok]
+
+    train_paths, train_hashes = hashed(train)
     pairs = {
-        name: near_pairs(train.paths, train_hashes, decoded.paths, hash_decoded(decoded, limits), threshold)
-        for name, decoded in others.items()
+        name: near_pairs(train_paths, train_hashes, *hashed(decoded), threshold) for name, decoded in others.items()
     }
     return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs})
 

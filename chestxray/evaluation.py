@@ -30,6 +30,7 @@ class ReportSettings:
     seed: int = 0
     gallery_tiles: int = 24
     gradcam_tiles: int = 6
+    limits: ImageLimits = DEFAULT_LIMITS  # the run's data.max_pixels / min_image_side, for re-reading images
 
 
 @dataclass
@@ -72,11 +73,22 @@ class Evaluation:
             result["leaking_images"] = [
                 str(p) for p, leak in zip(labelled.paths, labelled.leaking, strict=True) if leak
             ]
-            if len(clean.paths):
-                result["leak_free"] = reports.classification_metrics(
+            result["leak_free"] = (
+                reports.classification_metrics(
                     clean.labels, clean.probs, self.classes, settings.bootstrap_resamples, settings.seed
                 )
+                if len(clean.paths)
+                else {"n": 0}  # every image duplicates a train image: no leak-free number exists
+            )
         return result
+
+
+def leak_free(metrics: dict) -> dict | None:
+    """The leak-free metrics of a report: its own numbers when nothing leaks, None when everything does."""
+    clean = metrics.get("leak_free")
+    if clean is None:
+        return metrics
+    return clean if clean.get("n") else None
 
 
 def display_image(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -98,7 +110,7 @@ def figures(evaluation: Evaluation, metrics: dict, settings: ReportSettings, mod
         "per_class": reports.per_class_figure(metrics),
         "reliability": reports.reliability_figure(ev.labels, ev.probs, metrics),
         "gallery": reports.gallery_figure(
-            [display_image(ev.paths[i]) for i in chosen],
+            [display_image(ev.paths[i], settings.limits) for i in chosen],
             preds[chosen].tolist(),
             ev.labels[chosen].tolist(),
             ev.classes,
@@ -106,19 +118,19 @@ def figures(evaluation: Evaluation, metrics: dict, settings: ReportSettings, mod
         ),
     }
     if model is not None and settings.gradcam_tiles:
-        result["gradcam_gallery"] = gradcam_figure(ev, model, settings.gradcam_tiles)
+        result["gradcam_gallery"] = gradcam_figure(ev, model, settings)
     return result
 
 
-def gradcam_figure(ev: Evaluation, model, tiles: int) -> Figure:
+def gradcam_figure(ev: Evaluation, model, settings: ReportSettings) -> Figure:
     """Grad-CAM of a few images (every kind of mistake first), over the source images, with the colour scale."""
     from chestxray.saliency import gradcam_maps, overlay
 
-    chosen = reports.pick_gallery(ev.preds.tolist(), ev.labels.tolist(), tiles)
-    size = model.hparams.image_size
-    views = torch.from_numpy(np.stack([load_image(ev.paths[i], size).transpose(2, 0, 1) for i in chosen]))
+    chosen = reports.pick_gallery(ev.preds.tolist(), ev.labels.tolist(), settings.gradcam_tiles)
+    size, limits = model.hparams.image_size, settings.limits
+    views = torch.from_numpy(np.stack([load_image(ev.paths[i], size, limits).transpose(2, 0, 1) for i in chosen]))
     maps = gradcam_maps(model, views, ev.preds[chosen].tolist())
-    overlays = [overlay(display_image(ev.paths[i]), heat) for i, heat in zip(chosen, maps, strict=True)]
+    overlays = [overlay(display_image(ev.paths[i], limits), heat) for i, heat in zip(chosen, maps, strict=True)]
     return reports.gallery_figure(
         overlays,
         ev.preds[chosen].tolist(),
@@ -146,8 +158,9 @@ def write_predictions(evaluation: Evaluation, path: Path) -> None:
 
 def write_report(
     evaluation: Evaluation, out_dir: Path, settings: ReportSettings, model=None, predictions: bool = False
-) -> tuple[dict | None, dict[str, Figure]]:
-    """metrics.json and the figures' PNGs in out_dir (and predictions.csv); returns both (figures for TensorBoard)."""
+) -> tuple[dict | None, dict[str, np.ndarray]]:
+    """metrics.json and the figures' PNGs in out_dir (and predictions.csv); returns the metrics and the figures'
+    pixels (for TensorBoard)."""
     metrics = evaluation.metrics(settings)
     if metrics is None:
         return None, {}
@@ -160,14 +173,12 @@ def write_report(
     except BadImageError as err:  # a file changed or vanished since it was predicted: the numbers still stand
         (out_dir / "figures_error.txt").write_text(f"figures not drawn: {err}\n")
         return metrics, {}
-    for name, fig in result.items():
-        fig.savefig(out_dir / f"{name}.png", dpi=100)
-    return metrics, result
+    return metrics, {name: reports.render(fig, out_dir / f"{name}.png") for name, fig in result.items()}
 
 
 def _accuracy(m: dict | None) -> str:
     if not m:
-        return f"{'-':>6}  {'(no leaking images)':<22}"
+        return f"{0:>6}  {'(every image leaks)':<22}"
     lo, hi = m["accuracy_ci95"]
     return f"{m['n']:>6}  {m['accuracy']:.3f} ({lo:.3f}-{hi:.3f}){'':<3}"
 
@@ -177,7 +188,6 @@ def side_by_side(results: dict[str, dict]) -> str:
     lines = [f"{'set':<16}{'n':>6}  {'accuracy (95% CI)':<22}{'n':>6}  {'leak-free (95% CI)':<22}{'macro AUC':>10}"]
     for name, m in results.items():
         auc = m["macro_roc_auc_ovr"]
-        lines.append(
-            f"{name:<16}{_accuracy(m)}{_accuracy(m.get('leak_free'))}{(f'{auc:.3f}' if auc is not None else 'n/a'):>10}"
-        )
+        auc_text = f"{auc:.3f}" if auc is not None else "n/a"
+        lines.append(f"{name:<16}{_accuracy(m)}{_accuracy(leak_free(m))}{auc_text:>10}")
     return "\n".join(lines)

@@ -152,7 +152,8 @@ def exported(
     """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed."""
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"format={fmt}: must be onnx or onnx-int8")
-    calibration = list(calibration)[:CALIBRATION_IMAGES] if fmt == "onnx-int8" else []
+    readable = [p for p in calibration if os.access(p, os.R_OK)] if fmt == "onnx-int8" else []
+    calibration = readable[:CALIBRATION_IMAGES]
     target = onnx_path(ckpt_paths, fmt, calibration)
     if target.is_file():
         return target

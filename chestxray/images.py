@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,10 +173,35 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
         raise TypeError(f"unsupported pixel type {image.dtype}")
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-        image = (image[:, :, :3].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    if image.shape[2] == 4:  # colour x alpha / 255, rounded, in uint8 (no float copy of a large image)
+        alpha = image[:, :, 3]
+        image = cv2.multiply(image[:, :, :3], cv2.merge([alpha, alpha, alpha]), scale=1 / 255)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class _PixelBudget:
+    """At most `capacity` declared pixels being decoded at once in this process, whatever the number of decoding
+    threads: a handful of 100-megapixel files decoded in parallel on a many-core machine would take tens of GB."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.used = capacity, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.capacity)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+_DECODING = _PixelBudget(2 * DEFAULT_MAX_PIXELS)
 
 
 def decode_raw(
@@ -189,10 +216,11 @@ def decode_raw(
     check_limits(header, path, limits)
     factor = _reduction_factor(header, target)
     flags = _REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_UNCHANGED
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None or image.size == 0:
-        raise BadImageError(path, f"OpenCV could not decode this {header.format} file")
-    return apply_orientation(image, header.orientation), header
+    with _DECODING.hold(header.width * header.height // (factor * factor)):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None or image.size == 0:
+            raise BadImageError(path, f"OpenCV could not decode this {header.format} file")
+        return apply_orientation(image, header.orientation), header
 
 
 def decode_bytes(

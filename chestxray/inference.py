@@ -27,7 +27,15 @@ from chestxray.checkpoints import CheckpointError, check_same_preprocessing, loa
 from chestxray.console import tidy_lightning_output
 from chestxray.distributed import gather_by_index
 from chestxray.evaluation import Evaluation, ReportSettings, display_image, write_report
-from chestxray.images import BadImageError, ImageLimits, is_image_file, list_images, model_view, read_bytes
+from chestxray.images import (
+    DEFAULT_LIMITS,
+    BadImageError,
+    ImageLimits,
+    is_image_file,
+    list_images,
+    model_view,
+    read_bytes,
+)
 from chestxray.model import ChestXrayClassifier
 from chestxray.store import default_workers
 
@@ -115,10 +123,18 @@ def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, 
 class PredictionWriter(BasePredictionWriter):
     """Appends each finished batch's rows to the CSV (flushed), keeps the probabilities, writes Grad-CAM overlays."""
 
-    def __init__(self, out_dir: Path, inputs: Sequence[InputImage], classes: Sequence[str], gradcam_models=None):
+    def __init__(
+        self,
+        out_dir: Path,
+        inputs: Sequence[InputImage],
+        classes: Sequence[str],
+        gradcam_models=None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ):
         super().__init__("batch")
         self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
-        self.gradcam_models = gradcam_models
+        self.gradcam_models, self.limits = gradcam_models, limits
+        self.overlay_names: set[str] = set()
         self.fields = [*CSV_FIELDS, *[f"prob_{c}" for c in classes], "error"]
         self.positions: list[int] = []
         self.probs: list[np.ndarray] = []
@@ -150,14 +166,20 @@ class PredictionWriter(BasePredictionWriter):
         self._fh.flush()
         if self.gradcam_models is not None:
             good = [k for k, e in enumerate(errors) if not e]
+            paths = [self.inputs[positions[k]].path for k in good]
+            names = [self._overlay_name(p) for p in paths]
             write_gradcam(
-                self.out_dir / "gradcam",
-                self.gradcam_models,
-                batch[0][good],
-                [self.inputs[positions[k]].path for k in good],
-                probs[good],
-                self.classes,
+                self.out_dir / "gradcam", self.gradcam_models, batch[0][good], paths, names, probs[good], self
             )
+
+    def _overlay_name(self, path: Path) -> str:
+        """<class folder>_<file stem>.png, made unique (test/x.jpg and train/x.jpg, x.jpg and x.png)."""
+        name, k = f"{path.parent.name}_{path.stem}", 1
+        while name + ("" if k == 1 else f"_{k}") in self.overlay_names:
+            k += 1
+        name += "" if k == 1 else f"_{k}"
+        self.overlay_names.add(name)
+        return f"{name}.png"
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fh.close()
@@ -183,10 +205,8 @@ class PredictionWriter(BasePredictionWriter):
         )
 
 
-def write_gradcam(
-    folder: Path, models, images: torch.Tensor, paths: Sequence[Path], probs: np.ndarray, classes
-) -> None:
-    """One overlay PNG per image over the source at a readable size, named after its folder and file."""
+def write_gradcam(folder: Path, models, images: torch.Tensor, paths, names, probs: np.ndarray, writer) -> None:
+    """One overlay PNG per image over the source at a readable size; a file that cannot be re-read is skipped."""
     import cv2
 
     from chestxray.saliency import gradcam_maps, overlay
@@ -196,9 +216,13 @@ def write_gradcam(
     folder.mkdir(parents=True, exist_ok=True)
     preds = probs.argmax(1).tolist()
     maps = np.mean([gradcam_maps(m, images, preds) for m in models], axis=0)
-    for path, heat, pred, p in zip(paths, maps, preds, probs, strict=True):
-        image = overlay(display_image(path), heat, f"{classes[pred]} {p[pred]:.2f}")
-        cv2.imwrite(str(folder / f"{path.parent.name}_{path.stem}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    for path, name, heat, pred, p in zip(paths, names, maps, preds, probs, strict=True):
+        try:
+            image = overlay(display_image(path, writer.limits), heat, f"{writer.classes[pred]} {p[pred]:.2f}")
+        except BadImageError as err:  # changed or gone since it was predicted: its row stands, its overlay cannot
+            log.warning("no Grad-CAM overlay for %s: %s", path, err.reason)
+            continue
+        cv2.imwrite(str(folder / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
 
 def _listed(value) -> list[str]:
@@ -232,7 +256,7 @@ def predict(cfg: DictConfig) -> dict:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
     out = Path(cfg.output_dir)
     predictor = runtime_module(cfg, paths, models, inputs)
-    writer = PredictionWriter(out, inputs, classes, models if cfg.gradcam else None)
+    writer = PredictionWriter(out, inputs, classes, models if cfg.gradcam else None, limits_of(cfg))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer], enable_progress_bar=False)
     trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size), return_predictions=False)
     positions, probs, errors = writer.results()
@@ -243,15 +267,20 @@ def predict(cfg: DictConfig) -> dict:
     if not len(positions):
         raise PredictError(f"none of the {len(inputs)} input image(s) could be read (see the warnings above)")
     evaluation = writer.evaluation(positions, probs)
-    metrics, _ = write_report(evaluation, out, ReportSettings(**OmegaConf.to_container(cfg.report)))
+    settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits_of(cfg))
+    metrics, _ = write_report(evaluation, out, settings)
     show(evaluation, metrics, cfg.print_limit)
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": metrics}
+
+
+def limits_of(cfg: DictConfig) -> ImageLimits:
+    return ImageLimits(cfg.max_pixels, cfg.min_image_side)
 
 
 def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int) -> DataLoader:
     """Batches of decoded files; num_workers=auto decodes in one worker process per core but one."""
     workers = default_workers() - 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
-    dataset = FileDataset([i.path for i in inputs], image_size, ImageLimits(cfg.max_pixels, cfg.min_image_side))
+    dataset = FileDataset([i.path for i in inputs], image_size, limits_of(cfg))
     return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=max(0, workers))
 
 
@@ -305,4 +334,4 @@ def show(evaluation: Evaluation, metrics: dict | None, limit: int) -> None:
             ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
             print(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
     if metrics:
-        print(reports.summary_text(metrics, metrics["leak_free"]))
+        print(reports.summary_text(metrics))

@@ -215,7 +215,10 @@ class ChestXrayClassifier(L.LightningModule):
             return
         loss, batch_idx = self._pending_loss
         self._pending_loss = None
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # gradients are averaged across ranks: all stop, or none
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx}): training stopped before this step was applied; the checkpoints already "
@@ -246,10 +249,6 @@ class ChestXrayClassifier(L.LightningModule):
         images, _, index = batch
         logits = self._logits(images, index, f"test{dataloader_idx}")
         return {"index": index, "probs": logits.float().softmax(1)}
-
-    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        images, _, index = batch
-        return {"index": index, "probs": self(images).float().softmax(1)}
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

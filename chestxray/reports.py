@@ -1,7 +1,7 @@
 """Evaluation numbers and figures, shared by trainer.test and predict.py.
 
-Figures are plain matplotlib `Figure` objects (no pyplot, so no global state and nothing to close): the caller
-saves them and may log them to TensorBoard.
+Figures are plain matplotlib `Figure` objects (no pyplot, so no global state and nothing to close), drawn once
+by `render` into an image that is both saved as PNG and logged to TensorBoard.
 """
 
 from __future__ import annotations
@@ -115,10 +115,11 @@ def _interval(values: Sequence[float] | None) -> str:
     return f"{values[0]:.3f}-{values[1]:.3f}" if values else "n/a"
 
 
-def summary_text(metrics: dict, leak_free: dict | None = None) -> str:
+def summary_text(metrics: dict) -> str:
     """The printed report: one screen, the numbers a reader checks first; leak-free numbers beside, if any."""
-    columns = [("all", metrics)] + ([("leak-free", leak_free)] if leak_free else [])
-    lines = []
+    clean = metrics.get("leak_free")
+    columns = [("all", metrics)] + ([("leak-free", clean)] if clean and clean.get("n") else [])
+    lines = ["leak-free: none (every image duplicates a train image)"] if clean and not clean.get("n") else []
     for label, m in columns:
         lo, hi = m["accuracy_ci95"]
         auc = m["macro_roc_auc_ovr"]
@@ -302,3 +303,17 @@ def samples_figure(images_by_class: dict[str, Sequence[np.ndarray]]) -> Figure:
                 ax.imshow(images[col], cmap="gray")
                 ax.set_title(name, fontsize=9)
     return fig
+
+
+def render(fig: Figure, path=None, dpi: int = 100) -> np.ndarray:
+    """Draw the figure once (Agg), save it as PNG if a path is given, and return its RGB pixels (H x W x 3)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+    if path is not None:
+        Image.fromarray(rgb).save(path)
+    return rgb

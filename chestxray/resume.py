@@ -59,14 +59,17 @@ def _current_overrides() -> list[str]:
     ]
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def merge_overrides(saved: list[str], current: list[str]) -> list[str]:
-    """Saved first, then the new ones; an addition (+key=) that may exist already becomes an override (++key=)."""
-    merged = [o for o in saved if not o.startswith("resume=")]
+    """The saved overrides with the new ones replacing those of the same key; an addition (+key=) that the
+    saved settings may already hold becomes a forced one (++key=)."""
+    new_keys = {_key(o) for o in current}
+    merged = [o for o in saved if _key(o) not in new_keys and _key(o) != "resume"]
     for override in current:
-        if override.startswith("+") and not override.startswith("++"):
-            override = "+" + override
-        if override not in merged:
-            merged.append(override)
+        merged.append("+" + override if override.startswith("+") and not override.startswith("++") else override)
     return merged
 
 
@@ -87,6 +90,9 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if not GlobalHydra.instance().is_initialized():
         raise ResumeError("resume= works from the command line (python train.py resume=RUN_DIR)")
     resumed = compose("train", overrides=[*merged, f"paths.output_dir={run}", f"ckpt_path={last}"])
+    from chestxray.checkpoints import read_checkpoint
+
+    check_fits(read_checkpoint(last, "resume"), resumed, f"resume={cfg.resume}")  # before anything is written
     if rank_zero_only.rank == 0:
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(merged))
         (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(resumed))

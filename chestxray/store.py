@@ -206,14 +206,14 @@ def decode_in_memory(
 
 
 def _listing(paths: Sequence[Path]) -> list[list]:
-    """[path, size, mtime_ns] per file; a file that cannot be stat'ed gets -1s (it will be reported as bad)."""
+    """[path, size, mtime, ctime, inode] per file (a chmod or a replaced file changes it); -1s if it is missing."""
     rows = []
     for p in paths:
         try:
             st = os.stat(p)
-            rows.append([str(p), st.st_size, st.st_mtime_ns])
+            rows.append([str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         except OSError:
-            rows.append([str(p), -1, -1])
+            rows.append([str(p), -1, -1, -1, -1])
     return rows
 
 
@@ -283,7 +283,10 @@ def _build_store(
         final = stores / key
         try:
             os.rename(tmp, final)
-        except OSError:  # another process built the same content first: keep theirs
+        except OSError as err:
+            if not (final / "meta.json").exists():
+                raise
+            log.debug("store %s was built by another process (%s); keeping it", final, err)
             shutil.rmtree(tmp, ignore_errors=True)
         return final
     except BaseException:
@@ -313,8 +316,10 @@ def decode_to_store(
         except (OSError, ValueError, KeyError) as err:
             log.warning("ignoring unreadable store pointer %s: %s", pointer, err)
     folder = _build_store(paths, settings, cache_dir, workers or default_workers(), progress, what)
-    _write_json(pointer, {"store": folder.name, "files": listing})
-    return _open_store(folder, paths)
+    decoded = _open_store(folder, paths)
+    if not any(err.reason.startswith("cannot read file") for err in decoded.bad):  # may be readable next time
+        _write_json(pointer, {"store": folder.name, "files": listing})
+    return decoded
 
 
 def decode_images(

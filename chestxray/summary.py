@@ -68,7 +68,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _acc(metrics: dict | None) -> tuple[float | None, str]:
-    if not metrics:
+    if not metrics or "accuracy" not in metrics:
         return None, ""
     lo, hi = metrics["accuracy_ci95"]
     return metrics["accuracy"], f"{metrics['accuracy']:.3f} ({lo:.3f}-{hi:.3f})"
@@ -76,6 +76,8 @@ def _acc(metrics: dict | None) -> tuple[float | None, str]:
 
 def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], list[str]]:
     """The table's rows (best first) and the Markdown lines below it; nothing is written."""
+    from chestxray.evaluation import leak_free  # here: the Hydra callback is built at every start, keep it light
+
     runs = [r for r in (_load_run(p) for p in sorted(sweep.iterdir()) if p.is_dir()) if r]
     if not runs:
         return [], []
@@ -91,7 +93,7 @@ def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], li
     rows = []
     for run in runs:
         test = run["reports"].get("test")
-        clean = (test or {}).get("leak_free") or test
+        clean = leak_free(test) if test else None
         row = {
             "run": run["folder"].name,
             "overrides": " ".join(run["overrides"]),
@@ -103,9 +105,8 @@ def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], li
         }
         for name in eval_names:
             row[f"eval/{name}/acc"] = _acc(run["reports"].get(name))[0]
-            row[f"eval/{name}/acc_leak_free"] = _acc(
-                (run["reports"].get(name) or {}).get("leak_free") or run["reports"].get(name)
-            )[0]
+            report = run["reports"].get(name)
+            row[f"eval/{name}/acc_leak_free"] = _acc(leak_free(report) if report else None)[0]
         test_vs_best = mcnemar(best_correct, _correct_by_image(run["folder"])) if run is not runs[0] else None
         row["McNemar p vs best (test)"] = test_vs_best[2] if test_vs_best else None
         rows.append(row)
@@ -113,7 +114,7 @@ def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], li
 
 
 def _notes(runs: list[dict], rows: list[dict], metric: str) -> list[str]:
-    lines = [f"Sorted by `{metric}`; best run: `{rows[0]['run']}` ({rows[0]['overrides'] or 'defaults'})."]
+    lines = [f"Sorted by `{metric}`; best run: `{rows[0]['run']}`."]
     tied = [
         r["run"]
         for r in rows[1:]
@@ -153,13 +154,18 @@ def write_summary(sweep: Path, metric: str = "val/acc_best") -> Path | None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: _fmt(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    shown = [k for k in rows[0] if not k.endswith(")") or "CI" in k]
-    shown = [k for k in shown if k not in ("test/acc", "test/acc_leak_free")]
-    lines = [f"# Sweep summary: `{sweep}`", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    shown = [k for k in rows[0] if k not in ("test/acc", "test/acc_leak_free")]  # their CI columns are shown
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+    lines = [f"# Sweep summary: `{sweep}`", ""]
+    if common:
+        lines += [f"Every run: `{' '.join(o for o in rows[0]['overrides'].split() if o in common)}`", ""]
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
-        lines.append(
-            "| " + " | ".join(_fmt(r[k]) if isinstance(r[k], float) else str(r[k] or "") for k in shown) + " |"
-        )
+        varying = " ".join(o for o in r["overrides"].split() if o not in common)
+        cells = [
+            varying if k == "overrides" else _fmt(r[k]) if isinstance(r[k], float) else str(r[k] or "") for k in shown
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     (sweep / "summary.md").write_text("\n".join([*lines, "", *notes]) + "\n")
     return sweep / "summary.md"
 

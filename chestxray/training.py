@@ -169,7 +169,8 @@ def write_results(cfg: DictConfig, metrics: dict[str, float], best: str) -> None
     """Log the reported metrics and keep them in results.json (what the sweep summary reads)."""
     if best:
         log.info("best checkpoint: %s (also checkpoints/best.ckpt)", best)
-    reported = {name: metrics[name] for name in reported_metrics(cfg) if name in metrics}
+    names = [*reported_metrics(cfg), cfg.get("optimized_metric")]
+    reported = {name: metrics[name] for name in dict.fromkeys(names) if name in metrics}
     for name, value in reported.items():
         log.info("%s = %.4f", name, value)
     results = {"metrics": reported, "optimized_metric": cfg.get("optimized_metric"), "best_checkpoint": best}

@@ -8,7 +8,9 @@ they are skipped, with the reason, on a clone without it, and CI (CHESTXRAY_REQU
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_data" in item.keywords:
             item.add_marker(skip)
+
+
+def signal_when(cmd: list[str], ready, signum: int, settle: float = 0.5) -> tuple[subprocess.Popen, str, float]:
+    """Start cmd in ROOT, wait until ready() (at most 5 minutes), send signum; (process, stderr, seconds to exit)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(settle)
+    assert proc.poll() is None, "the process ended before it could be stopped mid-way"
+    os.kill(proc.pid, signum)
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    return proc, stderr, time.monotonic() - start
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:

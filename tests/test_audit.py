@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chestxray.audit import main
-from chestxray.duplicates import DEFAULT_THRESHOLD, cross_split_pairs, hamming_pairs
+from chestxray.duplicates import DEFAULT_THRESHOLD, hamming_pairs, hash_files, near_pairs
 
 
 @pytest.fixture
@@ -31,7 +31,11 @@ def test_near_duplicates_found_and_different_patients_not(variants):
     src, out = variants
     copies = [out / "requality.jpg", out / "resized.png", out / "contrast.jpg"]
     others = [p for p in out.iterdir() if p not in copies]
-    pairs = cross_split_pairs([src], copies + others)
+    candidates = copies + others
+    src_hash, _ = hash_files([src])
+    hashes, ok = hash_files(candidates)
+    assert ok.all()
+    pairs = near_pairs([src], src_hash, candidates, hashes, DEFAULT_THRESHOLD)
     assert {p.test.name for p in pairs} == {"requality.jpg", "resized.png", "contrast.jpg"}
     assert all(p.distance <= DEFAULT_THRESHOLD for p in pairs)
 

@@ -79,3 +79,16 @@ def test_gallery_shows_every_kind_of_mistake_and_every_class():
     assert {(0, 0), (1, 1), (2, 2)} <= cells  # correct images of every class
     assert len(chosen) == 12 and len(set(chosen)) == 12
     assert pick_gallery([0, 1], [None, None], limit=5) == [0, 1]  # no labels: one per predicted class
+
+
+def test_curves_show_whole_epochs_and_the_grad_cam_gallery_its_colour_scale():
+    from chestxray.reports import curves_figure, gallery_figure
+
+    history = [{"epoch": e, "train/loss": 1 - e / 10, "val/loss": 1 - e / 20} for e in range(3)]
+    curves = curves_figure(history, best_epoch=1)
+    assert all(float(t).is_integer() for t in curves.axes[0].get_xticks())  # no epoch 0.5
+    tiles = [np.zeros((40, 60, 3), np.uint8)] * 2
+    gallery = gallery_figure(tiles, [0, 1], [0, 0], ["Normal", "Viral Pneumonia"], [0.9, 0.6], colorbar="evidence")
+    assert any(ax.get_ylabel() == "evidence" for ax in gallery.axes)  # the colour scale
+    titles = [ax.get_title() for ax in gallery.axes if ax.get_title()]
+    assert titles == ["pred: Normal 0.90\ntrue: Normal", "pred: Viral Pneumonia 0.60\ntrue: Normal"]

@@ -1,12 +1,10 @@
 import csv
 import json
-import os
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,7 +15,7 @@ import torch
 from chestxray.checkpoints import CheckpointError, load_checkpoint
 from chestxray.inference import CSV_FIELDS, csv_row, find_inputs
 from chestxray.store import DecodeSettings, decode_in_memory
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
 
 
@@ -234,19 +232,12 @@ def test_sigterm_stops_predict_with_143_leaving_the_finished_rows(trained_run, t
     make_dataset(many, {"scans": 150}, size=64, mixed=False)
     out = tmp_path / "out"
     cmd = [sys.executable, "predict.py", "trainer.accelerator=cpu", f"ckpt={best(trained_run)}", f"inputs={many}"]
-    cmd += ["batch_size=2", "num_workers=0", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["batch_size=2", f"hydra.run.dir={out}"]  # with the default decoding worker process
     csv_file = out / "predictions.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if csv_file.exists() and len(csv_file.read_text().splitlines()) > 5:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "predict.py ended before it could be stopped"
-    os.kill(proc.pid, signal.SIGTERM)
-    start = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 10
+    proc, stderr, seconds = signal_when(
+        cmd, lambda: csv_file.exists() and len(csv_file.read_text().splitlines()) > 5, signal.SIGTERM, settle=0
+    )
+    assert seconds < 10
     assert proc.returncode == 143, stderr[-3000:]
     assert "predict.py: stopped by SIGTERM" in stderr
     rows = read_rows(out)

@@ -83,9 +83,8 @@ def test_changed_setting_or_content_makes_a_new_store(files, tmp_path):
     assert decode_to_store(files, DecodeSettings(48), cache).store == changed.store
 
 
-def test_two_processes_read_the_same_bytes(files, tmp_path):
-    cache = tmp_path / "cache"
-    decoded = decode_to_store(files, DecodeSettings(48), cache)
+def test_two_processes_building_one_store_at_once_read_the_same_bytes(files, tmp_path):
+    cache = tmp_path / "cache"  # empty: both processes decode, one store stays, both read it
     script = (
         "import sys, json, hashlib, pathlib\n"
         "from chestxray.store import decode_to_store, DecodeSettings\n"
@@ -93,20 +92,18 @@ def test_two_processes_read_the_same_bytes(files, tmp_path):
         "d = decode_to_store(paths, DecodeSettings(48), sys.argv[2])\n"
         "print(d.store, hashlib.sha256(b''.join(d.images[i].tobytes() for i in range(len(d.paths)))).hexdigest())\n"
     )
-    outputs = {
-        subprocess.run(
-            [sys.executable, "-c", script, json.dumps([str(p) for p in files]), str(cache)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for _ in range(2)
-    }
+    cmd = [sys.executable, "-c", script, json.dumps([str(p) for p in files]), str(cache)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    decoded = decode_to_store(files, DecodeSettings(48), cache)
     import hashlib
 
     ours = hashlib.sha256(b"".join(decoded.images[i].tobytes() for i in range(len(decoded.paths)))).hexdigest()
     assert outputs == {f"{decoded.store} {ours}"}
+    assert [p.name for p in (cache / "stores").iterdir()] == [decoded.store.name]  # no half-built folder left
 
 
 def test_auto_goes_to_disk_when_large_or_shared_by_processes():

@@ -1,10 +1,8 @@
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from chestxray.checkpoints import load_checkpoint
 from chestxray.training import OutputDirError, build, check_files, train
-from tests.conftest import ROOT, TINY, train_config
+from tests.conftest import ROOT, TINY, signal_when, train_config
 
 SCALARS = {
     "train/loss",
@@ -182,11 +180,30 @@ def test_resume_continues_the_run_in_its_folder_with_its_settings(tmp_path, synt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no second run folder
 
     changed = run_script("train.py", f"resume={run}", "data.image_size=64", ok=False)
-    assert changed.returncode == 2 and "data.image_size=64 but the checkpoint has 32" in changed.stderr
+    assert changed.returncode == 2 and f"resume={run}: data.image_size=64 but the checkpoint has 32" in changed.stderr
+    assert "data.image_size=64" not in (run / ".hydra" / "overrides.yaml").read_text()  # a refusal changes nothing
+    again = run_script("train.py", f"resume={run}", "trainer.max_epochs=4")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+    out = again.stdout + again.stderr
+    assert out.count("`Trainer.fit` stopped") == 1  # each message once (not also through Lightning's own handler)
+    assert "Tip:" not in out and "LeafSpec" not in out
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = run_script("train.py", f"resume={empty}", ok=False)
     assert missing.returncode == 2 and "not the folder of a train.py run" in missing.stderr
+
+
+def test_resume_overrides_replace_saved_ones_of_the_same_key():
+    from chestxray.resume import merge_overrides
+
+    saved = ["data.image_size=32", "trainer.max_epochs=2", "+eval_sets.b=/x"]
+    assert merge_overrides(saved, ["trainer.max_epochs=5"]) == [
+        "data.image_size=32",
+        "+eval_sets.b=/x",
+        "trainer.max_epochs=5",
+    ]
+    assert merge_overrides(["trainer.max_epochs=5"], ["trainer.max_epochs=2"]) == ["trainer.max_epochs=2"]
+    assert merge_overrides(saved, ["+eval_sets.b=/y"])[-1] == "++eval_sets.b=/y"  # may exist already: forced
 
 
 class WorseEveryEpoch(L.Callback):
@@ -231,17 +248,9 @@ def test_sigterm_stops_training_with_143_and_resume_finishes_the_run(tmp_path, s
         "data.batch_size=2",
     ]
     cmd += ["test=false", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert proc.poll() is None, "the run ended before it could be stopped mid-training"
-    os.kill(proc.pid, signal.SIGTERM)
-    start = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 15
+    proc, stderr, seconds = signal_when(cmd, last.exists, signal.SIGTERM)
+    assert seconds < 15
     assert proc.returncode == 143, stderr[-3000:]
     assert f"train.py: stopped by SIGTERM: resume with: python train.py resume={run}" in stderr
     saved = torch.load(last, weights_only=True)  # never half-written: it loads
