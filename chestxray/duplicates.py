@@ -127,11 +127,11 @@ class Leaks:
         return np.array([p in leaking for p in paths], dtype=bool)
 
     def warning(self, report: Path | None) -> str:
-        counts = ", ".join(f"{name}: {len(p)}" for name, p in self.pairs.items() if p)
+        counts = ", ".join(f"{len({q.test for q in p})} {name} image(s)" for name, p in self.pairs.items() if p)
         where = f" (report: {report})" if report else ""
         return (
-            f"{sum(map(len, self.pairs.values()))} train/test near-duplicate pair(s) ({len(self.train)} train images; "
-            f"{counts}) found: the test accuracy may be inflated by leakage{where}. The reports give every metric "
+            f"{sum(map(len, self.pairs.values()))} near-duplicate pair(s) of {len(self.train)} train image(s) and "
+            f"{counts} found: the test accuracy may be inflated by leakage{where}. The reports give every metric "
             "also without those test images; data.drop_leaking=true drops the train copies instead."
         )
 

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -45,10 +45,15 @@ class BadImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What a file must declare in its header to be decoded at all (data.max_pixels, data.min_image_side)."""
+    """What a file must declare in its header to be decoded at all (data.max_pixels, data.min_image_side).
+
+    `prefix` is where the settings live in the calling config ("data." in training, "" in predict.py), so that a
+    refusal names the setting the user can change.
+    """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    prefix: str = field(default="data.", compare=False)
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -130,13 +135,14 @@ def check_limits(header: Header, path: str | os.PathLike, limits: ImageLimits) -
     if pixels > limits.max_pixels:
         raise BadImageError(
             path,
-            f"image of {header.width} x {header.height} = {pixels:,} pixels is above data.max_pixels="
+            f"image of {header.width} x {header.height} = {pixels:,} pixels is above {limits.prefix}max_pixels="
             f"{limits.max_pixels:,} (not decoded: a file this size can exhaust memory)",
         )
     if min(header.width, header.height) < limits.min_side:
         raise BadImageError(
             path,
-            f"image of {header.width} x {header.height} pixels is smaller than data.min_image_side={limits.min_side}",
+            f"image of {header.width} x {header.height} pixels is smaller than {limits.prefix}min_image_side="
+            f"{limits.min_side}",
         )
 
 

@@ -274,7 +274,7 @@ def predict(cfg: DictConfig) -> dict:
 
 
 def limits_of(cfg: DictConfig) -> ImageLimits:
-    return ImageLimits(cfg.max_pixels, cfg.min_image_side)
+    return ImageLimits(cfg.max_pixels, cfg.min_image_side, prefix="")
 
 
 def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int) -> DataLoader:

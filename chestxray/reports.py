@@ -41,7 +41,13 @@ def _macro_auc(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
 
 
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, k: int, resamples: int, seed: int) -> dict:
-    """Percentile 95% intervals of macro ROC-AUC and per-class sensitivity over `resamples` seeded resamples."""
+    """Percentile 95% intervals of macro ROC-AUC and per-class sensitivity over `resamples` seeded resamples.
+
+    The rows are put in a canonical order first, so the same predictions give the same intervals whatever order they
+    come in (a training run's test loader and predict.py list the files differently).
+    """
+    order = np.lexsort((*probs.T[::-1], labels))
+    labels, probs = labels[order], probs[order]
     rng = np.random.default_rng(seed)
     n = len(labels)
     preds = probs.argmax(1)

@@ -67,6 +67,13 @@ def test_bootstrap_intervals_contain_the_estimate_and_repeat_with_the_seed():
     assert a == b and a["macro_roc_auc_ovr_ci95"] != c["macro_roc_auc_ovr_ci95"]
     assert a["bootstrap"] == {"resamples": 300, "seed": 1}
     assert classification_metrics(labels, probs, ["a", "b", "c"], resamples=0)["macro_roc_auc_ovr_ci95"] is None
+    # the same predictions in another order (predict.py lists files differently from a test loader): same intervals
+    shuffled = rng.permutation(len(labels))
+    d = classification_metrics(labels[shuffled], probs[shuffled], ["a", "b", "c"], resamples=300, seed=1)
+    assert d["macro_roc_auc_ovr_ci95"] == a["macro_roc_auc_ovr_ci95"]
+    assert [m["sensitivity_ci95"] for m in d["per_class"].values()] == [
+        m["sensitivity_ci95"] for m in a["per_class"].values()
+    ]
 
 
 def test_gallery_shows_every_kind_of_mistake_and_every_class():

@@ -100,8 +100,8 @@ def test_bad_and_hostile_files_get_error_rows_and_the_rest_is_predicted(trained_
     assert set(rows) == {p.name for p in folder.iterdir()}
     assert "empty file" in rows["empty.png"]["error"] and not rows["empty.png"]["pred"]
     assert "not a JPEG or PNG" in rows["notes.jpg"]["error"]
-    assert "above data.max_pixels" in rows["bomb.png"]["error"]
-    assert "smaller than data.min_image_side=32" in rows["dot.png"]["error"]
+    assert "is above max_pixels=100,000,000" in rows["bomb.png"]["error"]  # predict.py's own setting
+    assert "smaller than min_image_side=32" in rows["dot.png"]["error"]
     assert all(
         rows[n]["pred"] and not rows[n]["error"]
         for n in ("a photo ñ.jpeg", f"b{good[1].suffix.upper()}", "rotated.jpg")
