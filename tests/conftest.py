@@ -8,6 +8,7 @@ they are skipped, with the reason, on a clone without it, and CI (CHESTXRAY_REQU
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -54,7 +55,11 @@ LEARNS = [
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_data: needs the real Kaggle dataset (CI always has it)")
     # Decoded-image stores of the tests go to a folder of their own, shared by the tests' subprocesses.
-    os.environ["CHESTXRAY_CACHE"] = tempfile.mkdtemp(prefix="chestxray-test-cache-")
+    config.chestxray_cache = os.environ["CHESTXRAY_CACHE"] = tempfile.mkdtemp(prefix="chestxray-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "chestxray_cache", None) or "/nonexistent", ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
