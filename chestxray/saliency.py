@@ -15,12 +15,18 @@ from chestxray.model import GRADCAM_LAYER, ChestXrayClassifier
 
 
 def put_title(image: np.ndarray, text: str) -> np.ndarray:
-    """Write text in the top-left corner, white on a dark outline, sized to stay readable at any image size."""
+    """Write text in the top-left corner, white on a dark band, sized to stay readable at any image size.
+
+    A band rather than an outline: OpenCV advances each glyph by the stroke thickness, so a thicker outline drawn
+    under the text drifts away from it along the line.
+    """
     out = image.copy()
     scale = max(0.45, min(image.shape[:2]) / 420)
     thickness = max(1, round(scale * 1.6))
-    origin = (6, 8 + round(20 * scale))
-    cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(2, round(4 * scale))
+    cv2.rectangle(out, (0, 0), (width + 2 * pad, height + baseline + 2 * pad), (0, 0, 0), cv2.FILLED)
+    origin = (pad, pad + height)
     cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return out
 

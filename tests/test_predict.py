@@ -244,3 +244,16 @@ def test_sigterm_stops_predict_with_143_leaving_the_finished_rows(trained_run, t
     inputs = [str(i.path) for i in find_inputs(str(many), ["Normal", "Covid", "Viral Pneumonia"])]
     assert 4 <= len(rows) < 450 and [r["path"] for r in rows] == inputs[: len(rows)]  # a prefix, whole rows
     assert all(r["pred"] and float(r["prob_Covid"]) >= 0 for r in rows)
+
+
+def test_overlay_title_is_white_on_a_dark_band_that_fits_the_image():
+    from chestxray.saliency import put_title
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[..., 1] = 200  # green, so any pixel of the image left inside the title's box shows
+    out = put_title(image, "Viral Pneumonia 1.00")  # the longest title at the smallest overlay size
+    rows, cols = np.nonzero((out != image).any(-1))
+    box = out[: rows.max() + 1, : cols.max() + 1].astype(int)
+    assert cols.max() < 255  # not cut off at the right edge
+    assert (box[..., 0] == box[..., 1]).all() and (box[..., 1] == box[..., 2]).all()  # only grey: text on its band
+    assert (box.max(-1) > 200).sum() > 100  # the white text is there
