@@ -186,16 +186,20 @@ def per_class_figure(metrics: dict) -> Figure:
     ax = fig.subplots()
     for offset, key in ((-0.2, "sensitivity"), (0.2, "specificity")):
         values = [metrics["per_class"][c][key] for c in names]
-        bars = ax.bar(x + offset, values, width=0.4, label=key)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.bar(x + offset, values, width=0.4, label=key)
         if key == "sensitivity":
             cis = [metrics["per_class"][c].get("sensitivity_ci95") for c in names]
             if all(cis):
                 low = [v - ci[0] for v, ci in zip(values, cis, strict=True)]
                 high = [ci[1] - v for v, ci in zip(values, cis, strict=True)]
                 ax.errorbar(x + offset, values, yerr=[low, high], fmt="none", ecolor="k", capsize=3, lw=1)
-    ax.set(xticks=x, xticklabels=names, ylim=(0, 1.1), ylabel="rate", title="per-class sensitivity / specificity")
-    ax.legend(loc="lower right")
+    # the numbers go under each class name: over the bars the sensitivity's error bar would cross them
+    labels = [
+        f"{c}\nsens {metrics['per_class'][c]['sensitivity']:.2f}\nspec {metrics['per_class'][c]['specificity']:.2f}"
+        for c in names
+    ]
+    ax.set(xticks=x, xticklabels=labels, ylim=(0, 1.05), ylabel="rate", title="per-class sensitivity / specificity")
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the plot, never over a bar
     return fig
 
 
