@@ -20,8 +20,9 @@ def variants(tmp_path, data_dir):
     out.mkdir()
     cv2.imwrite(str(out / "requality.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 40])
     cv2.imwrite(str(out / "resized.png"), cv2.resize(image, (image.shape[1] * 2 // 3, image.shape[0] * 2 // 3)))
-    stretched = np.clip((image.astype(np.float32) - 30) * 1.5, 0, 255).astype(np.uint8)
-    cv2.imwrite(str(out / "contrast.jpg"), stretched)
+    # a contrast change that clips nothing (a clipping stretch wipes out small, generated images)
+    darker_midtones = (255 * (image / 255.0) ** 1.4).astype(np.uint8)
+    cv2.imwrite(str(out / "contrast.jpg"), darker_midtones)
     shutil.copy(normal[1], out / f"other_patient{normal[1].suffix}")
     shutil.copy(sorted((data_dir / "test" / "Normal").iterdir())[0], out / "another.jpeg")
     return src, out
