@@ -156,7 +156,8 @@ class ChestXrayClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
         self.feature_cache: dict[tuple[str, int], torch.Tensor] = {}
-        self._pending_loss: tuple[torch.Tensor, int] | None = None
+        # the losses of the batches whose gradients the next optimizer step applies (several with accumulation)
+        self._pending_losses: list[tuple[torch.Tensor, int]] = []
 
     @property
     def classes(self) -> list[str]:
@@ -177,9 +178,7 @@ class ChestXrayClassifier(L.LightningModule):
         return self.net(self.preprocess(images))
 
     def _features(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
-        """Backbone output; with a frozen backbone and cache_features, computed once per image."""
-        if not self.hparams.cache_features:
-            return self.net.avgpool(self.net.features(self.preprocess(images)))
+        """Backbone output of a frozen backbone (cache_features), computed once per image."""
         keys = [(stage, int(i)) for i in index]
         missing = [k for k, key in enumerate(keys) if key not in self.feature_cache]
         if missing:
@@ -198,7 +197,7 @@ class ChestXrayClassifier(L.LightningModule):
         images, labels, index = batch
         logits = self._logits(images, index, "train")
         loss = self.criterion(logits, labels)
-        self._pending_loss = (loss.detach(), batch_idx)
+        self._pending_losses.append((loss.detach(), batch_idx))
         self.train_loss(loss)
         self.train_acc(logits, labels)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -211,14 +210,17 @@ class ChestXrayClassifier(L.LightningModule):
         Checked here, after backward was queued, rather than in training_step: reading the loss waits for the
         device, and waiting before backward would leave a GPU idle while the backward kernels are launched.
         """
-        if self._pending_loss is None:
+        if not self._pending_losses:
             return
-        loss, batch_idx = self._pending_loss
-        self._pending_loss = None
-        finite = bool(torch.isfinite(loss))
+        pending, self._pending_losses = self._pending_losses, []
+        finite_each = torch.isfinite(torch.stack([loss for loss, _ in pending]))
+        finite = bool(finite_each.all())
         if self.trainer.world_size > 1:  # gradients are averaged across ranks: all stop, or none
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
+        if not finite:  # name this rank's first non-finite batch (the last one if another rank's was)
+            loss, batch_idx = next(
+                (item for item, ok in zip(pending, finite_each.tolist(), strict=True) if not ok), pending[-1]
+            )
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(batch {batch_idx}): training stopped before this step was applied; the checkpoints already "

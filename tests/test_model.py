@@ -97,3 +97,19 @@ def test_train_py_prints_a_clear_error_and_exits_2_without_data(tmp_path):
     assert result.returncode == 2
     assert f"train.py: error: DataError: data folder not found: {tmp_path / 'nowhere'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_non_finite_loss_in_any_accumulated_batch_stops_the_step():
+    import lightning as L
+
+    from chestxray.model import NonFiniteLossError
+
+    model = ChestXrayClassifier(["a", "b", "c"], 32, pretrained=False)
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    # trainer.accumulate_grad_batches=2: the first batch diverged, the second did not; one optimizer step follows
+    model._pending_losses = [(torch.tensor(float("nan")), 6), (torch.tensor(0.7), 7)]
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan .*\(batch 6\)"):
+        model.on_before_optimizer_step(None)
+    model._pending_losses = [(torch.tensor(0.9), 8), (torch.tensor(0.7), 9)]
+    model.on_before_optimizer_step(None)  # finite: the step goes ahead
+    assert model._pending_losses == []
