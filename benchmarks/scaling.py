@@ -174,17 +174,6 @@ def measure(stage: str, data: Path, out: Path, image_size: int, ckpt: Path) -> d
     return {**result, "wall": wall, "rss_mb": result["hwm_mb"], "pss_mb": pss, "anon_mb": anon}
 
 
-def random_checkpoint(folder: Path, image_size: int) -> Path:
-    import torch
-
-    from chestxray.model import ChestXrayClassifier
-
-    model = ChestXrayClassifier(CLASSES, image_size, pretrained=False)
-    path = folder / "random.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
-    return path
-
-
 def report(results: dict, sizes: list[int]) -> str:
     lines = [
         "| stage | files | whole process, s | stage, s | stage, ms per image | peak RSS, MB | peak PSS (all "
@@ -244,6 +233,8 @@ def main() -> None:
     os.environ["CHESTXRAY_CACHE"] = str(work / "cache")  # a cold store for each N: every run decodes
     sizes = sorted(args.sizes)
     folders = make_data(work, sizes, args.side)
+    from benchmarks.predict_benchmark import random_checkpoint
+
     ckpt = random_checkpoint(work, args.image_size)
     results: dict = {stage: {} for stage in STAGES}
     for n in sizes:

@@ -26,7 +26,7 @@ import numpy as np
 
 from chestxray.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
 from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
-from chestxray.sources import DEFAULT_CLASSES, SPLITS, DataError, load_labelled, read_index, scan_class_folders
+from chestxray.sources import DEFAULT_CLASSES, SPLITS, DataError, read_index, scan_class_folders
 from chestxray.store import bounded_map, default_workers
 
 WHOLE = "all"  # the split name of a dataset without train/test splits
@@ -71,22 +71,18 @@ def inspect_file(path: Path, split: str, label: str) -> FileRecord:
 def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, str]]:
     """(path, split, class) of every file: train/test folders, one folder of class folders, or a label file."""
     if data.is_file() or data.suffix.lower() == ".csv":
-        groups = read_index(data, classes, "audit")
-        return [
-            (p, split or WHOLE, classes[y])
-            for split, g in groups.items()
-            for p, y in zip(g.paths, g.labels, strict=True)
-        ]
-    if not data.is_dir():
+        groups = {split or WHOLE: files for split, files in read_index(data, classes, "audit").items()}
+    elif not data.is_dir():
         raise DataError(f"not found: {data} (a dataset folder or a label file)")
-    if (data / "train").is_dir() or (data / "test").is_dir():
-        jobs = []
-        for split in SPLITS:
-            files = scan_class_folders(data / split, classes)
-            jobs += [(p, split, classes[y]) for p, y in zip(files.paths, files.labels, strict=True)]
-        return jobs
-    files = load_labelled(data, classes, "audit")
-    return [(p, WHOLE, classes[y]) for p, y in zip(files.paths, files.labels, strict=True)]
+    elif (data / "train").is_dir() or (data / "test").is_dir():
+        groups = {split: scan_class_folders(data / split, classes) for split in SPLITS}
+    else:
+        groups = {WHOLE: scan_class_folders(data, classes, "audit", strict=True)}
+    return [
+        (path, split, classes[label])
+        for split, files in groups.items()
+        for path, label in zip(files.paths, files.labels, strict=True)
+    ]
 
 
 def scan(data: Path, classes=DEFAULT_CLASSES) -> list[FileRecord]:
@@ -138,11 +134,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(base))
     except ValueError:
         return str(path)
-
-
-def audit(data_dir: Path, threshold: int = DEFAULT_THRESHOLD, classes=DEFAULT_CLASSES) -> dict:
-    """Everything the report shows, as plain data."""
-    return summarise(scan(data_dir, classes), data_dir, threshold, classes)
 
 
 def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes=DEFAULT_CLASSES) -> dict:
@@ -197,25 +188,21 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
 def shared_images(
     ours: list[FileRecord], ours_dir: Path, theirs: list[FileRecord], theirs_dir: Path, threshold: int
 ) -> list[dict]:
-    """Images of one dataset that the other has too: identical bytes (0 bits) or near-duplicates."""
-    by_sha = defaultdict(list)
-    for r in theirs:
-        if r.sha256 and not r.error:
-            by_sha[r.sha256].append(r.path)
-    pairs = {(r.path, match): 0 for r in ours if not r.error for match in by_sha.get(r.sha256, [])}
-    identical = set(pairs)
+    """Images of one dataset that the other has too: identical bytes or near-duplicates.
+
+    Identical bytes decode to the same hash, so the near-duplicate search finds them too (at 0 bits).
+    """
+    sha = {r.path: r.sha256 for r in (*ours, *theirs)}
     a_paths, a_hashes = _hashes(ours)
     b_paths, b_hashes = _hashes(theirs)
-    for p in near_pairs(a_paths, a_hashes, b_paths, b_hashes, threshold):
-        pairs.setdefault((p.train, p.test), p.distance)
     rows = [
         {
-            "ours": _relative(a, ours_dir),
-            "theirs": _relative(b, theirs_dir),
-            "distance_bits": d,
-            "identical": (a, b) in identical,
+            "ours": _relative(p.train, ours_dir),
+            "theirs": _relative(p.test, theirs_dir),
+            "distance_bits": p.distance,
+            "identical": sha[p.train] == sha[p.test],
         }
-        for (a, b), d in pairs.items()
+        for p in near_pairs(a_paths, a_hashes, b_paths, b_hashes, threshold)
     ]
     return sorted(rows, key=lambda r: (r["distance_bits"], r["ours"], r["theirs"]))
 

@@ -117,7 +117,7 @@ class TestReports(L.Callback):
             if gathered is None:
                 continue
             index, probs = (t.numpy() for t in gathered)
-            leaking = datamodule.leaking.get(name, np.zeros(len(dataset), bool))
+            leaking = datamodule.leaking[name]
             evaluation = Evaluation(
                 name,
                 pl_module.classes,
@@ -143,8 +143,7 @@ class TestReports(L.Callback):
         settings = replace(self.settings, limits=trainer.datamodule.settings.limits)
         for name, evaluation in self.results.items():
             folder = report_folder(self.output_dir, name)
-            model = pl_module if settings.gradcam_tiles else None
-            metrics, images = write_report(evaluation, folder, settings, model, predictions=True)
+            metrics, images = write_report(evaluation, folder, settings, pl_module, predictions=True)
             for figure_name, image in images.items():
                 tag = f"{metric_prefix(name)}/{figure_name}"
                 log_image(trainer, "test/gradcam" if tag == "test/gradcam_gallery" else tag, image, trainer.global_step)

@@ -33,7 +33,8 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:
     if not (is_zip or is_pickle):
         raise CheckpointError(f"{where}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped (zip format): checking a checkpoint before Lightning loads it does not read it whole twice
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
         reason = next((line.strip() for line in str(err).splitlines() if line.strip().startswith("Unsupported")), "")
         raise CheckpointError(

@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from chestxray import duplicates
+from chestxray.distributed import world_size
 from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
 from chestxray.sources import (
     DEFAULT_CLASSES,
@@ -26,7 +26,7 @@ from chestxray.sources import (
     LabelledFiles,
     ensure_dataset,
     load_labelled,
-    load_split,
+    load_splits,
 )
 from chestxray.splits import holdout, kfold
 from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images, default_workers
@@ -143,11 +143,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
         self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image
         self.skipped: list[BadImageError] = []
+        self._listed: dict[str, LabelledFiles] | None = None
 
     # --- preparing: once per machine --------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Offer the Kaggle download when the data is missing; build the on-disk stores (once per machine)."""
+        if self.datasets:  # set up already (trainer.test after fit prepares again): the stores exist
+            return
         self._ensure_data()
         sources = self._sources()
         if self._store_mode(sources) == "disk":
@@ -161,11 +164,12 @@ class ChestXrayDataModule(L.LightningDataModule):
             ensure_dataset(self.data_dir, self.hparams.download)
 
     def _sources(self) -> dict[str, LabelledFiles]:
-        """train, test and every evaluation set, as labelled files (nothing decoded yet)."""
-        sources = {split: load_split(self.data_dir, self.index, split, self.classes) for split in SPLITS}
-        for name, source in self.eval_sets.items():
-            sources[name] = load_labelled(source, self.classes, f"eval_sets.{name}")
-        return sources
+        """train, test and every evaluation set, as labelled files (nothing decoded yet), listed once."""
+        if self._listed is None:
+            self._listed = load_splits(self.data_dir, self.index, self.classes)
+            for name, source in self.eval_sets.items():
+                self._listed[name] = load_labelled(source, self.classes, f"eval_sets.{name}")
+        return self._listed
 
     def _store_mode(self, sources: Mapping[str, LabelledFiles]) -> str:
         """data.store resolved: auto goes to disk for large sets and for several processes on one machine."""
@@ -245,7 +249,7 @@ class ChestXrayDataModule(L.LightningDataModule):
             return train, train_labels
         keep = np.array([i for i, p in enumerate(train.paths) if p not in leaks.train], dtype=np.int64)
         log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(train.paths) - len(keep))
-        kept = DecodedImages([train.paths[i] for i in keep], train.images.subset(keep), [], [], None)
+        kept = DecodedImages([train.paths[i] for i in keep], train.images.subset(keep), [], None)
         return kept, [train_labels[i] for i in keep]
 
     # --- loading -------------------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ class ChestXrayDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         sampler = None
-        if not shuffle and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not shuffle and world_size() > 1:
             # Each val/test image exactly once across ranks (Lightning's default sampler pads with repeats).
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         workers = self._num_workers()

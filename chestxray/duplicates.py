@@ -46,7 +46,7 @@ class NearPair:
 def perceptual_hash(image: np.ndarray) -> np.ndarray:
     """pHash of the grey image, packed into 32 bytes; robust to re-encoding, resizing and linear contrast changes."""
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    grey = cv2.resize(grey, (128, 128), interpolation=cv2.INTER_AREA)
+    grey = cv2.resize(grey, (HASH_DECODE_SIDE, HASH_DECODE_SIDE), interpolation=cv2.INTER_AREA)
     bits = imagehash.phash(Image.fromarray(grey), hash_size=HASH_SIZE).hash
     return np.packbits(bits.flatten())
 

@@ -128,7 +128,7 @@ def gradcam_figure(ev: Evaluation, model, settings: ReportSettings) -> Figure:
 
     chosen = reports.pick_gallery(ev.preds.tolist(), ev.labels.tolist(), settings.gradcam_tiles)
     size, limits = model.hparams.image_size, settings.limits
-    views = torch.from_numpy(np.stack([load_image(ev.paths[i], size, limits).transpose(2, 0, 1) for i in chosen]))
+    views = torch.from_numpy(np.stack([load_image(ev.paths[i], size, limits) for i in chosen]))
     maps = gradcam_maps(model, views, ev.preds[chosen].tolist())
     overlays = [overlay(display_image(ev.paths[i], limits), heat) for i, heat in zip(chosen, maps, strict=True)]
     return reports.gallery_figure(

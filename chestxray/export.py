@@ -12,6 +12,7 @@ accuracy that the benchmark reports; it is never the default.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -133,7 +134,7 @@ def load_calibration(paths: Sequence[Path], image_size: int) -> np.ndarray:
     images = []
     for path in paths:
         try:
-            images.append(load_image(path, image_size).transpose(2, 0, 1))
+            images.append(load_image(path, image_size))
         except BadImageError:
             continue
         if len(images) == CALIBRATION_IMAGES:
@@ -152,12 +153,12 @@ def exported(
     """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed."""
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"format={fmt}: must be onnx or onnx-int8")
-    readable = [p for p in calibration if os.access(p, os.R_OK)] if fmt == "onnx-int8" else []
-    calibration = readable[:CALIBRATION_IMAGES]
+    readable = (p for p in calibration if os.access(p, os.R_OK))
+    calibration = list(itertools.islice(readable, CALIBRATION_IMAGES)) if fmt == "onnx-int8" else []
     target = onnx_path(ckpt_paths, fmt, calibration)
     if target.is_file():
         return target
-    fp32 = onnx_path(ckpt_paths, "onnx")
+    fp32 = target if fmt == "onnx" else onnx_path(ckpt_paths, "onnx")
     if not fp32.is_file():
         log.info("exporting %s to ONNX: %s", ", ".join(map(str, ckpt_paths)), fp32)
         export_onnx(models, fp32)
@@ -170,18 +171,17 @@ def exported(
 class OnnxPredictor(L.LightningModule):
     """Trainer.predict's module for runtime=onnx: an ONNX Runtime session (CUDA provider if there, else CPU)."""
 
-    def __init__(self, path: Path, classes: Sequence[str], image_size: int):
+    def __init__(self, path: Path):
         super().__init__()
         import onnxruntime as ort
 
-        self.path, self.classes, self.image_size = path, list(classes), image_size
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), providers=providers)
 
     @classmethod
     def from_checkpoints(cls, paths, models, fmt: str = "onnx", calibration: Sequence[Path] = ()) -> OnnxPredictor:
-        return cls(exported(paths, models, fmt, calibration), models[0].classes, models[0].hparams.image_size)
+        return cls(exported(paths, models, fmt, calibration))
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = np.ascontiguousarray(batch[0].cpu().numpy())
@@ -190,29 +190,26 @@ class OnnxPredictor(L.LightningModule):
 
 def main(argv: list[str] | None = None) -> int:
     """python -m chestxray.export ckpt=PATH|[A,B] [format=onnx|onnx-int8] [calibration=FOLDER] [out=FILE]"""
-    from chestxray.checkpoints import CheckpointError, check_same_preprocessing, load_checkpoint
-    from chestxray.inference import find_inputs
+    from chestxray.inference import PredictError, find_inputs, load_members
 
     cfg = OmegaConf.from_cli(argv if argv is not None else sys.argv[1:])
     if "ckpt" not in cfg:
         print(f"export: error: ckpt= is required\n{main.__doc__}", file=sys.stderr)
         return 2
-    paths = [str(p) for p in (cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]
     fmt = cfg.get("format", "onnx")
     try:
-        models = [load_checkpoint(p) for p in paths]
-        check_same_preprocessing(models, paths)
+        paths, models = load_members(cfg)
         calibration = (
             [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else []
         )
         if fmt == "onnx-int8" and not calibration:
             raise ValueError("format=onnx-int8 needs calibration=FOLDER (images like those it will predict)")
         path = exported(paths, models, fmt, calibration)
-    except (CheckpointError, ValueError) as err:
+    except (PredictError, ValueError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
     if cfg.get("out"):
-        Path(cfg.out).write_bytes(path.read_bytes())
+        shutil.copyfile(path, cfg.out)
         path = Path(cfg.out)
     print(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

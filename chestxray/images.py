@@ -266,5 +266,5 @@ def model_view(
 
 
 def load_image(path: str | os.PathLike, image_size: int, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """The model's view of a file, as HWC uint8 (for figures): decoded, upright, RGB, image_size x image_size."""
-    return model_view(read_bytes(path), path, image_size, limits).transpose(1, 2, 0)
+    """The model's view of a file: 3 x S x S uint8 (CHW), decoded, upright, RGB, resized."""
+    return model_view(read_bytes(path), path, image_size, limits)

@@ -25,16 +25,16 @@ from torch.utils.data import DataLoader, Dataset
 from chestxray import reports
 from chestxray.checkpoints import CheckpointError, check_same_preprocessing, load_checkpoint
 from chestxray.console import tidy_lightning_output
-from chestxray.distributed import gather_by_index
+from chestxray.distributed import all_gather, gather_by_index
 from chestxray.evaluation import Evaluation, ReportSettings, display_image, write_report
+from chestxray.export import Probabilities
 from chestxray.images import (
     DEFAULT_LIMITS,
     BadImageError,
     ImageLimits,
     is_image_file,
     list_images,
-    model_view,
-    read_bytes,
+    load_image,
 )
 from chestxray.model import ChestXrayClassifier
 from chestxray.store import default_workers
@@ -86,7 +86,7 @@ class FileDataset(Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int, str]:
         path = self.paths[position]
         try:
-            return torch.from_numpy(model_view(read_bytes(path), path, self.image_size, self.limits)), position, ""
+            return torch.from_numpy(load_image(path, self.image_size, self.limits)), position, ""
         except BadImageError as err:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
@@ -96,12 +96,10 @@ class Ensemble(L.LightningModule):
 
     def __init__(self, members: Sequence[ChestXrayClassifier]):
         super().__init__()
-        self.members = torch.nn.ModuleList(members)
-        self.classes = members[0].classes
-        self.image_size = members[0].hparams.image_size
+        self.net = Probabilities(members)  # the same module the ONNX export traces
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
+        return self.net(images)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0])
@@ -251,7 +249,7 @@ def predict(cfg: DictConfig) -> dict:
     required(cfg, "inputs", "an image, a folder, a glob or a list of these, e.g. inputs=scan.png")
     paths, models = load_members(cfg)
     classes, image_size = models[0].classes, models[0].hparams.image_size
-    inputs = find_inputs(OmegaConf.to_object(cfg.inputs) if isinstance(cfg.inputs, ListConfig) else cfg.inputs, classes)
+    inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
     out = Path(cfg.output_dir)
@@ -299,13 +297,7 @@ def runtime_module(
 
 
 def _gather_errors(errors: dict[int, str]) -> dict[int, str]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return errors
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, errors)
-    return {k: v for part in everyone for k, v in part.items()}
+    return {k: v for part in all_gather(errors) for k, v in part.items()}
 
 
 def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:

@@ -69,8 +69,6 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, k: int, resamples
     return {
         "auc": interval(np.array(aucs)),
         "sensitivity": [interval(sens_array[:, c]) for c in range(k)],
-        "resamples": resamples,
-        "seed": seed,
     }
 
 

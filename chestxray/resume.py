@@ -17,8 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from chestxray.checkpoints import PREPROCESSING
+
 # A checkpoint means nothing to a model that differs in these (hyper-parameter name: config key).
-MUST_MATCH = {"classes": "data.classes", "image_size": "data.image_size", "mean": "model.mean", "std": "model.std"}
+MUST_MATCH = dict(zip(PREPROCESSING, ("data.classes", "data.image_size", "model.mean", "model.std"), strict=True))
 
 
 class ResumeError(RuntimeError):
@@ -54,9 +56,7 @@ def _current_overrides() -> list[str]:
     """This command line's overrides, without resume= and Hydra's own settings."""
     if not HydraConfig.initialized():
         return []
-    return [
-        o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~").startswith(("resume", "hydra."))
-    ]
+    return [o for o in HydraConfig.get().overrides.task if not _key(o).startswith(("resume", "hydra."))]
 
 
 def _key(override: str) -> str:

@@ -117,17 +117,18 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
     return groups
 
 
-def load_split(data_dir: Path, index: Path | None, split: str, classes: Sequence[str]) -> LabelledFiles:
-    """One split of the training data, from the label file when there is one, else from DATA/<split>/<class>/."""
+def load_splits(data_dir: Path, index: Path | None, classes: Sequence[str]) -> dict[str, LabelledFiles]:
+    """Train and test, from the label file when there is one (read once), else from DATA/<split>/<class>/."""
     if index is None:
-        return scan_class_folders(data_dir / split, classes)
+        return {split: scan_class_folders(data_dir / split, classes) for split in SPLITS}
     groups = read_index(index, classes)
     if None in groups:
         raise DataError(f"data.index={index}: training needs a split column (train or test) on every row")
-    if split not in groups:
-        raise DataError(f"data.index={index}: no rows with split={split}")
-    _check_every_class(groups[split], classes)
-    return groups[split]
+    for split in SPLITS:
+        if split not in groups:
+            raise DataError(f"data.index={index}: no rows with split={split}")
+        _check_every_class(groups[split], classes)
+    return {split: groups[split] for split in SPLITS}
 
 
 def load_labelled(source: str | Path, classes: Sequence[str], setting: str) -> LabelledFiles:

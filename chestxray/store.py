@@ -23,7 +23,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,6 @@ class DecodedImages:
     paths: list[Path]
     images: ImageArray
     bad: list[BadImageError]
-    sha256: list[str] = field(default_factory=list)  # content hash of each readable file, aligned with paths
     store: Path | None = None  # the store folder, when on disk
 
 
@@ -147,10 +146,11 @@ def choose_store(mode: str, count: int, image_size: int, processes_per_machine: 
 class _Decoder:
     """Decodes files into rows of an output array, in threads; rows are handed out as images succeed."""
 
-    def __init__(self, paths: Sequence[Path], settings: DecodeSettings, out: np.ndarray):
+    def __init__(self, paths: Sequence[Path], settings: DecodeSettings, out: np.ndarray, hash_content: bool = False):
         self.paths, self.settings, self.out = paths, settings, out
         self.rows = np.full(len(paths), -1, dtype=np.int64)
-        self.sha256 = [""] * len(paths)
+        # each file's SHA-256, for a disk store's content key (read from the bytes already in memory)
+        self.sha256 = [""] * len(paths) if hash_content else None
         self.bad: dict[int, BadImageError] = {}
         self._next_row = 0
         self._lock = threading.Lock()
@@ -159,11 +159,13 @@ class _Decoder:
         path = self.paths[position]
         try:
             data = read_bytes(path)
-            self.sha256[position] = hashlib.sha256(data).hexdigest()
+            if self.sha256 is not None:
+                self.sha256[position] = hashlib.sha256(data).hexdigest()
             image = model_view(data, path, self.settings.image_size, self.settings.limits)
         except BadImageError as err:
             self.bad[position] = err
-            self.sha256[position] = self.sha256[position] or "unreadable"
+            if self.sha256 is not None:
+                self.sha256[position] = self.sha256[position] or "unreadable"
             return
         with self._lock:
             row, self._next_row = self._next_row, self._next_row + 1
@@ -179,17 +181,6 @@ class _Decoder:
         return self._next_row
 
 
-def _result(paths, decoder: _Decoder, images_of: Callable[[np.ndarray], ImageArray], store=None) -> DecodedImages:
-    good = np.flatnonzero(decoder.rows >= 0)
-    return DecodedImages(
-        [paths[i] for i in good],
-        images_of(decoder.rows[good]),
-        [decoder.bad[i] for i in sorted(decoder.bad)],
-        [decoder.sha256[i] for i in good],
-        store,
-    )
-
-
 def decode_in_memory(
     paths: Sequence[Path], settings: DecodeSettings, workers: int | None = None, progress: bool = False, what: str = ""
 ) -> DecodedImages:
@@ -199,7 +190,12 @@ def decode_in_memory(
     out = np.empty((len(paths), 3, size, size), np.uint8)
     decoder = _Decoder(paths, settings, out)
     used = decoder.run(workers or default_workers(), progress, what)
-    return _result(paths, decoder, lambda rows: ImageArray(rows, size, data=out[:used]))
+    good = np.flatnonzero(decoder.rows >= 0)
+    return DecodedImages(
+        [paths[i] for i in good],
+        ImageArray(decoder.rows[good], size, data=out[:used]),
+        [decoder.bad[i] for i in sorted(decoder.bad)],
+    )
 
 
 # --- on disk ---------------------------------------------------------------------------------------------------
@@ -250,7 +246,6 @@ def _open_store(folder: Path, paths: Sequence[Path]) -> DecodedImages:
         [paths[i] for i in good],
         ImageArray(rows[good], meta["image_size"], file=folder / "images.u8"),
         bad,
-        [meta["sha256"][i] for i in good],
         folder,
     )
 
@@ -266,7 +261,7 @@ def _build_store(
     try:
         file = tmp / "images.u8"
         out = np.memmap(file, np.uint8, "w+", shape=(max(len(paths), 1), 3, size, size))
-        decoder = _Decoder(paths, settings, out)
+        decoder = _Decoder(paths, settings, out, hash_content=True)
         used = decoder.run(workers, progress, what)
         out.flush()
         del out

@@ -20,7 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-CLASSES = ("Normal", "Covid", "Viral Pneumonia")
+from chestxray.sources import DEFAULT_CLASSES
+from chestxray.store import default_workers
+
 _BASE = 160  # anatomy is drawn at this size, then resized: fast at any output size
 
 
@@ -96,7 +98,7 @@ def make_dataset(
     size: int = 256,
     mixed: bool = True,
     seed: int = 0,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str] = DEFAULT_CLASSES,
     workers: int | None = None,
     leaks: int = 0,
 ) -> list[Path]:
@@ -123,7 +125,7 @@ def make_dataset(
                 jobs.append(
                     (str(folder / f"{split}_{i:05d}{extension}"), image_seed, label, height, width, kind, extension)
                 )
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_one, jobs, chunksize=64))

@@ -72,15 +72,15 @@ def check_writable(folder: str | os.PathLike) -> Path:
 
 
 def check_files(cfg: DictConfig) -> None:
-    """ckpt_path and model.weights_path: one clear error before any image is decoded."""
+    """ckpt_path: one clear error before any image is decoded (Lightning would read it only after setup).
+
+    model.weights_path needs no check here: building the model reads it, and that comes before any decoding too.
+    """
     from chestxray.checkpoints import read_checkpoint
-    from chestxray.model import read_vgg19_weights
     from chestxray.resume import check_fits
 
     if cfg.get("ckpt_path"):
         check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg, f"ckpt_path={cfg.ckpt_path}")
-    if cfg.model.get("weights_path"):
-        read_vgg19_weights(cfg.model.weights_path)
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:

@@ -32,7 +32,7 @@ def files(tmp_path, data_dir):
 
 
 def direct(paths, size):
-    return [load_image(p, size).transpose(2, 0, 1) for p in paths]
+    return [load_image(p, size) for p in paths]
 
 
 @pytest.mark.parametrize("mode", ["memory", "disk"])
