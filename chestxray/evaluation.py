@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,18 +143,27 @@ def gradcam_figure(ev: Evaluation, model, settings: ReportSettings) -> Figure:
     )
 
 
+def prediction_fields(classes: Sequence[str]) -> list[str]:
+    """predictions.csv's columns, the same in training's test reports and predict.py (which adds error)."""
+    return ["path", "label", "pred", *[f"prob_{c}" for c in classes]]
+
+
+def prediction_row(path: str | Path, label: str, classes: Sequence[str], probs: np.ndarray) -> dict[str, str]:
+    """One image's row of predictions.csv: the predicted class and every class's probability."""
+    row = {"path": str(path), "label": label, "pred": classes[int(probs.argmax())]}
+    return row | {f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)}
+
+
 def write_predictions(evaluation: Evaluation, path: Path) -> None:
     """Per image: path, label, pred, probabilities, leaking (what the sweep summary's paired test reads)."""
+    classes = evaluation.classes
     with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "pred", *[f"prob_{c}" for c in evaluation.classes], "leaking"])
+        writer = csv.DictWriter(fh, fieldnames=[*prediction_fields(classes), "leaking"])
+        writer.writeheader()
         for p, y, probs, leak in zip(
             evaluation.paths, evaluation.labels, evaluation.probs, evaluation.leaking, strict=True
         ):
-            label = evaluation.classes[y] if y >= 0 else ""
-            writer.writerow(
-                [p, label, evaluation.classes[int(probs.argmax())], *[f"{v:.6f}" for v in probs], int(leak)]
-            )
+            writer.writerow(prediction_row(p, classes[y] if y >= 0 else "", classes, probs) | {"leaking": int(leak)})
 
 
 def write_report(

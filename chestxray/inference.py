@@ -26,7 +26,14 @@ from chestxray import reports
 from chestxray.checkpoints import CheckpointError, check_same_preprocessing, load_checkpoint
 from chestxray.console import tidy_lightning_output
 from chestxray.distributed import all_gather, gather_by_index
-from chestxray.evaluation import Evaluation, ReportSettings, display_image, write_report
+from chestxray.evaluation import (
+    Evaluation,
+    ReportSettings,
+    display_image,
+    prediction_fields,
+    prediction_row,
+    write_report,
+)
 from chestxray.export import Probabilities
 from chestxray.images import (
     DEFAULT_LIMITS,
@@ -105,17 +112,11 @@ class Ensemble(L.LightningModule):
         return self(batch[0])
 
 
-CSV_FIELDS = ("path", "label", "pred")
-
-
 def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str) -> dict:
-    row = {"path": str(item.path), "label": classes[item.label] if item.label is not None else ""}
+    label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
-        row["pred"] = classes[int(probs.argmax())]
-        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)})
-    else:
-        row["error"] = error or "not predicted"
-    return row
+        return prediction_row(item.path, label, classes, probs)
+    return {"path": str(item.path), "label": label, "error": error or "not predicted"}
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -133,7 +134,7 @@ class PredictionWriter(BasePredictionWriter):
         self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
         self.gradcam_models, self.limits = gradcam_models, limits
         self.overlay_names: set[str] = set()
-        self.fields = [*CSV_FIELDS, *[f"prob_{c}" for c in classes], "error"]
+        self.fields = [*prediction_fields(classes), "error"]
         self.positions: list[int] = []
         self.probs: list[np.ndarray] = []
         self.errors: dict[int, str] = {}

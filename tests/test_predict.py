@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chestxray.checkpoints import CheckpointError, load_checkpoint
-from chestxray.inference import CSV_FIELDS, csv_row, find_inputs
+from chestxray.inference import csv_row, find_inputs
 from chestxray.store import DecodeSettings, decode_in_memory
 from tests.conftest import ROOT, compose_config, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
@@ -73,7 +73,7 @@ def test_streamed_csv_equals_the_all_at_once_csv_row_for_row(test_folder_predict
     with torch.inference_mode():  # the same batches of 8 (predict.py's batch_size): the same arithmetic
         images = torch.from_numpy(np.stack([decoded.images[i] for i in range(len(inputs))]))
         probs = np.concatenate([model(images[k : k + 8]).float().softmax(1).numpy() for k in range(0, len(images), 8)])
-    fields = [*CSV_FIELDS, *[f"prob_{c}" for c in model.classes], "error"]
+    fields = ["path", "label", "pred", *[f"prob_{c}" for c in model.classes], "error"]
     reference = [
         {k: str(v) for k, v in csv_row(i, model.classes, p, "").items()} for i, p in zip(inputs, probs, strict=True)
     ]
