@@ -5,9 +5,15 @@
 Every path starts from the image files on disk and ends with a class per image (predictions.csv for ours):
 the notebook's loop; predict.py with runtime=torch (fp32), with trainer.precision=bf16-mixed (torch autocast on
 the CPU), with runtime=onnx (ONNX Runtime, fp32) and with runtime=onnx-int8 (static int8, calibrated on the
-inputs). The ONNX exports are made before timing (predict.py caches them beside the checkpoint). Speed runs use a
-flat copy of the images (no class folders, so no report is drawn: only decoding, the model and the CSV);
-accuracy runs use the labelled folder. Times are medians of the repeats; ratios are against the torch path.
+inputs). The ONNX exports are made before timing (predict.py caches them beside the checkpoint). The runs use a
+flat copy of the images (no class folders, so no report is drawn: only decoding, the model and the CSV); their
+labels come from the class folders the copies were made from. The repeats go round the paths in turn, so a slow
+spell of a shared machine hits every path alike; times are medians, ratios are against the torch path.
+
+Then the ceiling: each runtime's forward pass alone on one decoded batch, as images/s and as GFLOP/s (the model's
+FLOPs counted by torch's FlopCounterMode), beside this CPU's fp32 and bf16 matrix-multiply peak measured in the same
+process. A runtime that keeps fp32 arithmetic and the direct convolution cannot beat the fp32 peak, so the table
+says how far above the torch path any fp32 runtime could go on this machine.
 
 Without --ckpt, a randomly initialised model is saved as a checkpoint first: the speed does not depend on the
 weights, but then the accuracies mean nothing (pass a trained checkpoint for the int8 accuracy change).
@@ -22,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +74,8 @@ def notebook_loop(ckpt: Path, files: list[Path]) -> list[int]:
     return preds
 
 
-def run_predict(ckpt: Path, inputs: Path, out: Path, extra: list[str]) -> list[dict]:
+def run_predict(ckpt: Path, inputs: Path, out: Path, extra: list[str]) -> dict[str, dict]:
+    """predict.py in this process; its CSV rows by file name."""
     from hydra import compose, initialize_config_dir
 
     from chestxray.inference import predict
@@ -77,16 +85,104 @@ def run_predict(ckpt: Path, inputs: Path, out: Path, extra: list[str]) -> list[d
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         predict(compose("predict", overrides=overrides))
     with open(out / "predictions.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
+        return {Path(row["path"]).name: row for row in csv.DictReader(fh)}
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
+def timeit(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each path once per round, round after round: a slow spell of the machine lands on all paths alike."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in paths.items():
+            times[name].append(timeit(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def speed_table(seconds: dict[str, float], n: int) -> None:
+    torch_s = seconds["predict.py runtime=torch"]
+    print("| path | seconds | images/s | vs torch path |\n|---|---:|---:|---:|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s:.2f} | {n / s:.2f} | {torch_s / s:.2f}x |", flush=True)
+
+
+def agreement_table(rows: dict[str, dict[str, dict]], labels: dict[str, str]) -> None:
+    """Accuracy against the class folders, and agreement with the torch path, image by image."""
+    reference = rows["predict.py runtime=torch"]
+    labelled = [name for name in reference if labels.get(name)]
+    print("\n| path | test accuracy | same class as torch | largest probability difference |\n|---|---:|---:|---:|")
+    for path, result in rows.items():
+        if result.keys() != reference.keys():
+            raise RuntimeError(f"{path} answered for other files than the torch path")
+        accuracy = sum(result[name]["pred"] == labels[name] for name in labelled) / max(len(labelled), 1)
+        same = sum(result[name]["pred"] == reference[name]["pred"] for name in reference) / len(reference)
+        diff = max(
+            abs(float(result[name][k]) - float(reference[name][k]))
+            for name in reference
+            for k in reference[name]
+            if k.startswith("prob_")
+        )
+        print(f"| {path} | {accuracy:.3f} | {same:.1%} | {diff:.2e} |")
+
+
+def matmul(dtype, size: int = 4096) -> tuple[Callable[[], object], float]:
+    """A dense size x size matrix multiply and its GFLOP: about the most any runtime gets from these cores."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return (lambda: a @ b), 2 * size**3 / 1e9
+
+
+def ceiling_table(ckpt: Path, calibration: list[Path], batch: int, repeats: int) -> None:
+    """The forward pass alone, per runtime, against the CPU's matrix-multiply peak."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from chestxray.checkpoints import load_checkpoint
+    from chestxray.export import OnnxPredictor, Probabilities, exported
+
+    model = load_checkpoint(ckpt).eval()
+    size = model.hparams.image_size
+    net = Probabilities([model]).eval()
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(images[:1])
+    gflop = counter.get_total_flops() / 1e9
+    sessions = {
+        fmt: OnnxPredictor(exported([ckpt], [model], fmt, calibration)).session for fmt in ("onnx", "onnx-int8")
+    }
+    feed = {"images": np.ascontiguousarray(images.numpy())}
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(images)
+
+    forward = {
+        "torch fp32": lambda: net(images),
+        "torch bf16 autocast": bf16,
+        "ONNX Runtime fp32": lambda: sessions["onnx"].run(None, feed),
+        "ONNX Runtime int8": lambda: sessions["onnx-int8"].run(None, feed),
+    }
+    peak = {"fp32": matmul(torch.float32), "bf16": matmul(torch.bfloat16)}
+    with torch.inference_mode():
+        for fn in [*forward.values(), *(fn for fn, _ in peak.values())]:  # warm-up
+            fn()
+        seconds = median_seconds({**forward, **{k: fn for k, (fn, _) in peak.items()}}, repeats)
+    rate = {k: flop / seconds[k] for k, (_, flop) in peak.items()}
+    print(f"\nThe forward pass alone, one batch of {batch} decoded images, {gflop:.1f} GFLOP per image; this CPU's")
+    print(f"4096 x 4096 matrix multiply in the same rounds: fp32 {rate['fp32']:.0f} GFLOP/s, bf16 {rate['bf16']:.0f}\n")
+    print("| runtime | images/s | vs torch fp32 | GFLOP/s | of the fp32 matmul rate |\n|---|---:|---:|---:|---:|")
+    for name in forward:
+        images_s, ratio = batch / seconds[name], seconds["torch fp32"] / seconds[name]
+        achieved = images_s * gflop
+        print(f"| {name} | {images_s:.2f} | {ratio:.2f}x | {achieved:.0f} | {achieved / rate['fp32']:.0%} |")
+    limit = rate["fp32"] / (batch * gflop / seconds["torch fp32"])
+    print(f"\nAt the fp32 matmul rate, the forward pass would be {limit:.2f}x the torch path's.")
 
 
 def main() -> None:
@@ -105,42 +201,24 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = tmp / "model.ckpt"  # a copy: the ONNX exports are cached beside it, not beside the original
         shutil.copy(args.ckpt or random_checkpoint(tmp, args.image_size), ckpt)
-        image_size = torch.load(ckpt, weights_only=True)["hyper_parameters"]["image_size"]
-        flat = tmp / "flat"
+        hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+        flat, labels = tmp / "flat", {}
         flat.mkdir()
         for i, f in enumerate(files):
             shutil.copy(f, flat / f"{i:05d}{f.suffix}")
-        for extra in PATHS.values():  # exports and warm-up, untimed
-            run_predict(ckpt, flat, tmp / "warm", extra)
-        seconds = {
-            "notebook loop (one image per forward, NCHW)": timed(lambda: notebook_loop(ckpt, files), args.repeats)
-        }
+            labels[f"{i:05d}{f.suffix}"] = f.parent.name if f.parent.name in hparams["classes"] else ""
+        # the first run of each path makes its export and warms up; its answers are the ones compared
+        rows = {name: run_predict(ckpt, flat, tmp / f"out{i}", extra) for i, (name, extra) in enumerate(PATHS.items())}
+        paths = {"notebook loop (one image per forward, NCHW)": lambda: notebook_loop(ckpt, files)}
         for name, extra in PATHS.items():
-            seconds[name] = timed(lambda extra=extra: run_predict(ckpt, flat, tmp / "speed", extra), args.repeats)
+            paths[name] = lambda extra=extra: run_predict(ckpt, flat, tmp / "speed", extra)
+        seconds = median_seconds(paths, args.repeats)
         n = len(files)
-        print(f"\n{n} images, {image_size} px, median of {args.repeats}, from files on disk to a class per image")
+        print(f"\n{n} images, {hparams['image_size']} px, median of {args.repeats}, from files on disk to a class each")
         print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-        torch_s = seconds["predict.py runtime=torch"]
-        print("| path | seconds | images/s | vs torch path |\n|---|---:|---:|---:|")
-        for name, s in seconds.items():
-            print(f"| {name} | {s:.2f} | {n / s:.2f} | {torch_s / s:.2f}x |", flush=True)
-        rows = {
-            name: run_predict(ckpt, args.inputs, tmp / f"labelled{i}", extra)
-            for i, (name, extra) in enumerate(PATHS.items())
-        }
-    reference = rows["predict.py runtime=torch"]
-    labelled = [r for r in reference if r["label"]]
-    print("\n| path | test accuracy | same class as torch | largest probability difference |\n|---|---:|---:|---:|")
-    for name, result in rows.items():
-        accuracy = sum(r["pred"] == r["label"] for r in result if r["label"]) / max(len(labelled), 1)
-        same = sum(a["pred"] == b["pred"] for a, b in zip(reference, result, strict=True)) / len(result)
-        diff = max(
-            abs(float(a[k]) - float(b[k]))
-            for a, b in zip(reference, result, strict=True)
-            for k in a
-            if k.startswith("prob_")
-        )
-        print(f"| {name} | {accuracy:.3f} | {same:.1%} | {diff:.2e} |")
+        speed_table(seconds, n)
+        agreement_table(rows, labels)
+        ceiling_table(ckpt, list_images(flat), batch=8, repeats=args.repeats)
 
 
 def cpu_name() -> str:
