@@ -7,13 +7,14 @@ the notebook's loop; predict.py with runtime=torch (fp32), with trainer.precisio
 the CPU), with runtime=onnx (ONNX Runtime, fp32) and with runtime=onnx-int8 (static int8, calibrated on the
 inputs). The ONNX exports are made before timing (predict.py caches them beside the checkpoint). The runs use a
 flat copy of the images (no class folders, so no report is drawn: only decoding, the model and the CSV); their
-labels come from the class folders the copies were made from. The repeats go round the paths in turn, so a slow
-spell of a shared machine hits every path alike; times are medians, ratios are against the torch path.
+labels are the ones predict.py gives the originals (the nearest folder named like a class). The repeats go round
+the paths in turn, so a slow spell of a shared machine hits every path alike; times are medians, ratios are
+against the torch path.
 
 Then the ceiling: each runtime's forward pass alone on one decoded batch, as images/s and as GFLOP/s (the model's
 FLOPs counted by torch's FlopCounterMode), beside a 4096 x 4096 fp32 and bf16 matrix multiply timed in the same
-rounds: the best case for these cores. Runtimes that keep fp32 arithmetic and direct convolutions do not get far
-past that rate, so the last line says about how far above the torch path an fp32 runtime could go on this machine.
+rounds: a reference for what these cores do in fp32 at best, not a hard peak (it moves between runs, and a
+convolution kernel can pass it by a little). The last line says how close the torch path's fp32 forward pass is.
 
 Without --ckpt, a randomly initialised model is saved as a checkpoint first: the speed does not depend on the
 weights, but then the accuracies mean nothing (pass a trained checkpoint for the int8 accuracy change).
@@ -42,10 +43,12 @@ PATHS = {
 
 
 def random_checkpoint(folder: Path, image_size: int) -> Path:
+    """VGG19 with random weights (seeded, so that its accuracies and agreements repeat) saved as a checkpoint."""
     import torch
 
     from chestxray.model import ChestXrayClassifier
 
+    torch.manual_seed(0)
     model = ChestXrayClassifier(["Normal", "Covid", "Viral Pneumonia"], image_size, pretrained=False)
     path = folder / "random.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
@@ -130,7 +133,7 @@ def agreement_table(rows: dict[str, dict[str, dict]], labels: dict[str, str]) ->
 
 
 def matmul(dtype, size: int = 4096) -> tuple[Callable[[], object], float]:
-    """A dense size x size matrix multiply and its GFLOP: about the most any runtime gets from these cores."""
+    """A dense size x size matrix multiply and its GFLOP: the reference rate for dense arithmetic on these cores."""
     import torch
 
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -181,8 +184,8 @@ def ceiling_table(ckpt: Path, calibration: list[Path], batch: int, repeats: int)
         images_s, ratio = batch / seconds[name], seconds["torch fp32"] / seconds[name]
         achieved = images_s * gflop
         print(f"| {name} | {images_s:.2f} | {ratio:.2f}x | {achieved:.0f} | {achieved / rate['fp32']:.0%} |")
-    limit = rate["fp32"] / (batch * gflop / seconds["torch fp32"])
-    print(f"\nAt the fp32 matmul rate, the forward pass would be {limit:.2f}x the torch path's.")
+    share = batch * gflop / seconds["torch fp32"] / rate["fp32"]
+    print(f"\ntorch's fp32 forward pass runs at {share:.0%} of the fp32 matmul rate measured beside it.")
 
 
 def main() -> None:
@@ -195,18 +198,20 @@ def main() -> None:
     import torch
 
     from chestxray.images import list_images
+    from chestxray.inference import find_inputs
 
-    files = list_images(args.inputs, recursive=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = tmp / "model.ckpt"  # a copy: the ONNX exports are cached beside it, not beside the original
         shutil.copy(args.ckpt or random_checkpoint(tmp, args.image_size), ckpt)
         hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
-        flat, labels = tmp / "flat", {}
+        inputs = find_inputs(str(args.inputs), hparams["classes"])  # the labels predict.py would give them
+        files, flat, labels = [i.path for i in inputs], tmp / "flat", {}
         flat.mkdir()
-        for i, f in enumerate(files):
-            shutil.copy(f, flat / f"{i:05d}{f.suffix}")
-            labels[f"{i:05d}{f.suffix}"] = f.parent.name if f.parent.name in hparams["classes"] else ""
+        for k, item in enumerate(inputs):
+            name = f"{k:05d}{item.path.suffix}"
+            shutil.copy(item.path, flat / name)
+            labels[name] = hparams["classes"][item.label] if item.label is not None else ""
         # the first run of each path makes its export and warms up; its answers are the ones compared
         rows = {name: run_predict(ckpt, flat, tmp / f"out{i}", extra) for i, (name, extra) in enumerate(PATHS.items())}
         paths = {"notebook loop (one image per forward, NCHW)": lambda: notebook_loop(ckpt, files)}
