@@ -91,18 +91,14 @@ def run_predict(ckpt: Path, inputs: Path, out: Path, extra: list[str]) -> dict[s
         return {Path(row["path"]).name: row for row in csv.DictReader(fh)}
 
 
-def timeit(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def median_seconds(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Each path once per round, round after round: a slow spell of the machine lands on all paths alike."""
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
-            times[name].append(timeit(fn))
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
