@@ -1,6 +1,4 @@
-"""Predict with a trained checkpoint: python predict.py ckpt=PATH inputs=PATH, see README.md."""
-
-import sys
+"""Predict with a trained checkpoint: python predict.py ckpt=PATH inputs=PATH; python predict.py --help."""
 
 import hydra
 from omegaconf import DictConfig
@@ -10,16 +8,14 @@ import chestxray  # noqa: F401 - registers the config resolvers
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from chestxray.inference import PredictError, predict
-    from chestxray.interrupt import run_until_signal
+    from chestxray.console import run_entry_point, say
+    from chestxray.inference import predict
 
-    try:
-        summary = run_until_signal("predict.py", lambda: predict(cfg), f"the finished rows are in {cfg.output_dir}")
-    except PredictError as err:
-        print(f"predict.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    summary = run_entry_point(
+        "predict.py", lambda: predict(cfg), cfg.paths.output_dir, stopped=f"the finished rows are in {cfg.output_dir}"
+    )
     if summary:
-        print(
+        say(
             f"predicted {summary['predicted']} image(s), {summary['errors']} unreadable; "
             f"outputs in {summary['output_dir']}"
         )

@@ -1,24 +1,23 @@
-"""Train the chest X-ray classifier: python train.py [overrides], see README.md and conf/train.yaml."""
-
-import sys
+"""Train the chest X-ray classifier: python train.py [overrides]; python train.py --help."""
 
 import hydra
 from omegaconf import DictConfig
 
-import chestxray  # noqa: F401 - registers the config resolvers (resume=RUN_DIR runs in RUN_DIR)
+import chestxray  # noqa: F401 - registers the config resolvers (a new folder per run; resume=RUN_DIR runs in RUN_DIR)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from chestxray.interrupt import run_until_signal
-    from chestxray.training import train, user_errors
+    from chestxray.console import run_entry_point
+    from chestxray.training import train
 
-    stopped = f"resume with: python train.py resume={cfg.paths.output_dir}"
-    try:
-        return run_until_signal("train.py", lambda: train(cfg), stopped)
-    except user_errors() as err:
-        print(f"train.py: error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(2)
+    return run_entry_point(
+        "train.py",
+        lambda: train(cfg),
+        cfg.paths.output_dir,
+        stopped=f"resume with: python train.py resume={cfg.paths.output_dir}",
+        fresh_folder=not cfg.get("resume"),
+    )
 
 
 if __name__ == "__main__":

@@ -88,12 +88,12 @@ def role_baseline_loader(args) -> dict:
 def role_baseline_epoch(args) -> dict:
     import torch
 
-    from chestxray.model import build_vgg19
+    from chestxray.backbones import build_network
 
     torch.manual_seed(2022)
     device = torch.device(args.device)
     train, val = notebook_loaders(Path(args.data), args.image_size)
-    model = build_vgg19(3, pretrained=False).to(device)
+    model = build_network("vgg19", 3, pretrained=False).to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -138,7 +138,7 @@ def compose_train(args, *overrides: str):
         "trainer.num_sanity_val_steps=0",
         "test=false",
         "callbacks.progress_bar.refresh_rate=0",
-        "callbacks.run_reports=null",
+        "callbacks.run_figures=null",
         f"paths.output_dir={args.out}",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -169,7 +169,7 @@ def role_ours_loader(args) -> dict:
     batches = [4] if args.device == "cpu" else [4, args.large_batch]
     for batch in batches:
         for channels_last in (False, True):
-            for bf16 in (False, True) if args.device == "cuda" else (False,):
+            for bf16 in (False, True):
                 name = f"model_alone_ips_b{batch}_{'cl' if channels_last else 'nchw'}{'_bf16' if bf16 else ''}"
                 result[name] = model_alone(args, batch, channels_last, bf16)
     return result
@@ -236,7 +236,21 @@ def run_ours(args, *overrides: str) -> tuple[list[dict], object]:
 
 
 def role_ours_epoch(args) -> dict:
-    epochs, dm = run_ours(args, "trainer.max_epochs=1", f"model.channels_last={args.channels_last}")
+    overrides = ["trainer.max_epochs=1", f"model.channels_last={args.channels_last}", "trainer.precision=32-true"]
+    epochs, dm = run_ours(args, *overrides)
+    e = epochs[0]
+    n_train = len(dm.datasets["train"]) // 4 * 4
+    return {
+        "train_ips": n_train / (e["val_start"] - e["start"]),
+        "val_ips": len(dm.datasets["val"]) / (e["val_end"] - e["val_start"]),
+        "epoch_s": e["val_end"] - e["start"],
+    }
+
+
+def role_ours_epoch_bf16(args) -> dict:
+    """The same epoch in bf16 autocast (trainer.precision=bf16-mixed): oneDNN's AMX kernels on CPUs that have them."""
+    overrides = ["trainer.max_epochs=1", f"model.channels_last={args.channels_last}", "trainer.precision=bf16-mixed"]
+    epochs, dm = run_ours(args, *overrides)
     e = epochs[0]
     n_train = len(dm.datasets["train"]) // 4 * 4
     return {
@@ -270,13 +284,77 @@ def role_ours_frozen(args) -> dict:
     return {"first_epoch_s": times[0], "later_epoch_s": statistics.median(times[1:]), "ten_epochs_s": sum(times)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name, its core count, and whether it has AMX (what makes bf16 pay)."""
+    import platform
+
+    import torch
+
+    with open("/proc/cpuinfo") as fh:
+        model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    return f"{model or platform.processor()}, {os.cpu_count()} cores, {amx}"
+
+
+def role_accuracy(args) -> dict:
+    """One training run at --precision and --seed (the recipe of experiment=quickstart on --data), its numbers."""
+    from chestxray.training import train
+
+    overrides = [
+        "experiment=quickstart",
+        f"seed={args.seed}",
+        f"trainer.precision={args.precision}",
+        f"trainer.max_epochs={args.accuracy_epochs}",
+        "trainer.deterministic=true",
+        "report.bootstrap_resamples=0",
+        "report.gradcam_tiles=0",
+    ]
+    cfg = compose_train(args, *overrides)
+    train(cfg)
+    results = json.loads((Path(args.out) / "results.json").read_text())["metrics"]
+    return {k: results[k] for k in ("val/acc_best", "test/acc", "test/acc_leak_free")}
+
+
+def accuracy_over_seeds(args) -> None:
+    """fp32 and bf16-mixed training, the same seeds and data: is the difference within the seeds' spread?"""
+    rows = {}
+    for precision in ("32-true", "bf16-mixed"):
+        for k in range(args.accuracy_seeds):
+            seed = args.seed + k
+            cmd = [sys.executable, __file__, "--role", "accuracy", "--data", args.data]
+            cmd += ["--image-size", str(args.image_size), "--device", args.device, "--seed", str(seed)]
+            cmd += ["--precision", precision, "--accuracy-epochs", str(args.accuracy_epochs)]
+            cmd += ["--out", str(Path(args.out) / f"accuracy-{precision}-{seed}")]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-4000:])
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+            rows[(precision, seed)] = {**json.loads(line[len("RESULT ") :]), "process_s": time.perf_counter() - start}
+            print(f"  {precision} seed {seed}: {rows[(precision, seed)]}", file=sys.stderr, flush=True)
+    print(f"\n{cpu_name()}; {args.image_size} px, experiment=quickstart, {args.accuracy_epochs} epochs\n")
+    keys = ["val/acc_best", "test/acc", "test/acc_leak_free", "process_s"]
+    print("| precision | seed | " + " | ".join(keys) + " |\n|---|---:|" + "---:|" * len(keys))
+    for (precision, seed), row in rows.items():
+        print(f"| {precision} | {seed} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    for precision in ("32-true", "bf16-mixed"):
+        cells = []
+        for key in keys:
+            values = [row[key] for (p, _), row in rows.items() if p == precision]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
+        print(f"| {precision} | mean ± sd | " + " | ".join(cells) + " |")
+
+
 ROLES = {
     "baseline-loader": role_baseline_loader,
     "baseline-epoch": role_baseline_epoch,
     "ours-loader": role_ours_loader,
     "ours-epoch": role_ours_epoch,
     "ours-frozen": role_ours_frozen,
+    "ours-epoch-bf16": role_ours_epoch_bf16,
     "ours-epoch-large": role_ours_epoch_large,  # --device cuda only
+    "accuracy": role_accuracy,  # --accuracy-seeds only
 }
 
 
@@ -314,6 +392,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark"))
     parser.add_argument("--model-steps", type=int, default=5)
     parser.add_argument("--role", choices=sorted(ROLES))
+    parser.add_argument(
+        "--accuracy-seeds", type=int, default=0, help="instead: fp32 against bf16-mixed accuracy over this many seeds"
+    )
+    parser.add_argument("--accuracy-epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
     if args.role:
         return child(args)
@@ -321,9 +405,13 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"benchmark: {args.data}, {args.image_size} px, device {device_name}", file=sys.stderr)
-    roles = [r for r in ROLES if args.device == "cuda" or r != "ours-epoch-large"]
+    if args.accuracy_seeds:
+        return accuracy_over_seeds(args)
+    print(f"CPU: {cpu_name()}", file=sys.stderr)
+    roles = [r for r in ROLES if (args.device == "cuda" or r != "ours-epoch-large") and r != "accuracy"]
     r = {role: run_child(args, role) for role in roles}
     b_load, b_ep, o_load, o_ep, o_fr = (r[k] for k in roles[:5])
+    o_bf = r["ours-epoch-bf16"]
     ten_baseline = 10 * b_ep["epoch_s"]
     rows = [
         ("loader, cold (first epoch), images/s", b_load["cold_ips"], o_load["cold_ips"], "higher"),
@@ -332,12 +420,15 @@ def main() -> None:
         ("evaluation, images/s", b_ep["val_ips"], o_ep["val_ips"], "higher"),
         ("one epoch (train + validate), s", b_ep["epoch_s"], o_ep["epoch_s"], "lower"),
         ("one epoch as a whole process, s", b_ep["process_s"], o_ep["process_s"], "lower"),
+        ("training at batch 4, bf16-mixed, images/s", b_ep["train_ips"], o_bf["train_ips"], "higher"),
+        ("one epoch, bf16-mixed (train + validate), s", b_ep["epoch_s"], o_bf["epoch_s"], "lower"),
+        ("one epoch as a whole process, bf16-mixed, s", b_ep["process_s"], o_bf["process_s"], "lower"),
         ("freeze=features: first epoch, s", b_ep["epoch_s"], o_fr["first_epoch_s"], "lower"),
         ("freeze=features: a later epoch, s", b_ep["epoch_s"], o_fr["later_epoch_s"], "lower"),
         ("freeze=features: 10 epochs, s (baseline 10 x 1)", ten_baseline, o_fr["ten_epochs_s"], "lower"),
         ("peak RSS of the epoch process, MB", b_ep["peak_rss_mb"], o_ep["peak_rss_mb"], "lower"),
     ]
-    print(f"\n{device_name}, {args.image_size} px\n")
+    print(f"\n{device_name if args.device == 'cuda' else cpu_name()}, {args.image_size} px\n")
     print("| measurement | notebook | chestxray | speed-up (baseline / ours) |\n|---|---:|---:|---:|")
     for name, base, ours, better in rows:
         ratio = base / ours if better == "lower" else ours / base

@@ -51,7 +51,10 @@ def random_checkpoint(folder: Path, image_size: int) -> Path:
     torch.manual_seed(0)
     model = ChestXrayClassifier(["Normal", "Covid", "Viral Pneumonia"], image_size, pretrained=False)
     path = folder / "random.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    import lightning
+
+    saved = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save({**saved, "pytorch-lightning_version": lightning.__version__}, path)
     return path
 
 
@@ -61,9 +64,9 @@ def notebook_loop(ckpt: Path, files: list[Path]) -> list[int]:
     import torch
     from torchvision import transforms
 
-    from chestxray.checkpoints import load_checkpoint
+    from chestxray.checkpoints import load_model
 
-    model = load_checkpoint(ckpt)
+    model = load_model(ckpt)
     model.net.to(memory_format=torch.contiguous_format)  # the notebook's plain NCHW model
     size = model.hparams.image_size
     transform = transforms.Compose(
@@ -142,10 +145,11 @@ def ceiling_table(ckpt: Path, calibration: list[Path], batch: int, repeats: int)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from chestxray.checkpoints import load_checkpoint
-    from chestxray.export import OnnxPredictor, Probabilities, exported
+    from chestxray.checkpoints import load_model
+    from chestxray.export import OnnxPredictor, exported
+    from chestxray.model import Probabilities
 
-    model = load_checkpoint(ckpt).eval()
+    model = load_model(ckpt).eval()
     size = model.hparams.image_size
     net = Probabilities([model]).eval()
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
@@ -194,7 +198,7 @@ def main() -> None:
     import torch
 
     from chestxray.images import list_images
-    from chestxray.inference import find_inputs
+    from chestxray.sources import find_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
+from chestxray.errors import DataError
+from chestxray.files import atomic_write
 from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
-from chestxray.sources import DEFAULT_CLASSES, SPLITS, DataError, read_index, scan_class_folders
-from chestxray.store import bounded_map, default_workers
+from chestxray.parallel import available_cpus, bounded_map
+from chestxray.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
 
 WHOLE = "all"  # the split name of a dataset without train/test splits
 
@@ -93,7 +95,7 @@ def scan(data: Path, classes=DEFAULT_CLASSES) -> list[FileRecord]:
     def one(i: int) -> None:
         records[i] = inspect_file(*jobs[i])
 
-    for _ in bounded_map(one, range(len(jobs)), default_workers()):
+    for _ in bounded_map(one, range(len(jobs)), available_cpus()):
         pass
     return records
 
@@ -299,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["warnings"] = [str(w.message) for w in caught]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "audit.json").write_text(json.dumps(report, indent=2))
-    (args.out / "audit.md").write_text(to_markdown(report))
+    atomic_write(args.out / "audit.json", json.dumps(report, indent=2))
+    atomic_write(args.out / "audit.md", to_markdown(report))
     _print_summary(report, time.perf_counter() - start, args.out)
     return 0
 

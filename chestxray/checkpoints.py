@@ -1,26 +1,36 @@
-"""Reading checkpoints safely (torch.load(weights_only=True)), with one clear line when a file is not one of ours."""
+"""Checkpoints read safely (torch.load(weights_only=True)), loaded by Lightning, and one clear line when a file is
+not one of ours or does not fit what it is used for."""
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from chestxray.errors import CheckpointError
 from chestxray.model import ChestXrayClassifier
 
-# What must agree between checkpoints that are averaged, or between a run and the checkpoint it resumes from.
-PREPROCESSING = ("classes", "image_size", "mean", "std")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message names the setting, the file and what is wrong."""
+# What members of an ensemble must share (each applies its own normalisation and backbone inside the graph).
+ENSEMBLE_KEYS = ("classes", "image_size")
+# What a run continued from a checkpoint must share with it (hyper-parameter: the config key that sets it).
+RESUME_KEYS = {
+    "classes": "data.classes",
+    "image_size": "data.image_size",
+    "mean": "model.mean",
+    "std": "model.std",
+    "backbone": "model.backbone",
+}
+# Loading for prediction: no ImageNet download, no compile, no feature cache.
+INFERENCE = {"pretrained": False, "weights_path": None, "compile": False, "cache_features": False}
 
 
 def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:
-    """The checkpoint's dict, loaded without running any code from the file."""
+    """The checkpoint's dict, loaded without running any code from the file, with its hyper-parameters checked."""
     path = Path(path)
     where = f"{setting}={path}"
     if not path.is_file():
@@ -46,40 +56,59 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "classes" not in hparams or "state_dict" not in checkpoint:
         raise CheckpointError(f"{where}: not a chestxray checkpoint (no state_dict with class names in it)")
+    if "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(f"{where}: not a checkpoint written by Lightning (no pytorch-lightning_version in it)")
+    known = set(inspect.signature(ChestXrayClassifier.__init__).parameters) - {"self"}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{where}: its hyper_parameters have setting(s) this version does not know: {', '.join(unknown)} "
+            "(written by another version of chestxray?)"
+        )
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict, path: str | Path = "", setting: str = "ckpt") -> ChestXrayClassifier:
-    """The network from the checkpoint's own hyper-parameters and weights (no ImageNet download, no compile)."""
-    hparams = {**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None, "cache_features": False}
-    hparams["compile"] = False
-    model = ChestXrayClassifier(**hparams)
-    weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:
+    """The trained classifier of a checkpoint, in eval mode on the CPU: Lightning's load_from_checkpoint with
+    weights_only=True, after read_checkpoint has said in one line what is wrong with a file that is not one."""
+    read_checkpoint(path, setting)
     try:
-        model.load_state_dict(weights, strict=False)
-        missing = [k for k in model.state_dict() if k.startswith("net.") and k not in weights]
-        if missing:
-            raise RuntimeError(f"missing {len(missing)} weights, e.g. {missing[:3]}")
+        model = ChestXrayClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, **INFERENCE)
     except RuntimeError as err:
+        detail = str(err).strip().splitlines()[0][:300]
         raise CheckpointError(
-            f"{setting}={path}: weights do not fit the model its hyper-parameters describe: {err}"
+            f"{setting}={path}: its weights do not fit the model its hyper-parameters describe ({detail})"
         ) from None
     return model.eval()
 
 
-def load_checkpoint(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:
-    return model_from_checkpoint(read_checkpoint(path, setting), path, setting)
+def mismatches(saved: Mapping[str, Any], wanted: Mapping[str, tuple[str, Any]]) -> list[str]:
+    """'<setting>=<value> but the checkpoint has <saved value>' for each hyper-parameter that differs.
+
+    `wanted` maps a hyper-parameter to (the setting that gives it, its value); a checkpoint older than a
+    hyper-parameter has the model's default for it.
+    """
+    defaults = {k: p.default for k, p in inspect.signature(ChestXrayClassifier.__init__).parameters.items()}
+    differ = []
+    for key, (setting, value) in wanted.items():
+        have = saved.get(key, defaults.get(key))
+        if _plain(have) != _plain(value):
+            differ.append(f"{setting}={value} but the checkpoint has {have}")
+    return differ
 
 
-def preprocessing_of(model: ChestXrayClassifier) -> dict:
-    return {key: model.hparams[key] for key in PREPROCESSING}
+def _plain(value):
+    if isinstance(value, list | tuple):
+        return [float(v) if isinstance(v, int | float) else v for v in value]
+    return value
 
 
-def check_same_preprocessing(models: Sequence[ChestXrayClassifier], paths: Sequence[str | Path]) -> None:
-    """Checkpoints averaged together must have the same classes, image size and normalisation."""
-    first = preprocessing_of(models[0])
-    for model, path in zip(models[1:], paths[1:], strict=True):
-        other = preprocessing_of(model)
-        differ = [f"{k}: {first[k]} vs {other[k]}" for k in PREPROCESSING if first[k] != other[k]]
+def load_models(paths: Sequence[str | Path], setting: str = "ckpt") -> list[ChestXrayClassifier]:
+    """The members of an ensemble (or one model): each loaded, all predicting the same classes at one image size."""
+    models = [load_model(p, setting) for p in paths]
+    first = models[0].hparams
+    for path, model in zip(paths[1:], models[1:], strict=True):
+        differ = mismatches(model.hparams, {k: (f"{k} of {paths[0]}", first[k]) for k in ENSEMBLE_KEYS})
         if differ:
-            raise CheckpointError(f"ckpt={path} cannot be averaged with {paths[0]}: they differ in {'; '.join(differ)}")
+            raise CheckpointError(f"{setting}={path} cannot be averaged with {paths[0]}: {'; '.join(differ)}")
+    return models

@@ -25,3 +25,41 @@ def tidy_lightning_output() -> None:
         if not any(isinstance(f, _NoProductTips) for f in logger.filters):
             logger.addFilter(_NoProductTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def to_log_files(text: str, level: int = logging.INFO) -> None:
+    """Write text into the run's log file(s) (Hydra's file handler), not to the console: for what is printed plainly
+    on stdout or stderr and also belongs in the run's log."""
+    record = logging.LogRecord("chestxray", level, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def say(text: str) -> None:
+    """Print text on stdout as it is (answers, reports) and keep it in the run's log."""
+    print(text, flush=True)
+    to_log_files(text)
+
+
+def run_entry_point(program: str, work, run_folder: str, stopped: str, fresh_folder: bool = True):
+    """Run an entry point's work in its run folder, which it holds for the run: a UserError is one line on stderr
+    and in the run's log, exit status 2, and a run refused before any work leaves only that log; SIGTERM and Ctrl-C
+    stop it with 143 and 130 (chestxray.interrupt)."""
+    import sys
+
+    from chestxray.errors import UserError
+    from chestxray.interrupt import run_until_signal
+    from chestxray.runs import claim, discard_if_empty
+
+    log_name = f"{program.removesuffix('.py')}.log"
+    try:
+        with claim(run_folder, resuming=not fresh_folder):
+            return run_until_signal(program, work, stopped)
+    except UserError as err:
+        message = f"{program}: error: {type(err).__name__}: {err}"
+        print(message, file=sys.stderr, flush=True)
+        to_log_files(message, logging.ERROR)
+        if fresh_folder:
+            discard_if_empty(run_folder, keep=log_name)
+        sys.exit(2)

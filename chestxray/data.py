@@ -18,18 +18,12 @@ from torchvision.transforms import v2
 
 from chestxray import duplicates
 from chestxray.distributed import world_size
+from chestxray.errors import DataError
 from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
-from chestxray.sources import (
-    DEFAULT_CLASSES,
-    SPLITS,
-    DataError,
-    LabelledFiles,
-    ensure_dataset,
-    load_labelled,
-    load_splits,
-)
+from chestxray.parallel import available_cpus
+from chestxray.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
 from chestxray.splits import holdout, kfold
-from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images, default_workers
+from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +67,34 @@ def train_transform() -> v2.Transform:
 
 
 class ImageDataset(Dataset):
-    """Decoded uint8 images with labels; an item is (image 3 x S x S, label, position in this dataset).
+    """Decoded uint8 images with labels; an item is (image 3 x S x S, label, position in this dataset, leaking),
+    where leaking says the image duplicates a train image (test and evaluation sets; False elsewhere).
 
     Normalisation happens in the model, on the model's device.
     """
 
-    def __init__(self, paths: Sequence[Path], images: ImageArray, labels: Sequence[int], transform=None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        images: ImageArray,
+        labels: Sequence[int],
+        transform=None,
+        leaking: np.ndarray | None = None,
+    ):
         self.paths = list(paths)
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
+        self.leaking = torch.zeros(len(self.paths), dtype=torch.bool) if leaking is None else torch.as_tensor(leaking)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         image = torch.from_numpy(self.images[index])
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.labels[index], index
+        return image, self.labels[index], index, self.leaking[index]
 
     def subset(self, positions: np.ndarray, transform=None) -> ImageDataset:
         return ImageDataset(
@@ -142,7 +145,9 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.datasets: dict[str, ImageDataset] = {}  # train, val
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
         self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image
+        self.shared_with_test: dict[str, int] = {}  # per evaluation set: images the test folder has too
         self.skipped: list[BadImageError] = []
+        self._warned_workers = False
         self._listed: dict[str, LabelledFiles] | None = None
 
     # --- preparing: once per machine --------------------------------------------------------------------------
@@ -200,8 +205,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             sets["train"] = self._check_leakage(sets)
         for name, (decoded, labels) in sets.items():
             if name != "train":
-                self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels)
                 self.leaking.setdefault(name, np.zeros(len(labels), bool))
+                self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels, leaking=self.leaking[name])
         decoded, labels = sets["train"]
         train = ImageDataset(decoded.paths, decoded.images, labels)
         fit, val = self._split(labels)
@@ -240,6 +245,14 @@ class ChestXrayDataModule(L.LightningDataModule):
         drop = self.hparams.drop_leaking
         for name, decoded in others.items():  # with the train copies dropped, nothing leaks any more
             self.leaking[name] = leaks.mask(name, decoded.paths) & (not drop)
+        self.shared_with_test = leaks.shared_with_test
+        for name, count in leaks.shared_with_test.items():
+            if count:
+                warnings.warn(
+                    f"evaluation set {name} shares {count} of its {len(others[name].paths)} images with the test "
+                    "folder (identical or near-duplicate): its numbers are not those of another set",
+                    stacklevel=2,
+                )
         if not leaks.train:
             return train, train_labels
         report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None
@@ -258,10 +271,17 @@ class ChestXrayDataModule(L.LightningDataModule):
         return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def _num_workers(self) -> int:
-        """auto: none on CPU (the images are decoded already; workers would take cores from the model), 4 on CUDA."""
-        workers = self.hparams.num_workers
+        """auto: none on CPU (the images are decoded already; workers would take cores from the model), 4 on CUDA.
+        Never more than the cores this process may use: more workers only thrash."""
+        workers, cores = self.hparams.num_workers, available_cpus()
         if workers == "auto":
-            return min(4, default_workers()) if self._on_cuda() else 0
+            return min(4, cores) if self._on_cuda() else 0
+        if int(workers) > cores:
+            if not self._warned_workers:
+                self._warned_workers = True
+                message = f"data.num_workers={workers}: this machine has {cores} cores for this run; using {cores}"
+                warnings.warn(message, stacklevel=2)
+            return cores
         return int(workers)
 
     def _loader(self, dataset: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:

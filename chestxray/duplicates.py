@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from chestxray.files import atomic_write, atomic_writer
 from chestxray.images import DEFAULT_LIMITS, BadImageError, ImageLimits, read_image
-from chestxray.store import DecodedImages, bounded_map, default_workers
+from chestxray.parallel import available_cpus, bounded_map
+from chestxray.store import DecodedImages
 
 HASH_SIZE = 16
 HASH_BYTES = HASH_SIZE * HASH_SIZE // 8
@@ -63,24 +66,32 @@ def hash_files(paths: Sequence[Path], limits: ImageLimits = DEFAULT_LIMITS) -> t
         except BadImageError:
             pass
 
-    for _ in bounded_map(one, range(len(paths)), default_workers()):
+    for _ in bounded_map(one, range(len(paths)), available_cpus()):
         pass
     return hashes, ok
 
 
 def hash_decoded(decoded: DecodedImages, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of a decoded set's readable files and which could be hashed; kept in its on-disk store, if it has
-    one, for the next run (only when every file could be: a file that failed now may be readable next time)."""
-    cache = decoded.store / "phash.npy" if decoded.store is not None else None
+    one, for the next run (only when every file could be: a file that failed now may be readable next time), with
+    their CRC-32 beside them, so that hashes that are not those written are computed again."""
+    cache = decoded.store / "phash.u8" if decoded.store is not None else None
     if cache is not None and cache.exists():
-        hashes = np.load(cache)
-        if hashes.shape == (len(decoded.paths), HASH_BYTES):
-            return hashes, np.ones(len(hashes), bool)
+        try:
+            data = cache.read_bytes()
+            proof = int(cache.with_suffix(".crc32").read_text())
+            if zlib.crc32(data) == proof and len(data) == len(decoded.paths) * HASH_BYTES:
+                hashes = np.frombuffer(data, np.uint8).reshape(-1, HASH_BYTES).copy()
+                return hashes, np.ones(len(hashes), bool)
+        except (OSError, ValueError):
+            pass
     hashes, ok = hash_files(decoded.paths, limits)
     if cache is not None and ok.all():
-        tmp = cache.with_name(f".phash.{os.getpid()}.npy")
-        np.save(tmp, hashes)
-        os.replace(tmp, cache)
+        try:
+            atomic_write(cache, hashes.tobytes())
+            atomic_write(cache.with_suffix(".crc32"), str(zlib.crc32(hashes.tobytes())))
+        except OSError:
+            pass  # a read-only cache: hashed again next time
     return hashes, ok
 
 
@@ -120,6 +131,7 @@ class Leaks:
 
     pairs: dict[str, list[NearPair]]
     train: set[Path]  # the train side of every pair
+    shared_with_test: dict[str, int]  # per evaluation set: how many of its images the test folder has too
 
     def mask(self, name: str, paths: Sequence[Path]) -> np.ndarray:
         """Which of a set's images duplicate a train image."""
@@ -149,10 +161,14 @@ def find_leaks(
         return [p for p, good in zip(decoded.paths, ok, strict=True) if good], hashes[ok]
 
     train_paths, train_hashes = hashed(train)
-    pairs = {
-        name: near_pairs(train_paths, train_hashes, *hashed(decoded), threshold) for name, decoded in others.items()
+    sets = {name: hashed(decoded) for name, decoded in others.items()}
+    pairs = {name: near_pairs(train_paths, train_hashes, *found, threshold) for name, found in sets.items()}
+    shared = {  # an evaluation set that is the test folder, or a copy of it, is not another set
+        name: len({p.train for p in near_pairs(*found, *sets["test"], threshold)})
+        for name, found in sets.items()
+        if name != "test" and "test" in sets
     }
-    return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs})
+    return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs}, shared)
 
 
 def write_leakage_report(
@@ -162,10 +178,10 @@ def write_leakage_report(
     if out_dir is None:
         return None
     path = Path(out_dir) / "leakage.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = {
         name: [{**asdict(p), "train": str(p.train), "test": str(p.test)} for p in set_pairs]
         for name, set_pairs in pairs.items()
     }
-    path.write_text(json.dumps({"threshold_bits": threshold, "pairs": rows}, indent=2))
+    with atomic_writer(path) as fh:
+        json.dump({"threshold_bits": threshold, "pairs": rows}, fh, indent=2)
     return path

@@ -1,7 +1,9 @@
 """One result type for every evaluation (trainer.test on each set, predict.py) and the report written from it.
 
-An Evaluation holds only per-image probabilities with paths and labels; figures re-read the few images they show,
-so a report costs the same memory for 66 images or 100,000.
+An Evaluation holds per-image probabilities with paths and labels, and (from trainer.test) the numbers the module's
+metric collections computed; predict.py's numbers come from the same collections over its whole arrays
+(chestxray.metrics.evaluate). Figures re-read the few images they show, so a report costs the same memory for 66
+images or 100,000.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
-from matplotlib.figure import Figure
 
-from chestxray import reports
-from chestxray.images import DEFAULT_LIMITS, BadImageError, ImageLimits, load_image, read_image
+from chestxray import figures, metrics
+from chestxray.files import atomic_write, atomic_writer
+from chestxray.images import DEFAULT_LIMITS, BadImageError, ImageLimits, display_image
 
-DISPLAY_SIDE = 256  # short side of gallery and Grad-CAM images, whatever the model's input size
+SMALL_SET = 10  # below this many labelled images a report prints each answer and the accuracy, no per-class table
 
 
 @dataclass(frozen=True)
@@ -42,105 +42,55 @@ class Evaluation:
     classes: list[str]
     paths: list[Path]
     labels: np.ndarray
-    probs: np.ndarray
+    probs: np.ndarray  # what the model answers (calibrated, when it is)
     leaking: np.ndarray  # duplicates of a train image (near-duplicate or identical), per the leakage check
+    numbers: dict | None = None  # {"all", "leak_free", "uncalibrated"} from the module's metric collections
+    raw_probs: np.ndarray | None = None  # before temperature scaling, when the model was calibrated
+    temperature: float | None = None  # the fitted temperature, when the model was calibrated
+    shares_with_test: int | None = None  # images this evaluation set shares with the test folder
 
     @property
     def preds(self) -> np.ndarray:
         return self.probs.argmax(1)
 
-    def select(self, mask: np.ndarray) -> Evaluation:
-        keep = np.flatnonzero(mask)
-        return Evaluation(
-            self.name,
-            self.classes,
-            [self.paths[i] for i in keep],
-            self.labels[keep],
-            self.probs[keep],
-            self.leaking[keep],
-        )
+    def _numbers(self, labels: np.ndarray, probs: np.ndarray, leaking: np.ndarray) -> dict:
+        return {
+            "all": metrics.evaluate(labels, probs, self.classes),
+            "leak_free": metrics.evaluate(labels[~leaking], probs[~leaking], self.classes),
+        }
 
     def metrics(self, settings: ReportSettings) -> dict | None:
         """All numbers of the labelled images, and again without the leaking ones when some leak; None if unlabelled."""
-        labelled = self.select(self.labels >= 0)
-        if not len(labelled.paths):
+        labelled = self.labels >= 0
+        if not labelled.any():
             return None
-        result = reports.classification_metrics(
-            labelled.labels, labelled.probs, self.classes, settings.bootstrap_resamples, settings.seed
-        )
-        result = {"name": self.name, **result, "leak_free": None, "leaking_images": []}
-        if labelled.leaking.any():
-            clean = labelled.select(~labelled.leaking)
-            result["leaking_images"] = [
-                str(p) for p, leak in zip(labelled.paths, labelled.leaking, strict=True) if leak
-            ]
-            result["leak_free"] = (
-                reports.classification_metrics(
-                    clean.labels, clean.probs, self.classes, settings.bootstrap_resamples, settings.seed
-                )
-                if len(clean.paths)
-                else {"n": 0}  # every image duplicates a train image: no leak-free number exists
-            )
+        y, p, leak = self.labels[labelled], self.probs[labelled], self.leaking[labelled]
+        numbers = self.numbers or self._numbers(y, p, leak)
+        resamples, seed = settings.bootstrap_resamples, settings.seed
+        result = {"name": self.name, **metrics.with_intervals(numbers["all"], y, p, resamples, seed)}
+        result["leak_free"], result["leaking_images"] = None, []
+        if leak.any():
+            paths = [path for path, k in zip(self.paths, labelled, strict=True) if k]
+            result["leaking_images"] = [str(path) for path, k in zip(paths, leak, strict=True) if k]
+            clean = numbers["leak_free"]  # {"n": 0} when every image duplicates a train image
+            result["leak_free"] = metrics.with_intervals(clean, y[~leak], p[~leak], resamples, seed)
+        if self.temperature is not None and numbers.get("uncalibrated"):
+            after = {k: numbers["all"][k] for k in ("expected_calibration_error", "loss")}
+            result["calibration"] = {"temperature": self.temperature, "before": numbers["uncalibrated"], "after": after}
+        if self.shares_with_test is not None:
+            result["shares_with_test"] = self.shares_with_test
         return result
 
 
-def leak_free(metrics: dict) -> dict | None:
+def leak_free(report: dict) -> dict | None:
     """The leak-free metrics of a report: its own numbers when nothing leaks, None when everything does."""
-    clean = metrics.get("leak_free")
+    clean = report.get("leak_free")
     if clean is None:
-        return metrics
+        return report
     return clean if clean.get("n") else None
 
 
-def display_image(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """The source image, upright RGB, scaled to a short side of DISPLAY_SIDE with its aspect ratio kept."""
-    image = read_image(path, DISPLAY_SIDE, limits)
-    scale = DISPLAY_SIDE / min(image.shape[:2])
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-
-
-def figures(evaluation: Evaluation, metrics: dict, settings: ReportSettings, model=None) -> dict[str, Figure]:
-    """confusion_matrix, per_class, reliability, gallery (and gradcam_gallery with a model) of the labelled images."""
-    ev = evaluation.select(evaluation.labels >= 0)
-    preds = ev.preds
-    confidence = ev.probs.max(1)
-    chosen = reports.pick_gallery(preds.tolist(), ev.labels.tolist(), settings.gallery_tiles)
-    result = {
-        "confusion_matrix": reports.confusion_figure(metrics, evaluation.name),
-        "per_class": reports.per_class_figure(metrics),
-        "reliability": reports.reliability_figure(ev.labels, ev.probs, metrics),
-        "gallery": reports.gallery_figure(
-            [display_image(ev.paths[i], settings.limits) for i in chosen],
-            preds[chosen].tolist(),
-            ev.labels[chosen].tolist(),
-            ev.classes,
-            confidence[chosen].tolist(),
-        ),
-    }
-    if model is not None and settings.gradcam_tiles:
-        result["gradcam_gallery"] = gradcam_figure(ev, model, settings)
-    return result
-
-
-def gradcam_figure(ev: Evaluation, model, settings: ReportSettings) -> Figure:
-    """Grad-CAM of a few images (every kind of mistake first), over the source images, with the colour scale."""
-    from chestxray.saliency import gradcam_maps, overlay
-
-    chosen = reports.pick_gallery(ev.preds.tolist(), ev.labels.tolist(), settings.gradcam_tiles)
-    size, limits = model.hparams.image_size, settings.limits
-    views = torch.from_numpy(np.stack([load_image(ev.paths[i], size, limits) for i in chosen]))
-    maps = gradcam_maps(model, views, ev.preds[chosen].tolist())
-    overlays = [overlay(display_image(ev.paths[i], limits), heat) for i, heat in zip(chosen, maps, strict=True)]
-    return reports.gallery_figure(
-        overlays,
-        ev.preds[chosen].tolist(),
-        ev.labels[chosen].tolist(),
-        ev.classes,
-        ev.probs.max(1)[chosen].tolist(),
-        columns=3,
-        colorbar="Grad-CAM: evidence for the predicted class",
-    )
+# --- files -------------------------------------------------------------------------------------------------------
 
 
 def prediction_fields(classes: Sequence[str]) -> list[str]:
@@ -157,7 +107,7 @@ def prediction_row(path: str | Path, label: str, classes: Sequence[str], probs: 
 def write_predictions(evaluation: Evaluation, path: Path) -> None:
     """Per image: path, label, pred, probabilities, leaking (what the sweep summary's paired test reads)."""
     classes = evaluation.classes
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*prediction_fields(classes), "leaking"])
         writer.writeheader()
         for p, y, probs, leak in zip(
@@ -166,24 +116,115 @@ def write_predictions(evaluation: Evaluation, path: Path) -> None:
             writer.writerow(prediction_row(p, classes[y] if y >= 0 else "", classes, probs) | {"leaking": int(leak)})
 
 
+def report_figures(evaluation: Evaluation, report: dict, settings: ReportSettings, models=None) -> dict:
+    """confusion_matrix, per_class, reliability (before and after calibration), gallery, and gradcam_gallery with
+    the model(s), of the labelled images."""
+    labelled = evaluation.labels >= 0
+    paths = [p for p, k in zip(evaluation.paths, labelled, strict=True) if k]
+    labels, probs = evaluation.labels[labelled], evaluation.probs[labelled]
+    preds, confidence = probs.argmax(1), probs.max(1)
+    panels = {"": (probs, report["expected_calibration_error"])}
+    if report.get("calibration"):
+        before = report["calibration"]["before"]["expected_calibration_error"]
+        panels = {
+            "before calibration, ": (evaluation.raw_probs[labelled], before),
+            f"T = {report['calibration']['temperature']:.2f}, ": panels[""],
+        }
+    chosen = figures.pick_gallery(preds.tolist(), labels.tolist(), settings.gallery_tiles)
+    result = {
+        "confusion_matrix": figures.confusion_figure(report, evaluation.name),
+        "per_class": figures.per_class_figure(report),
+        "reliability": figures.reliability_figure(labels, panels),
+        "gallery": figures.gallery_figure(
+            [display_image(paths[i], settings.limits) for i in chosen],
+            preds[chosen].tolist(),
+            labels[chosen].tolist(),
+            evaluation.classes,
+            confidence[chosen].tolist(),
+        ),
+    }
+    if models is not None and settings.gradcam_tiles:
+        from chestxray.saliency import gradcam_gallery
+
+        result["gradcam_gallery"] = gradcam_gallery(
+            paths, preds, labels, confidence, evaluation.classes, models, settings.limits, settings.gradcam_tiles
+        )
+    return result
+
+
 def write_report(
-    evaluation: Evaluation, out_dir: Path, settings: ReportSettings, model=None, predictions: bool = False
+    evaluation: Evaluation, out_dir: Path, settings: ReportSettings, models=None, predictions: bool = False
 ) -> tuple[dict | None, dict[str, np.ndarray]]:
     """metrics.json and the figures' PNGs in out_dir (and predictions.csv); returns the metrics and the figures'
-    pixels (for TensorBoard)."""
-    metrics = evaluation.metrics(settings)
-    if metrics is None:
+    pixels (for the loggers). Below SMALL_SET labelled images only metrics.json is written."""
+    report = evaluation.metrics(settings)
+    if report is None:
         return None, {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_writer(out_dir / "metrics.json") as fh:
+        json.dump(report, fh, indent=2)
     if predictions:
         write_predictions(evaluation, out_dir / "predictions.csv")
+    if report["n"] < SMALL_SET:
+        return report, {}
     try:
-        result = figures(evaluation, metrics, settings, model)
+        drawn = report_figures(evaluation, report, settings, models)
     except BadImageError as err:  # a file changed or vanished since it was predicted: the numbers still stand
-        (out_dir / "figures_error.txt").write_text(f"figures not drawn: {err}\n")
-        return metrics, {}
-    return metrics, {name: reports.render(fig, out_dir / f"{name}.png") for name, fig in result.items()}
+        atomic_write(out_dir / "figures_error.txt", f"figures not drawn: {err}\n")
+        return report, {}
+    return report, {name: figures.render(fig, out_dir / f"{name}.png") for name, fig in drawn.items()}
+
+
+# --- what is printed ---------------------------------------------------------------------------------------------
+
+
+def _interval(values: Sequence[float] | None) -> str:
+    return f"{values[0]:.3f}-{values[1]:.3f}" if values else "n/a"
+
+
+def summary_text(report: dict) -> str:
+    """The printed report: one screen, the numbers a reader checks first; leak-free numbers beside, if any.
+    Below SMALL_SET labelled images, the accuracy alone: per-class rates of one or two images say nothing."""
+    clean = report.get("leak_free")
+    columns = [("all", report)] + ([("leak-free", clean)] if clean and clean.get("n") else [])
+    lines = ["leak-free: none (every image duplicates a train image)"] if clean and not clean.get("n") else []
+    if report["n"] < SMALL_SET:
+        return f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} labelled images)"
+    for label, m in columns:
+        lo, hi = m["accuracy_ci95"]
+        auc = m["macro_roc_auc_ovr"]
+        auc_text = f"{auc:.3f} (95% CI {_interval(m.get('macro_roc_auc_ovr_ci95'))}, bootstrap)" if auc else "n/a"
+        lines += [
+            f"{label + ':':<11}accuracy {m['accuracy']:.3f} ({m['correct']}/{m['n']}), 95% CI {lo:.3f}-{hi:.3f} "
+            f"(Wilson); macro ROC-AUC {auc_text}; ECE {m['expected_calibration_error']:.3f}; loss {m['loss']:.3f}"
+        ]
+    calibration = report.get("calibration")
+    if calibration:
+        before, after = calibration["before"], calibration["after"]
+        lines.append(
+            f"calibrated: temperature {calibration['temperature']:.3f} (fitted on the validation split): ECE "
+            f"{before['expected_calibration_error']:.3f} -> {after['expected_calibration_error']:.3f}, "
+            f"loss {before['loss']:.3f} -> {after['loss']:.3f}"
+        )
+    if report.get("shares_with_test"):
+        lines.append(
+            f"shares {report['shares_with_test']} of its {report['n']} images with the test folder (identical or "
+            "near-duplicate): not an independent set"
+        )
+    lines.append(f"{'class':<18}" + "".join(f"{'sens':>7}{'(95% CI)':>14}{'spec':>7}{'n':>5}" for _ in columns))
+    for name in report["per_class"]:
+        row = f"{name:<18}"
+        for _, m in columns:
+            c = m["per_class"][name]
+            row += f"{c['sensitivity']:>7.3f}{_interval(c.get('sensitivity_ci95')):>14}{c['specificity']:>7.3f}"
+            row += f"{c['support']:>5}"
+        lines.append(row)
+    width = max(len(c) for c in report["classes"]) + 2
+    lines.append("confusion matrix, all images (rows: truth, columns: prediction)")
+    lines.append(" " * width + "".join(f"{c[:10]:>12}" for c in report["classes"]))
+    for name, row in zip(report["classes"], report["confusion_matrix"], strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>12}" for v in row))
+    return "\n".join(lines)
 
 
 def _accuracy(m: dict | None) -> str:
@@ -199,5 +240,6 @@ def side_by_side(results: dict[str, dict]) -> str:
     for name, m in results.items():
         auc = m["macro_roc_auc_ovr"]
         auc_text = f"{auc:.3f}" if auc is not None else "n/a"
-        lines.append(f"{name:<16}{_accuracy(m)}{_accuracy(leak_free(m))}{auc_text:>10}")
+        shared = f"  (shares {m['shares_with_test']} images with test)" if m.get("shares_with_test") else ""
+        lines.append(f"{name:<16}{_accuracy(m)}{_accuracy(leak_free(m))}{auc_text:>10}{shared}")
     return "\n".join(lines)

@@ -15,37 +15,25 @@ import hashlib
 import itertools
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from chestxray.model import ChestXrayClassifier
-from chestxray.store import default_cache_dir
+from chestxray.errors import UserError, require
+from chestxray.files import atomic_copy, atomic_write, default_cache_dir
+from chestxray.model import ChestXrayClassifier, Predictor, Probabilities
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 EXPORT_VERSION = 1  # bump when the exported graph changes
 CALIBRATION_IMAGES = 64
-
-
-class Probabilities(torch.nn.Module):
-    """uint8 images -> averaged class probabilities: what predict.py computes, as one graph."""
-
-    def __init__(self, models: Sequence[ChestXrayClassifier]):
-        super().__init__()
-        self.members = torch.nn.ModuleList(models)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
 
 
 def _digest(paths: Sequence[str | Path], extra: str) -> str:
@@ -69,31 +57,29 @@ def onnx_path(ckpt_paths: Sequence[str | Path], fmt: str, calibration: Sequence[
 
 def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     """torch.onnx.export (the dynamo exporter) with a dynamic batch size; written whole or not at all."""
+    require("onnx", "onnx", "runtime=onnx")
+    require("onnxscript", "onnx", "runtime=onnx (torch.onnx.export with dynamo=True)")
     size = models[0].hparams.image_size
     module = Probabilities([m.cpu().eval() for m in models]).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        torch.onnx.export(
+        program = torch.onnx.export(
             module,
             (example,),
-            str(tmp),
             input_names=["images"],
             output_names=["probs"],
             dynamo=True,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
-            external_data=False,
             verbose=False,
         )
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, program.model_proto.SerializeToString())
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     """Static QDQ int8 (per-channel weights, uint8 activations) calibrated on uint8 images N x 3 x S x S."""
+    require("onnxruntime", "onnx", "runtime=onnx-int8")
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -122,9 +108,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
             weight_type=QuantType.QInt8,
             per_channel=True,
         )
-        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        shutil.copyfile(partial, tmp_out)
-        os.replace(tmp_out, out)
+        atomic_copy(partial, out)
     return out
 
 
@@ -168,12 +152,12 @@ def exported(
     return quantize_int8(fp32, target, load_calibration(calibration, models[0].hparams.image_size))
 
 
-class OnnxPredictor(L.LightningModule):
+class OnnxPredictor(Predictor):
     """Trainer.predict's module for runtime=onnx: an ONNX Runtime session (CUDA provider if there, else CPU)."""
 
     def __init__(self, path: Path):
         super().__init__()
-        import onnxruntime as ort
+        ort = require("onnxruntime", "onnx", "runtime=onnx")
 
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -183,34 +167,56 @@ class OnnxPredictor(L.LightningModule):
     def from_checkpoints(cls, paths, models, fmt: str = "onnx", calibration: Sequence[Path] = ()) -> OnnxPredictor:
         return cls(exported(paths, models, fmt, calibration))
 
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = np.ascontiguousarray(batch[0].cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {"images": images})[0])
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(images.cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {"images": array})[0])
+
+
+USAGE = """usage: python -m chestxray.export ckpt=PATH|[A.ckpt,B.ckpt] [format=onnx|onnx-int8] [calibration=FOLDER]
+                                  [out=FILE]
+
+Export trained checkpoints (several: their averaged probabilities) to one ONNX graph: uint8 images N x 3 x S x S in,
+class probabilities out, with the normalisation and the fitted temperature inside. The file is cached beside the
+first checkpoint (what predict.py runtime=onnx loads); out= copies it elsewhere.
+
+  ckpt=         a .ckpt written by train.py, or a list of them
+  format=       onnx (fp32, default) or onnx-int8 (static int8, calibrated on calibration= images)
+  calibration=  a folder of images like those the model will see (format=onnx-int8 only)
+  out=          also write the graph to this file
+
+example: python -m chestxray.export ckpt=outputs/train/runs/<run>/checkpoints/best.ckpt out=model.onnx
+Needs the onnx extra: pip install 'chestxray[onnx]'."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """python -m chestxray.export ckpt=PATH|[A,B] [format=onnx|onnx-int8] [calibration=FOLDER] [out=FILE]"""
-    from chestxray.inference import PredictError, find_inputs, load_members
+    from chestxray.checkpoints import load_models
+    from chestxray.sources import find_inputs
 
-    cfg = OmegaConf.from_cli(argv if argv is not None else sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return 0
+    cfg = OmegaConf.from_cli(argv)
     if "ckpt" not in cfg:
-        print(f"export: error: ckpt= is required\n{main.__doc__}", file=sys.stderr)
+        print(f"export: error: ckpt= is required\n\n{USAGE}", file=sys.stderr)
         return 2
     fmt = cfg.get("format", "onnx")
     try:
-        paths, models = load_members(cfg)
+        ckpt = cfg.ckpt
+        paths = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else [str(ckpt)]
+        models = load_models(paths)
         calibration = (
             [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else []
         )
         if fmt == "onnx-int8" and not calibration:
             raise ValueError("format=onnx-int8 needs calibration=FOLDER (images like those it will predict)")
         path = exported(paths, models, fmt, calibration)
-    except (PredictError, ValueError) as err:
+    except (UserError, ValueError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
     if cfg.get("out"):
-        shutil.copyfile(path, cfg.out)
-        path = Path(cfg.out)
+        path = atomic_copy(path, cfg.out)
     print(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -268,3 +268,14 @@ def model_view(
 def load_image(path: str | os.PathLike, image_size: int, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """The model's view of a file: 3 x S x S uint8 (CHW), decoded, upright, RGB, resized."""
     return model_view(read_bytes(path), path, image_size, limits)
+
+
+DISPLAY_SIDE = 256  # short side of gallery and Grad-CAM images, whatever the model's input size
+
+
+def display_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """The source image, upright RGB, scaled to a short side of DISPLAY_SIDE with its aspect ratio kept."""
+    image = read_image(path, DISPLAY_SIDE, limits)
+    scale = DISPLAY_SIDE / min(image.shape[:2])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)

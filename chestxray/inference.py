@@ -1,84 +1,48 @@
-"""predict.py's work: find inputs, decode them in DataLoader workers, predict batch by batch, stream the rows.
+"""predict.py's work: decode the inputs in DataLoader workers, predict batch by batch, stream the rows, report.
 
 Memory does not grow with the number of inputs: images live only in the loader's few batches in flight, rows
-are appended to predictions.csv as each batch finishes (a stopped run leaves the rows it finished), only the
-per-image probabilities are kept for the report, and the report's figures re-read the few images they show.
+are appended to predictions.csv as each batch finishes (flushed, so a killed run leaves every finished row whole),
+only the per-image probabilities are kept for the report, and the report's figures re-read the few images they
+show. Unreadable files become error rows without a forward pass.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from chestxray import reports
-from chestxray.checkpoints import CheckpointError, check_same_preprocessing, load_checkpoint
-from chestxray.console import tidy_lightning_output
+from chestxray import settings
+from chestxray.checkpoints import load_models
+from chestxray.console import say, tidy_lightning_output
 from chestxray.distributed import all_gather, gather_by_index
+from chestxray.errors import PredictError
 from chestxray.evaluation import (
     Evaluation,
     ReportSettings,
-    display_image,
     prediction_fields,
     prediction_row,
+    summary_text,
     write_report,
 )
-from chestxray.export import Probabilities
-from chestxray.images import (
-    DEFAULT_LIMITS,
-    BadImageError,
-    ImageLimits,
-    is_image_file,
-    list_images,
-    load_image,
-)
-from chestxray.model import ChestXrayClassifier
-from chestxray.store import default_workers
+from chestxray.images import BadImageError, ImageLimits, load_image
+from chestxray.model import ChestXrayClassifier, Ensemble, Predictor
+from chestxray.parallel import available_cpus
+from chestxray.saliency import write_overlays
+from chestxray.sources import InputImage, find_inputs
 
 log = logging.getLogger(__name__)
-
-
-class PredictError(RuntimeError):
-    """A reason predict.py cannot produce any prediction (exit status 2)."""
-
-
-@dataclass
-class InputImage:
-    path: Path
-    label: int | None  # from a parent folder named like a class, else None
-
-
-def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[InputImage]:
-    """Files, folders (recursive) and globs; ground truth from the nearest parent folder named like a class."""
-    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    found: list[Path] = []
-    for item in items:
-        item = str(item)
-        path = Path(item)
-        if path.is_dir():
-            found += list_images(path, recursive=True)
-        elif path.is_file():
-            found.append(path)
-        else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            found += [p for p in matches if p.is_file() and is_image_file(p)]
-            found += [f for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
-    unique = list(dict.fromkeys(found))
-    class_index = {c: i for i, c in enumerate(classes)}
-    return [
-        InputImage(p, next((class_index[q.name] for q in p.parents if q.name in class_index), None)) for p in unique
-    ]
 
 
 class FileDataset(Dataset):
@@ -98,20 +62,6 @@ class FileDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
 
-class Ensemble(L.LightningModule):
-    """The average of the members' class probabilities (one member: that checkpoint's own probabilities)."""
-
-    def __init__(self, members: Sequence[ChestXrayClassifier]):
-        super().__init__()
-        self.net = Probabilities(members)  # the same module the ONNX export traces
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self(batch[0])
-
-
 def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str) -> dict:
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
@@ -127,8 +77,8 @@ class PredictionWriter(BasePredictionWriter):
         out_dir: Path,
         inputs: Sequence[InputImage],
         classes: Sequence[str],
+        limits: ImageLimits,
         gradcam_models=None,
-        limits: ImageLimits = DEFAULT_LIMITS,
     ):
         super().__init__("batch")
         self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
@@ -151,10 +101,10 @@ class PredictionWriter(BasePredictionWriter):
         self._fh.flush()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        probs = prediction.float().cpu().numpy()
-        positions = batch[1].tolist()
-        errors = list(batch[2])
-        for position, p, error in zip(positions, probs, errors, strict=True):
+        good_positions, probs, errors = prediction
+        probs_of = dict(zip(good_positions.tolist(), probs.float().cpu().numpy(), strict=True))
+        for position, error in zip(batch[1].tolist(), errors, strict=True):
+            p = probs_of.get(position)
             self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error))
             if error:
                 self.errors[position] = error
@@ -162,13 +112,20 @@ class PredictionWriter(BasePredictionWriter):
             else:
                 self.positions.append(position)
                 self.probs.append(p)
-        self._fh.flush()
-        if self.gradcam_models is not None:
+        self._fh.flush()  # every finished row on disk: a kill -9 or an out-of-memory kill loses none
+        if self.gradcam_models is not None and probs_of:
             good = [k for k, e in enumerate(errors) if not e]
-            paths = [self.inputs[positions[k]].path for k in good]
+            paths = [self.inputs[p].path for p in probs_of]
             names = [self._overlay_name(p) for p in paths]
-            write_gradcam(
-                self.out_dir / "gradcam", self.gradcam_models, batch[0][good], paths, names, probs[good], self
+            write_overlays(
+                self.out_dir / "gradcam",
+                self.gradcam_models,
+                batch[0][good],
+                paths,
+                names,
+                np.stack(list(probs_of.values())),
+                self.classes,
+                self.limits,
             )
 
     def _overlay_name(self, path: Path) -> str:
@@ -188,7 +145,8 @@ class PredictionWriter(BasePredictionWriter):
         probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, len(self.classes)))
         gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs)])
         positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), probs.numpy())
-        return positions, probs, _gather_errors(self.errors)
+        errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
+        return positions, probs, errors
 
     def evaluation(self, positions: np.ndarray, probs: np.ndarray) -> Evaluation:
         """The predicted images as an Evaluation (labels from class-named folders; nothing known to leak)."""
@@ -204,38 +162,8 @@ class PredictionWriter(BasePredictionWriter):
         )
 
 
-def write_gradcam(folder: Path, models, images: torch.Tensor, paths, names, probs: np.ndarray, writer) -> None:
-    """One overlay PNG per image over the source at a readable size; a file that cannot be re-read is skipped."""
-    import cv2
-
-    from chestxray.saliency import gradcam_maps, overlay
-
-    if not len(paths):
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    preds = probs.argmax(1).tolist()
-    maps = np.mean([gradcam_maps(m, images, preds) for m in models], axis=0)
-    for path, name, heat, pred, p in zip(paths, names, maps, preds, probs, strict=True):
-        try:
-            image = overlay(display_image(path, writer.limits), heat, f"{writer.classes[pred]} {p[pred]:.2f}")
-        except BadImageError as err:  # changed or gone since it was predicted: its row stands, its overlay cannot
-            log.warning("no Grad-CAM overlay for %s: %s", path, err.reason)
-            continue
-        cv2.imwrite(str(folder / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-
-
 def _listed(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list | tuple | ListConfig) else [str(value)]
-
-
-def load_members(cfg: DictConfig) -> tuple[list[str], list[ChestXrayClassifier]]:
-    paths = _listed(cfg.ckpt)
-    try:
-        models = [load_checkpoint(p) for p in paths]
-        check_same_preprocessing(models, paths)
-    except CheckpointError as err:
-        raise PredictError(str(err)) from None
-    return paths, models
 
 
 def required(cfg: DictConfig, key: str, what: str) -> None:
@@ -243,21 +171,43 @@ def required(cfg: DictConfig, key: str, what: str) -> None:
         raise PredictError(f"{key}= is required: {what}")
 
 
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """predict.py's output folder, writable, before any model is loaded."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise PredictError(f"output_dir={path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PredictError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
+def limits_of(cfg: DictConfig) -> ImageLimits:
+    return ImageLimits(cfg.data.max_pixels, cfg.data.min_image_side)
+
+
 def predict(cfg: DictConfig) -> dict:
-    """Run predict.py's job; returns counts. Raises PredictError when nothing can be predicted."""
+    """Run predict.py's job; returns counts. A UserError (PredictError, CheckpointError...) when it cannot."""
     tidy_lightning_output()
     required(cfg, "ckpt", "the checkpoint of a training run, e.g. ckpt=outputs/train/runs/<time>/checkpoints/best.ckpt")
     required(cfg, "inputs", "an image, a folder, a glob or a list of these, e.g. inputs=scan.png")
-    paths, models = load_members(cfg)
+    settings.check(cfg, settings.PREDICT_RULES)
+    out = check_output_dir(cfg.output_dir)
+    paths = _listed(cfg.ckpt)
+    models = load_models(paths)
     classes, image_size = models[0].classes, models[0].hparams.image_size
     inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
-    out = Path(cfg.output_dir)
+    limits = limits_of(cfg)
     predictor = runtime_module(cfg, paths, models, inputs)
-    writer = PredictionWriter(out, inputs, classes, models if cfg.gradcam else None, limits_of(cfg))
+    writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer], enable_progress_bar=False)
-    trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size), return_predictions=False)
+    trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size, trainer), return_predictions=False)
     positions, probs, errors = writer.results()
     if not trainer.is_global_zero:
         return {}
@@ -266,39 +216,32 @@ def predict(cfg: DictConfig) -> dict:
     if not len(positions):
         raise PredictError(f"none of the {len(inputs)} input image(s) could be read (see the warnings above)")
     evaluation = writer.evaluation(positions, probs)
-    settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits_of(cfg))
-    metrics, _ = write_report(evaluation, out, settings)
-    show(evaluation, metrics, cfg.print_limit)
-    return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": metrics}
+    report_settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits)
+    report, _ = write_report(evaluation, out, report_settings, models)
+    show(evaluation, report, cfg.print_limit)
+    return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": report}
 
 
-def limits_of(cfg: DictConfig) -> ImageLimits:
-    return ImageLimits(cfg.max_pixels, cfg.min_image_side, prefix="")
-
-
-def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int) -> DataLoader:
-    """Batches of decoded files; num_workers=auto decodes in one worker process per core but one."""
-    workers = default_workers() - 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
+def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, trainer: L.Trainer) -> DataLoader:
+    """Batches of decoded files, decoded in decode_workers processes (auto: one per core but one), in batches of
+    data.eval_batch_size (null: 8 on CPU, 64 on CUDA, as training's evaluation)."""
+    workers = available_cpus() - 1 if cfg.decode_workers == "auto" else min(int(cfg.decode_workers), available_cpus())
+    on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
+    batch_size = cfg.data.eval_batch_size or (64 if on_cuda else 8)
     dataset = FileDataset([i.path for i in inputs], image_size, limits_of(cfg))
-    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=max(0, workers))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=max(0, workers))
 
 
 def runtime_module(
-    cfg: DictConfig, paths: Sequence[str], models: Sequence[ChestXrayClassifier], inputs
-) -> L.LightningModule:
+    cfg: DictConfig, paths: Sequence[str], models: Sequence[ChestXrayClassifier], inputs: Sequence[InputImage]
+) -> Predictor:
     """The module Trainer.predict runs: the torch ensemble, or its ONNX Runtime session (runtime=onnx)."""
     if cfg.runtime == "torch":
         return Ensemble(models)
-    if cfg.runtime in ("onnx", "onnx-int8"):
-        from chestxray.export import OnnxPredictor
+    from chestxray.export import OnnxPredictor
 
-        # int8 calibrates on the first images to predict (or calibration=FOLDER of python -m chestxray.export)
-        return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, [i.path for i in inputs])
-    raise PredictError(f"runtime={cfg.runtime}: must be torch, onnx or onnx-int8")
-
-
-def _gather_errors(errors: dict[int, str]) -> dict[int, str]:
-    return {k: v for part in all_gather(errors) for k, v in part.items()}
+    # int8 calibrates on the first images to predict (or calibration=FOLDER of python -m chestxray.export)
+    return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, [i.path for i in inputs])
 
 
 def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
@@ -320,11 +263,11 @@ def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
         part.unlink()
 
 
-def show(evaluation: Evaluation, metrics: dict | None, limit: int) -> None:
-    """Each image's answer when there are few, the report when labels are known."""
+def show(evaluation: Evaluation, report: dict | None, limit: int) -> None:
+    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log."""
     if len(evaluation.paths) <= limit:
         for path, p in zip(evaluation.paths, evaluation.probs, strict=True):
             ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
-            print(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
-    if metrics:
-        print(reports.summary_text(metrics))
+            say(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
+    if report:
+        say(summary_text(report))

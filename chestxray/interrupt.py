@@ -65,6 +65,12 @@ def run_until_signal(program: str, work: Callable[[], object], stopped: str) -> 
 
 
 def exit_for_signal(program: str, signum: int, stopped: str) -> NoReturn:
-    name = signal.Signals(signum).name
-    print(f"{program}: stopped by {name}: {stopped}", file=sys.stderr, flush=True)
+    """Say what stopped the run and what to do next, on stderr and in the run's log; exit 128 + the signal."""
+    import logging
+
+    from chestxray.console import to_log_files
+
+    message = f"{program}: stopped by {signal.Signals(signum).name}: {stopped}"
+    print(message, file=sys.stderr, flush=True)
+    to_log_files(message, logging.WARNING)
     sys.exit(128 + signum)

@@ -1,113 +1,43 @@
-"""The re-headed VGG19 and the LightningModule that trains, validates and tests it."""
+"""The classifier (a torchvision backbone under the notebook's head) as a LightningModule, and the modules that
+predict with one or several trained classifiers.
+
+Metrics live here, one MetricCollection per stage (chestxray.metrics defines them): train and val log accuracy and
+loss every epoch; test keeps, per test dataloader, the full report collection on all images and on the leak-free
+ones (a mask from the batch), and the calibration metrics before temperature scaling. What the test sets' report
+files need beyond numbers (each image's probabilities) is kept in `test_results` for the report callback.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
-from torchvision.models import VGG19_Weights, vgg19
+from torchmetrics import MaxMetric
+
+from chestxray import metrics
+from chestxray.backbones import build_network, freeze_stages, get_backbone
+from chestxray.distributed import gather_by_index
+from chestxray.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
-# Index of the last layer (a MaxPool) of each of VGG19's five convolutional blocks in `features`.
-VGG19_BLOCK_ENDS = (4, 9, 18, 27, 36)
-# The last convolutional block's output (its final ReLU), where Grad-CAM looks.
-GRADCAM_LAYER = 35
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
-class WeightsError(RuntimeError):
-    """ImageNet weights could not be had: says which setting to use instead."""
+@dataclass
+class TestResult:
+    """One evaluated set after trainer.test: the collections' numbers and each image's probabilities."""
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training diverged; raised before the bad step is applied, so the last checkpoint stays good."""
-
-
-def _load_imagenet_weights(model: nn.Module, weights_path: str | None) -> None:
-    if weights_path:
-        model.load_state_dict(read_vgg19_weights(weights_path, model))
-        return
-    weights = VGG19_Weights.IMAGENET1K_V1
-    try:
-        model.load_state_dict(weights.get_state_dict(progress=False))
-    except Exception as err:  # noqa: BLE001 - offline, proxy, corrupt download: same advice
-        raise WeightsError(
-            f"could not download the ImageNet VGG19 weights ({weights.url}): {type(err).__name__}: {err}\n"
-            "  On a machine without internet, download that file elsewhere and pass model.weights_path=FILE,\n"
-            "  or train from scratch with model.pretrained=false."
-        ) from err
-
-
-def read_vgg19_weights(weights_path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """A VGG19 state dict from a file, or WeightsError saying what the file is instead (one line)."""
-    path = Path(weights_path)
-    setting = f"model.weights_path={weights_path}"
-    if not path.is_file():
-        raise WeightsError(f"{setting}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors all mean "not a torch weights file"
-        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{setting}: not a PyTorch weights file ({detail})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{setting}: not a state dict (a mapping of parameter names to tensors)")
-    expected = (model or vgg19(weights=None)).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [
-            f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
-        raise WeightsError(f"{setting}: not torchvision VGG19 weights: keys {'; '.join(parts)}")
-    return state
-
-
-def build_vgg19(
-    num_classes: int, pretrained: bool = True, weights_path: str | None = None, dropout: float = 0.1
-) -> nn.Module:
-    """VGG19 (ImageNet weights when pretrained) with the notebook's small head on globally pooled features."""
-    model = vgg19(weights=None)
-    if pretrained or weights_path:
-        _load_imagenet_weights(model, weights_path)
-    model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.classifier = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(512, 256),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(256, num_classes),
-    )
-    return model
-
-
-def freeze_features(model: nn.Module, freeze: str | int) -> None:
-    """'none' trains everything; 'features' trains only the head; N freezes the first N conv blocks."""
-    if freeze in (None, "none", 0):
-        return
-    if freeze == "features":
-        blocks = len(VGG19_BLOCK_ENDS)
-    else:
-        try:
-            blocks = int(freeze)
-        except (TypeError, ValueError):
-            raise ValueError(f"model.freeze must be 'none', 'features' or 0..5, got {freeze!r}") from None
-        if not 0 <= blocks <= len(VGG19_BLOCK_ENDS):
-            raise ValueError(f"model.freeze must be 'none', 'features' or 0..5, got {freeze!r}")
-    if blocks == 0:
-        return
-    for layer in model.features[: VGG19_BLOCK_ENDS[blocks - 1] + 1]:
-        layer.requires_grad_(False)
+    index: np.ndarray  # positions in the set's dataset, sorted
+    probs: np.ndarray  # calibrated (what the model answers)
+    raw_probs: np.ndarray  # before temperature scaling
+    numbers: dict  # {"all": ..., "leak_free": ..., "uncalibrated": ...} (chestxray.metrics.summarise)
 
 
 class ChestXrayClassifier(L.LightningModule):
@@ -119,6 +49,7 @@ class ChestXrayClassifier(L.LightningModule):
         image_size: int = 224,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        backbone: str = "vgg19",
         pretrained: bool = True,
         weights_path: str | None = None,
         freeze: str | int = "none",
@@ -126,6 +57,7 @@ class ChestXrayClassifier(L.LightningModule):
         channels_last: bool = True,
         compile: bool | str = False,
         dropout: float = 0.1,
+        calibrate: bool = True,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
     ):
@@ -134,27 +66,34 @@ class ChestXrayClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams.classes = list(classes)
         self.hparams.mean, self.hparams.std = list(mean), list(std)
-        if compile not in (False, True, "default", "reduce-overhead", "max-autotune"):
-            raise ValueError(f"model.compile must be false, true, reduce-overhead or max-autotune, got {compile!r}")
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"model.compile={compile}: must be false, true, reduce-overhead or max-autotune")
+        if cache_features and freeze != "features":
+            raise ConfigError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.net = build_vgg19(len(classes), pretrained, weights_path, dropout)
-        freeze_features(self.net, freeze)
-        if cache_features and freeze != "features":
-            raise ValueError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
+        self.backbone = get_backbone(backbone)
+        self.net = build_network(backbone, len(classes), pretrained, weights_path, dropout)
+        self.frozen = freeze_stages(self.net, backbone, freeze)
+        self.train()  # frozen stages in eval mode from the start (Lightning keeps each module's mode as it finds it)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
-        self.criterion = nn.CrossEntropyLoss()
+        # Temperature scaling (chestxray.calibration): fitted after training, saved in the checkpoint.
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         num_classes = len(classes)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_metrics = metrics.stage_metrics(num_classes).clone(prefix="train/")
+        self.val_metrics = metrics.stage_metrics(num_classes).clone(prefix="val/")
         # In the checkpoint, so that a resumed run's best covers the epochs before the interruption too.
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
+        self.test_metrics = nn.ModuleDict()
+        self.test_set_names: list[str] = []
+        self.test_results: dict[str, TestResult] = {}
+        self._test_outputs: dict[int, list] = {}
         self.feature_cache: dict[tuple[str, int], torch.Tensor] = {}
         # the losses of the batches whose gradients the next optimizer step applies (several with accumulation)
         self._pending_losses: list[tuple[torch.Tensor, int]] = []
@@ -163,45 +102,65 @@ class ChestXrayClassifier(L.LightningModule):
     def classes(self) -> list[str]:
         return list(self.hparams.classes)
 
+    def train(self, mode: bool = True) -> ChestXrayClassifier:
+        """Frozen stages stay in eval mode, so their BatchNorm statistics stay those they were trained with."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before temperature scaling existed load as uncalibrated (T = 1)."""
+        state = checkpoint.get("state_dict", {})
+        state.setdefault("temperature", torch.ones(()))
+        state.setdefault("calibrated", torch.zeros((), dtype=torch.bool))
+
     def configure_model(self) -> None:
         """model.compile: torch.compile the network in place (its parameter names, and checkpoints, unchanged)."""
         mode = self.hparams.get("compile", False)
         if mode and not getattr(self.net, "_compiled_call_impl", None):
             self.net.compile(mode=None if mode in (True, "default") else mode)
 
+    # --- the network ---------------------------------------------------------------------------------------------
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] -> float normalised as the notebook's Normalize(mean, std) after ToTensor."""
         x = (images.float() - self.mean) / self.std
         return x.contiguous(memory_format=self.memory_format)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's output before temperature scaling: what training optimises."""
         return self.net(self.preprocess(images))
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits (divided by the fitted temperature; T = 1 until calibrated): what predictions use."""
+        return self.logits(images) / self.temperature
+
     def _features(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
-        """Backbone output of a frozen backbone (cache_features), computed once per image."""
+        """Pooled features of a frozen backbone (cache_features), computed once per image."""
         keys = [(stage, int(i)) for i in index]
         missing = [k for k, key in enumerate(keys) if key not in self.feature_cache]
         if missing:
             with torch.no_grad():
-                feats = self.net.avgpool(self.net.features(self.preprocess(images[missing])))
+                feats = self.backbone.trunk(self.net, self.preprocess(images[missing]))
             for k, f in zip(missing, feats, strict=True):
                 self.feature_cache[keys[k]] = f
         return torch.stack([self.feature_cache[key] for key in keys])
 
-    def _logits(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
+    def _raw_logits(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
         if self.hparams.cache_features:
-            return self.net.classifier(self._features(images, index, stage))
-        return self(images)
+            return self.backbone.head(self.net)(self._features(images, index, stage))
+        return self.logits(images)
+
+    # --- fit -----------------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels, index = batch
-        logits = self._logits(images, index, "train")
-        loss = self.criterion(logits, labels)
+        images, labels, index, _ = batch
+        logits = self._raw_logits(images, index, "train")
+        loss = F.cross_entropy(logits, labels)
         self._pending_losses.append((loss.detach(), batch_idx))
-        self.train_loss(loss)
-        self.train_acc(logits, labels)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_metrics.update(preds=logits, target=labels, value=loss.detach())
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -229,32 +188,95 @@ class ChestXrayClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         # The sanity check's few batches must not count towards the validation metrics.
-        self.val_loss.reset()
-        self.val_acc.reset()
+        self.val_metrics.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels, index = batch
-        logits = self._logits(images, index, "val")
-        self.val_loss(self.criterion(logits, labels))
-        self.val_acc(logits, labels)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        images, labels, index, _ = batch
+        logits = self._raw_logits(images, index, "val")
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        self.val_metrics.update(preds=logits, target=labels, value=loss)
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log(metrics.BEST, self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per-image probabilities for the evaluation reports (chestxray.evaluation), which compute and log."""
-        images, _, index = batch
-        logits = self._logits(images, index, f"test{dataloader_idx}")
-        return {"index": index, "probs": logits.float().softmax(1)}
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, logits before temperature scaling) of a labelled loader: what calibration fits on."""
+        images, _, index, _ = batch
+        return index, self._raw_logits(images, index, "calibration").float()
+
+    # --- test: one report collection per evaluated set -----------------------------------------------------------
+
+    def on_test_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.test_set_names = list(getattr(datamodule, "test_sets", None) or ["test"])
+        k = len(self.classes)
+        self.test_metrics = nn.ModuleDict(
+            {
+                str(i): nn.ModuleDict(
+                    {
+                        "all": metrics.report_metrics(k),
+                        "leak_free": metrics.report_metrics(k),
+                        "uncalibrated": metrics.calibration_metrics(k),
+                    }
+                )
+                for i in range(len(self.test_set_names))
+            }
+        ).to(self.device)
+        self._test_outputs = {i: [] for i in range(len(self.test_set_names))}
+        self.test_results = {}
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels, index, leaking = batch
+        raw = self._raw_logits(images, index, f"test{dataloader_idx}").float()
+        logits = raw / self.temperature
+        probs, raw_probs = logits.softmax(1), raw.softmax(1)
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        collections = self.test_metrics[str(dataloader_idx)]
+        collections["all"].update(preds=probs, target=labels, value=loss)
+        keep = ~leaking
+        if keep.any():  # the leak-free numbers: the same metrics through the batch's mask
+            collections["leak_free"].update(preds=probs[keep], target=labels[keep], value=loss[keep])
+        raw_loss = F.cross_entropy(raw, labels, reduction="none")
+        collections["uncalibrated"].update(preds=raw_probs, target=labels, value=raw_loss)
+        self._test_outputs[dataloader_idx].append((index.cpu(), probs.cpu(), raw_probs.cpu()))
+
+    def on_test_epoch_end(self) -> None:
+        for i, name in enumerate(self.test_set_names):
+            collections = self.test_metrics[str(i)]
+            numbers = {
+                "all": metrics.summarise(collections["all"].compute(), self.classes),
+                "uncalibrated": metrics.summarise_calibration(collections["uncalibrated"].compute()),
+            }
+            seen = int(collections["leak_free"]["confusion"].compute().sum())  # across ranks
+            numbers["leak_free"] = (
+                metrics.summarise(collections["leak_free"].compute(), self.classes) if seen else {"n": 0}
+            )
+            for collection in collections.values():
+                collection.reset()
+            prefix = metrics.set_prefix(name)
+            clean = (
+                numbers["leak_free"] if numbers["leak_free"]["n"] else {"accuracy": float("nan"), "loss": float("nan")}
+            )
+            for suffix, m in (("", numbers["all"]), (metrics.LEAK_FREE, clean)):
+                self.log(f"{prefix}/acc{suffix}", m["accuracy"], add_dataloader_idx=False, sync_dist=True)
+                self.log(f"{prefix}/loss{suffix}", m["loss"], add_dataloader_idx=False, sync_dist=True)
+            gathered = gather_by_index(self._test_outputs[i])  # every rank takes part
+            if gathered is not None:
+                index, probs, raw_probs = (t.numpy() for t in gathered)
+                self.test_results[name] = TestResult(
+                    index, probs.astype(np.float64), raw_probs.astype(np.float64), numbers
+                )
+        self._test_outputs = {}
+
+    # --- optimisation --------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
-            raise ValueError("no optimizer configured (pass optimizer=..., a partial torch.optim class)")
+            raise ConfigError("no optimizer configured (pass optimizer=..., a partial torch.optim class)")
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
@@ -263,3 +285,43 @@ class ChestXrayClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"},
         }
+
+
+class Probabilities(nn.Module):
+    """uint8 images -> the members' averaged class probabilities, each member calibrated and normalising its own
+    input: what predict.py computes, as one graph (the ONNX export traces this module)."""
+
+    def __init__(self, members: Sequence[ChestXrayClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
+
+
+class Predictor(L.LightningModule):
+    """Trainer.predict's module: probabilities of the readable images of a batch; unreadable ones never reach the
+    network (their rows are errors)."""
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_step(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        images, positions, errors = batch
+        good = torch.tensor([not e for e in errors], dtype=torch.bool)
+        probs = self.probabilities(images[good]) if good.any() else images.new_zeros((0, 0), dtype=torch.float32)
+        return positions[good.to(positions.device)], probs, list(errors)
+
+
+class Ensemble(Predictor):
+    """One checkpoint's probabilities, or the average of several (each member applies its own preprocessing)."""
+
+    def __init__(self, members: Sequence[ChestXrayClassifier]):
+        super().__init__()
+        self.net = Probabilities(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)

@@ -17,14 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from chestxray.checkpoints import PREPROCESSING
-
-# A checkpoint means nothing to a model that differs in these (hyper-parameter name: config key).
-MUST_MATCH = dict(zip(PREPROCESSING, ("data.classes", "data.image_size", "model.mean", "model.std"), strict=True))
-
-
-class ResumeError(RuntimeError):
-    """resume= or ckpt_path= cannot continue this run: the message says why and what to do."""
+from chestxray.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
+from chestxray.errors import ResumeError
+from chestxray.files import atomic_write
 
 
 def _setting(cfg: DictConfig, key: str):
@@ -33,23 +28,14 @@ def _setting(cfg: DictConfig, key: str):
 
 
 def check_fits(checkpoint: dict, cfg: DictConfig, setting: str) -> None:
-    """A checkpoint continues only a model with the same classes, image size and normalisation."""
-    hparams = checkpoint["hyper_parameters"]
-    differ = []
-    for key, config_key in MUST_MATCH.items():
-        wanted = _setting(cfg, config_key)
-        saved = hparams.get(key)
-        if saved is not None and _plain(saved) != _plain(wanted):
-            differ.append(f"{config_key}={wanted} but the checkpoint has {saved}")
+    """A checkpoint continues only a model with the same classes, image size, normalisation and backbone."""
+    wanted = {key: (config_key, _setting(cfg, config_key)) for key, config_key in RESUME_KEYS.items()}
+    differ = mismatches(checkpoint["hyper_parameters"], wanted)
     if differ:
         raise ResumeError(
             f"{setting}: {'; '.join(differ)}. Continuing would make the checkpoint meaningless: "
             "drop the override, or start a new run."
         )
-
-
-def _plain(value):
-    return [float(v) if isinstance(v, int | float) else v for v in value] if isinstance(value, list | tuple) else value
 
 
 def _current_overrides() -> list[str]:
@@ -90,10 +76,8 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if not GlobalHydra.instance().is_initialized():
         raise ResumeError("resume= works from the command line (python train.py resume=RUN_DIR)")
     resumed = compose("train", overrides=[*merged, f"paths.output_dir={run}", f"ckpt_path={last}"])
-    from chestxray.checkpoints import read_checkpoint
-
     check_fits(read_checkpoint(last, "resume"), resumed, f"resume={cfg.resume}")  # before anything is written
     if rank_zero_only.rank == 0:
-        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(merged))
-        (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(resumed))
+        atomic_write(run / ".hydra" / "overrides.yaml", yaml.safe_dump(merged))
+        atomic_write(run / ".hydra" / "config.yaml", OmegaConf.to_yaml(resumed))
     return resumed

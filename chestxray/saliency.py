@@ -1,17 +1,24 @@
-"""Grad-CAM (pytorch-grad-cam) on the last convolutional block of VGG19, drawn over the source image."""
+"""Grad-CAM (pytorch-grad-cam) on each backbone's last convolutional stage, drawn over the source image."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from chestxray.model import GRADCAM_LAYER, ChestXrayClassifier
+from chestxray.figures import gallery_figure, pick_gallery
+from chestxray.images import BadImageError, ImageLimits, display_image, load_image
+from chestxray.model import ChestXrayClassifier
+
+log = logging.getLogger(__name__)
 
 
 def put_title(image: np.ndarray, text: str) -> np.ndarray:
@@ -32,9 +39,16 @@ def put_title(image: np.ndarray, text: str) -> np.ndarray:
 
 
 def gradcam_maps(
-    model: ChestXrayClassifier, images: torch.Tensor, targets: Sequence[int], batch_size: int = 16
+    models: ChestXrayClassifier | Sequence[ChestXrayClassifier],
+    images: torch.Tensor,
+    targets: Sequence[int],
+    batch_size: int = 16,
 ) -> np.ndarray:
-    """Grad-CAM maps in [0, 1], N x S x S, for uint8 images N x 3 x S x S and the given target classes."""
+    """Grad-CAM maps in [0, 1], N x S x S, for uint8 images N x 3 x S x S and the given target classes; for several
+    models (an ensemble), the average of their maps."""
+    if not isinstance(models, ChestXrayClassifier):
+        return np.mean([gradcam_maps(m, images, targets, batch_size) for m in models], axis=0)
+    model = models
     net = model.net
     device = next(net.parameters()).device
     maps = []
@@ -46,7 +60,7 @@ def gradcam_maps(
         torch.inference_mode(False),
         torch.enable_grad(),
         torch.compiler.set_stance("force_eager"),
-        GradCAM(net, [net.features[GRADCAM_LAYER]]) as cam,
+        GradCAM(net, [model.backbone.gradcam_layer(net)]) as cam,
     ):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size].clone().to(device)
@@ -61,3 +75,56 @@ def overlay(display: np.ndarray, heat: np.ndarray, title: str | None = None) -> 
     heat = cv2.resize(heat.astype(np.float32), (display.shape[1], display.shape[0]), interpolation=cv2.INTER_CUBIC)
     image = show_cam_on_image(display.astype(np.float32) / 255.0, np.clip(heat, 0, 1), use_rgb=True)
     return put_title(image, title) if title else image
+
+
+def gradcam_gallery(
+    paths: Sequence,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    confidences: np.ndarray,
+    classes: Sequence[str],
+    models,
+    limits: ImageLimits,
+    tiles: int,
+) -> Figure:
+    """Grad-CAM of a few images (every kind of mistake first), over the source images, with the colour scale."""
+    models = [models] if isinstance(models, ChestXrayClassifier) else list(models)
+    chosen = pick_gallery(preds.tolist(), labels.tolist(), tiles)
+    size = models[0].hparams.image_size
+    views = torch.from_numpy(np.stack([load_image(paths[i], size, limits) for i in chosen]))
+    maps = gradcam_maps(models, views, preds[chosen].tolist())
+    overlays = [overlay(display_image(paths[i], limits), heat) for i, heat in zip(chosen, maps, strict=True)]
+    return gallery_figure(
+        overlays,
+        preds[chosen].tolist(),
+        labels[chosen].tolist(),
+        classes,
+        confidences[chosen].tolist(),
+        columns=3,
+        colorbar="Grad-CAM: evidence for the predicted class",
+    )
+
+
+def write_overlays(
+    folder: Path,
+    models,
+    images: torch.Tensor,
+    paths: Sequence[Path],
+    names: Sequence[str],
+    probs: np.ndarray,
+    classes: Sequence[str],
+    limits: ImageLimits,
+) -> None:
+    """One overlay PNG per image over the source at a readable size; a file that cannot be re-read is skipped."""
+    if not len(paths):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    preds = probs.argmax(1).tolist()
+    maps = gradcam_maps(models, images, preds)
+    for path, name, heat, pred, p in zip(paths, names, maps, preds, probs, strict=True):
+        try:
+            image = overlay(display_image(path, limits), heat, f"{classes[pred]} {p[pred]:.2f}")
+        except BadImageError as err:  # changed or gone since it was predicted: its row stands, its overlay cannot
+            log.warning("no Grad-CAM overlay for %s: %s", path, err.reason)
+            continue
+        cv2.imwrite(str(folder / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

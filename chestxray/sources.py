@@ -1,13 +1,18 @@
-"""Where labelled images come from: class folders (DATA/<split>/<class>/) or a label file (data.index=FILE).
+"""Where images come from: class folders (DATA/<split>/<class>/), a label file (data.index=FILE), or predict.py's
+inputs (files, folders, globs).
 
-A label file is a CSV with a header and the columns `path,label[,split]`, paths relative to the file's folder
-(or absolute), as the large public sets ship them. Both give the same LabelledFiles, so everything downstream
-(decoding, bad files, splits, leakage, reports) is one code path.
+A label file is a CSV in UTF-8 with a header and the columns `path,label[,split]`, as the large public sets ship
+them. A path is relative to the file's folder and must stay inside it (no `..` out of it), or absolute. Each image is
+listed once: a path listed twice with the same label and split is counted once (with a warning), with different
+ones it is an error naming both lines. Class folders and label files give the same LabelledFiles, so everything
+downstream (decoding, bad files, splits, leakage, reports) is one code path.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import io
 import logging
 import os
 import warnings
@@ -16,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from chestxray.images import list_images
+from chestxray.errors import DataError, require
+from chestxray.images import is_image_file, list_images
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +30,7 @@ SPLITS = ("train", "test")
 DEFAULT_CLASSES = ("Normal", "Covid", "Viral Pneumonia")
 _SHOWN = 10  # how many offending lines an error lists
 
-
-class DataError(RuntimeError):
-    """The data is missing or not laid out as the settings say: the message names the file or setting."""
+__all__ = ["DEFAULT_CLASSES", "SPLITS", "DataError", "InputImage", "LabelledFiles", "find_inputs", "load_labelled"]
 
 
 @dataclass
@@ -78,30 +82,67 @@ def _listed(lines: list[str]) -> str:
     return "\n".join(f"  {line}" for line in lines[:_SHOWN]) + more
 
 
+def _rows(index: Path, setting: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header's columns and each row with the line it starts on; one error naming a line that is not UTF-8."""
+    raw = index.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as spreadsheets write, is fine
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{setting}={index}: line {line} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+            "save the label file as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    rows = []
+    for row in reader:
+        rows.append((reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
+    return columns, rows
+
+
+def _inside(path: str) -> bool:
+    """A relative path that does not climb out of the label file's folder."""
+    return os.path.normpath(path).split(os.sep)[0] != os.pardir
+
+
 def read_index(index: Path, classes: Sequence[str], setting: str = "data.index") -> dict[str | None, LabelledFiles]:
     """A label file's rows grouped by split (None when it has no split column); every problem in one error."""
     if not index.is_file():
         raise DataError(f"{setting}={index}: file not found")
-    with open(index, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if not {"path", "label"} <= set(columns):
-            raise DataError(f"{setting}={index}: needs a header with the columns path,label[,split]; found {columns}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    columns, rows = _rows(index, setting)
+    if not {"path", "label"} <= set(columns):
+        raise DataError(f"{setting}={index}: needs a header with the columns path,label[,split]; found {columns}")
+    has_split = "split" in columns
     class_index = {c: i for i, c in enumerate(classes)}
-    unknown, missing, bad_split = [], [], []
+    unknown, missing, bad_split, outside, conflicts = [], [], [], [], []
+    first: dict[str, tuple[int, str, str | None]] = {}  # real path -> (line, label, split) of its first row
+    repeated = 0
     groups: dict[str | None, LabelledFiles] = {}
-    for line, row in enumerate(rows, start=2):
-        path = Path(row["path"])
-        path = path if path.is_absolute() else index.parent / path
-        split = (row.get("split") or None) if "split" in columns else None
+    for line, row in rows:
+        given = row["path"]
+        path = Path(given) if os.path.isabs(given) else index.parent / given
+        split = (row.get("split") or None) if has_split else None
         if row["label"] not in class_index:
             unknown.append(f"line {line}: {row['label']!r}")
-        elif "split" in columns and split not in SPLITS:
-            bad_split.append(f"line {line}: split {row.get('split')!r}")
+        elif has_split and split not in SPLITS:
+            bad_split.append(f"line {line}: split {row['split']!r}" if row.get("split") else f"line {line}: no split")
+        elif not os.path.isabs(given) and not _inside(given):
+            outside.append(f"line {line}: {given}")
         elif not path.is_file():
             missing.append(f"line {line}: {path}")
         else:
+            key = os.path.realpath(path)
+            if key in first:
+                line0, label0, split0 = first[key]
+                if (label0, split0) != (row["label"], split):
+                    conflicts.append(
+                        f"lines {line0} and {line}: {given} is {label0}{f' ({split0})' if split0 else ''} and "
+                        f"{row['label']}{f' ({split})' if split else ''}"
+                    )
+                repeated += 1
+                continue
+            first[key] = (line, row["label"], split)
             group = groups.setdefault(split, LabelledFiles([], [], f"{index}" + (f" (split={split})" if split else "")))
             group.paths.append(path)
             group.labels.append(class_index[row["label"]])
@@ -109,8 +150,21 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
         raise DataError(f"{setting}={index}: labels that are not one of {list(classes)}:\n{_listed(unknown)}")
     if bad_split:
         raise DataError(f"{setting}={index}: the split column must be one of {list(SPLITS)}:\n{_listed(bad_split)}")
+    if outside:
+        raise DataError(
+            f"{setting}={index}: relative paths must stay inside the label file's folder (use an absolute path for "
+            f"files elsewhere):\n{_listed(outside)}"
+        )
     if missing:
         raise DataError(f"{setting}={index}: {len(missing)} listed file(s) do not exist:\n{_listed(missing)}")
+    if conflicts:
+        raise DataError(
+            f"{setting}={index}: images listed twice with different labels or splits:\n{_listed(conflicts)}"
+        )
+    if repeated:
+        warnings.warn(
+            f"{setting}={index}: {repeated} row(s) repeat an image already listed: each counted once", stacklevel=2
+        )
     for group in groups.values():  # the order of class folders: the split does not depend on the rows' order
         order = sorted(range(len(group)), key=lambda i: (group.labels[i], str(group.paths[i])))
         group.paths, group.labels = [group.paths[i] for i in order], [group.labels[i] for i in order]
@@ -123,7 +177,10 @@ def load_splits(data_dir: Path, index: Path | None, classes: Sequence[str]) -> d
         return {split: scan_class_folders(data_dir / split, classes) for split in SPLITS}
     groups = read_index(index, classes)
     if None in groups:
-        raise DataError(f"data.index={index}: training needs a split column (train or test) on every row")
+        raise DataError(
+            f"data.index={index}: line 1 (the header) has no split column: training needs path,label,split with "
+            "split train or test on every row"
+        )
     for split in SPLITS:
         if split not in groups:
             raise DataError(f"data.index={index}: no rows with split={split}")
@@ -179,7 +236,7 @@ def ensure_dataset(data_dir: Path, download: bool) -> None:
 
 
 def _download(data_dir: Path) -> None:
-    import kagglehub
+    kagglehub = require("kagglehub", "kaggle", "the automatic download (data.download=true)")
 
     log.info("data folder %s not found: downloading %s with kagglehub", data_dir, KAGGLE_DATASET)
     root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
@@ -189,3 +246,44 @@ def _download(data_dir: Path) -> None:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(source.resolve(), data_dir, target_is_directory=True)
     log.info("linked %s -> %s", data_dir, source)
+
+
+# --- predict.py's inputs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputImage:
+    path: Path
+    label: int | None  # from a parent folder named like a class, else None
+
+
+def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[InputImage]:
+    """Files, folders (recursive) and globs, each image once however often and however it is named (a relative and
+    an absolute spelling, a `..` detour, its folder as well); ground truth from the nearest parent folder named like
+    a class."""
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    found: list[Path] = []
+    for item in items:
+        item = str(item)
+        path = Path(item)
+        if path.is_dir():
+            found += list_images(path, recursive=True)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            found += [p for p in matches if p.is_file() and is_image_file(p)]
+            found += [f for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
+    unique: dict[str, Path] = {}
+    for p in found:
+        unique.setdefault(os.path.realpath(p), p)
+    if len(unique) < len(found):
+        log.warning(
+            "%d input(s) named an image already listed (the same file by another path): each predicted once",
+            len(found) - len(unique),
+        )
+    class_index = {c: i for i, c in enumerate(classes)}
+    return [
+        InputImage(p, next((class_index[q.name] for q in p.parents if q.name in class_index), None))
+        for p in unique.values()
+    ]

@@ -6,13 +6,26 @@ hash of the decode settings and of every file's content (SHA-256), as MONAI's Pe
 and FFCV lays out its memory-mapped files. Each process maps the file itself (nothing is pickled to DataLoader
 workers), so workers and every DDP rank on a machine read the same pages of the page cache, and a process's own
 memory does not grow with the number of images. A small pointer file in `cache_dir/index/` remembers which
-store a list of files made, with each file's size and modification time, so a later run opens the store
-without reading a single image; a changed file (different size or time) makes it read and hash the files again,
-and different content makes a new store.
+store a list of files made, with each file's size, times and inode, so a later run opens the store without reading
+a single image; a changed file makes it read and hash the files again, and different content makes a new store.
+
+A store proves its bytes before they are used:
+- on open, its structure: meta.json whole, images.u8 exactly as long as its rows, no damage mark. A store that is
+  incomplete or unreadable is reported in one warning naming it and rebuilt (the broken folder is replaced).
+- on every read, the row's CRC-32 against the one recorded when it was written (about 60 us for a 224 px image, a
+  small fraction of a training step: benchmarks/store_checksum.py). A row that fails is decoded again from its
+  file, served only if that file still has the recorded SHA-256 and the decode has the recorded CRC, and the store
+  is marked damaged so that the next start rebuilds it.
+Building checks the free space first (the size is known before a pixel is decoded) and allocates the whole file
+(posix_fallocate), so a full disk is one clear error, or a fall-back to RAM when the images fit there, never a
+SIGBUS halfway; a `.building-*` folder left by a killed build is removed by the next build (none holds its lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,32 +34,28 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from chestxray.errors import CacheError
+from chestxray.files import atomic_write, default_cache_dir
 from chestxray.images import DECODE_VERSION, DEFAULT_LIMITS, BadImageError, ImageLimits, model_view, read_bytes
+from chestxray.parallel import available_cpus, bounded_map
 
 log = logging.getLogger(__name__)
 
 STORE_MODES = ("auto", "memory", "disk")
 # data.store=auto keeps decoded images in RAM up to this size (317 images at 224 px: 48 MB; 100,000: 15 GB).
 AUTO_DISK_BYTES = 1 << 30
-
-
-def default_cache_dir() -> Path:
-    """$CHESTXRAY_CACHE, else $XDG_CACHE_HOME/chestxray, else ~/.cache/chestxray."""
-    if os.environ.get("CHESTXRAY_CACHE"):
-        return Path(os.environ["CHESTXRAY_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chestxray"
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+STORE_FORMAT = 3  # bump when the layout of a store folder changes
+DAMAGED = "DAMAGED"  # a file in a store folder: a row failed its checksum, rebuild at the next open
+SPACE_MARGIN = 64 << 20  # bytes left free on the cache's disk after a store is allocated
 
 
 @dataclass(frozen=True)
@@ -60,37 +69,89 @@ class DecodeSettings:
         lim = self.limits
         return f"v{DECODE_VERSION}-s{self.image_size}-max{lim.max_pixels}-min{lim.min_side}"
 
+    @property
+    def row_bytes(self) -> int:
+        return 3 * self.image_size * self.image_size
+
+
+@dataclass
+class StoreFile:
+    """What a process needs to read and prove the rows of an on-disk store (pickled to DataLoader workers)."""
+
+    folder: Path
+    settings: DecodeSettings
+    checksums: np.ndarray  # CRC-32 of each store row, as written
+    sources: list[str]  # the file each store row was decoded from
+    sha256: list[str]  # that file's SHA-256 when it was decoded
+    _warned: bool = field(default=False, repr=False)
+
+    @property
+    def file(self) -> Path:
+        return self.folder / "images.u8"
+
+    def heal(self, row: int) -> np.ndarray:
+        """The row decoded again from its file, proven by the recorded SHA-256 and CRC; the store marked damaged."""
+        source = self.sources[row]
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"decoded-image store {self.folder} is damaged: row {row} ({source}) fails its checksum; rows that "
+                "fail are decoded again from their files, and the store will be rebuilt at the next start",
+                stacklevel=3,
+            )
+        with contextlib.suppress(OSError):  # a read-only cache: the next open finds the bad row the same way
+            (self.folder / DAMAGED).write_text(f"row {row} failed its checksum\n")
+        problem = "its file has changed since it was decoded"
+        with contextlib.suppress(BadImageError):
+            data = read_bytes(source)
+            if hashlib.sha256(data).hexdigest() == self.sha256[row]:
+                image = model_view(data, source, self.settings.image_size, self.settings.limits)
+                if zlib.crc32(image) == self.checksums[row]:
+                    return image
+                problem = "it decodes differently now"
+        raise CacheError(
+            f"decoded-image store {self.folder}: row {row} ({source}) fails its checksum and cannot be decoded "
+            f"again ({problem}); start the run again to rebuild the store"
+        )
+
 
 class ImageArray:
     """Decoded images by position (3 x S x S uint8 each), in RAM or in a file mapped by each process on first use."""
 
-    def __init__(self, rows: np.ndarray, size: int, data: np.ndarray | None = None, file: Path | None = None):
+    def __init__(self, rows: np.ndarray, size: int, data: np.ndarray | None = None, store: StoreFile | None = None):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.size = size
-        self.file = file
+        self.store = store
+        self.verify = True  # check each row of a disk store against its checksum (off only to measure its cost)
         self._data = data
 
     @property
     def data(self) -> np.ndarray:
         if self._data is None:
-            count = os.path.getsize(self.file) // (3 * self.size * self.size)
+            count = len(self.store.checksums)
             shape = (count, 3, self.size, self.size)
-            self._data = np.memmap(self.file, np.uint8, "r", shape=shape) if count else np.empty(shape, np.uint8)
+            self._data = np.memmap(self.store.file, np.uint8, "r", shape=shape) if count else np.empty(shape, np.uint8)
         return self._data
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, position: int) -> np.ndarray:
-        return np.array(self.data[self.rows[position]])  # a copy: writable, and not pinning the map
+        row = int(self.rows[position])
+        image = np.array(self.data[row])  # a copy: writable, and not pinning the map
+        if self.store is not None and self.verify and zlib.crc32(image) != self.store.checksums[row]:
+            image = self.store.heal(row)
+        return image
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> ImageArray:
         """The same images (no copy), a selection of positions."""
-        return ImageArray(self.rows[np.asarray(positions, dtype=np.int64)], self.size, self._data, self.file)
+        chosen = ImageArray(self.rows[np.asarray(positions, dtype=np.int64)], self.size, self._data, self.store)
+        chosen.verify = self.verify
+        return chosen
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        if self.file is not None:
+        if self.store is not None:
             state["_data"] = None  # a worker or rank maps the file itself instead of receiving a copy
         return state
 
@@ -103,34 +164,6 @@ class DecodedImages:
     images: ImageArray
     bad: list[BadImageError]
     store: Path | None = None  # the store folder, when on disk
-
-
-def bounded_map(fn: Callable, items: Iterable, workers: int, window: int | None = None) -> Iterator:
-    """fn over items in threads, results in completion order, at most `window` items in flight (bounded memory).
-
-    Stopping early (an exception, Ctrl-C) cancels what has not started, so it returns within one item's time.
-    """
-    window = window or 4 * workers
-    iterator = iter(items)
-    pool = ThreadPoolExecutor(workers)
-    pending: set[Future] = set()
-    try:
-        for item in iterator:
-            pending.add(pool.submit(fn, item))
-            if len(pending) >= window:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-                item = next(iterator, _END)
-                if item is not _END:
-                    pending.add(pool.submit(fn, item))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-_END = object()
 
 
 def choose_store(mode: str, count: int, image_size: int, processes_per_machine: int = 1) -> str:
@@ -149,8 +182,9 @@ class _Decoder:
     def __init__(self, paths: Sequence[Path], settings: DecodeSettings, out: np.ndarray, hash_content: bool = False):
         self.paths, self.settings, self.out = paths, settings, out
         self.rows = np.full(len(paths), -1, dtype=np.int64)
-        # each file's SHA-256, for a disk store's content key (read from the bytes already in memory)
+        # each file's SHA-256 (the store's content key) and each row's CRC-32 (its proof), for a disk store
         self.sha256 = [""] * len(paths) if hash_content else None
+        self.checksums = np.zeros(len(paths), np.uint32)
         self.bad: dict[int, BadImageError] = {}
         self._next_row = 0
         self._lock = threading.Lock()
@@ -170,6 +204,7 @@ class _Decoder:
         with self._lock:
             row, self._next_row = self._next_row, self._next_row + 1
         self.out[row] = image
+        self.checksums[row] = zlib.crc32(image)
         self.rows[position] = row
 
     def run(self, workers: int, progress: bool, what: str) -> int:
@@ -189,7 +224,7 @@ def decode_in_memory(
     size = settings.image_size
     out = np.empty((len(paths), 3, size, size), np.uint8)
     decoder = _Decoder(paths, settings, out)
-    used = decoder.run(workers or default_workers(), progress, what)
+    used = decoder.run(workers or available_cpus(), progress, what)
     good = np.flatnonzero(decoder.rows >= 0)
     return DecodedImages(
         [paths[i] for i in good],
@@ -227,66 +262,186 @@ def _store_key(settings: DecodeSettings, sha256: Sequence[str]) -> str:
     return f"{settings.key()}-{digest.hexdigest()[:24]}"
 
 
-def _write_json(path: Path, content: dict) -> None:
-    """Whole or not at all: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content))
-    os.replace(tmp, path)
+class BrokenStore(Exception):
+    """A store folder that cannot be used as it is (the message says why)."""
 
 
-def _open_store(folder: Path, paths: Sequence[Path]) -> DecodedImages:
-    meta = json.loads((folder / "meta.json").read_text())
-    if len(meta["rows"]) != len(paths):
-        raise ValueError(f"store {folder} holds {len(meta['rows'])} files, not {len(paths)}")
-    rows = np.asarray(meta["rows"], dtype=np.int64)
+def _open_store(folder: Path, paths: Sequence[Path], settings: DecodeSettings) -> DecodedImages:
+    """The store's images for these files, after checking that the folder is whole; BrokenStore if it is not."""
+    if (folder / DAMAGED).exists():
+        raise BrokenStore(f"marked damaged: {(folder / DAMAGED).read_text().strip()}")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        rows = np.asarray(meta["rows"], dtype=np.int64)
+        checksums = np.asarray(meta["checksums"], dtype=np.uint32)
+        sha256, bad_rows, size = meta["sha256"], meta["bad"], int(meta["image_size"])
+        fmt = meta["format"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BrokenStore(f"meta.json unreadable ({type(err).__name__}: {err})") from None
+    if fmt != STORE_FORMAT or size != settings.image_size:
+        raise BrokenStore(f"format {fmt} at {size} px, not format {STORE_FORMAT} at {settings.image_size} px")
+    if len(rows) != len(paths) or len(sha256) != len(paths):
+        raise BrokenStore(f"holds {len(rows)} files, not {len(paths)}")
+    used = int((rows >= 0).sum())
+    if len(checksums) != used or (used and sorted(rows[rows >= 0].tolist()) != list(range(used))):
+        raise BrokenStore("meta.json's rows and checksums disagree")
+    try:
+        length = os.path.getsize(folder / "images.u8")
+    except OSError as err:
+        raise BrokenStore(f"images.u8 unreadable ({err.strerror or err})") from None
+    if length != used * settings.row_bytes:
+        raise BrokenStore(f"images.u8 is {length:,} bytes, not the {used * settings.row_bytes:,} its {used} rows need")
     good = np.flatnonzero(rows >= 0)
-    bad = [BadImageError(paths[int(i)], reason) for i, reason in meta["bad"]]
+    sources = [""] * used
+    for position in good:
+        sources[rows[position]] = str(paths[position])
+    store = StoreFile(folder, settings, checksums, sources, [sha256[p] for p in good[np.argsort(rows[good])]])
     return DecodedImages(
         [paths[i] for i in good],
-        ImageArray(rows[good], meta["image_size"], file=folder / "images.u8"),
-        bad,
+        ImageArray(rows[good], size, store=store),
+        [BadImageError(paths[int(i)], reason) for i, reason in bad_rows],
         folder,
     )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(stores: Path) -> None:
+    """Remove `.building-<pid>-*` folders that no live process holds (left by a kill -9, a full disk, a power cut):
+    its builder holds the folder's lock while it runs, and a process that has just made the folder is alive."""
+    for folder in stores.glob(".building-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            with open(folder / ".lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by its builder while it is alive
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("removed %s, left by an interrupted build", folder)
+        except OSError:  # BlockingIOError: being built right now
+            continue
+
+
+def _memory_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unknown)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            line = next(line for line in fh if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return 0
+
+
+class NoSpace(Exception):
+    """The cache's disk cannot hold the store; the message says how much it needs."""
+
+
+def _allocate(file: Path, size: int) -> np.memmap:
+    """The store's file, with every block allocated before a pixel is written: a full disk fails here (ENOSPC),
+    never as a SIGBUS when the mapped pages are written."""
+    with open(file, "wb") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise NoSpace(f"cannot allocate {size:,} bytes ({err.strerror})") from None
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            zeros = bytes(1 << 20)  # a file system without fallocate: write the zeros, which fails cleanly
+            for start in range(0, size, len(zeros)):
+                try:
+                    fh.write(zeros[: min(len(zeros), size - start)])
+                except OSError as write_err:
+                    raise NoSpace(f"cannot write {size:,} bytes ({write_err.strerror})") from None
+    return np.memmap(file, np.uint8, "r+", shape=(size,))
 
 
 def _build_store(
     paths: Sequence[Path], settings: DecodeSettings, cache_dir: Path, workers: int, progress: bool, what: str
 ) -> Path:
     """Decode into a new folder beside the stores, then move it into place under its content key."""
-    size = settings.image_size
     stores = cache_dir / "stores"
     stores.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=stores))
+    _remove_stale_builds(stores)
+    size = max(len(paths), 1) * settings.row_bytes
+    free = shutil.disk_usage(stores).free
+    if free < size + SPACE_MARGIN:
+        raise NoSpace(f"{free:,} bytes free")
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=stores))
+    lock = open(tmp / ".lock", "w")  # noqa: SIM115 - held until the folder is moved or removed
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         file = tmp / "images.u8"
-        out = np.memmap(file, np.uint8, "w+", shape=(max(len(paths), 1), 3, size, size))
+        out = _allocate(file, size).reshape(-1, 3, settings.image_size, settings.image_size)
         decoder = _Decoder(paths, settings, out, hash_content=True)
         used = decoder.run(workers, progress, what)
         out.flush()
         del out
-        os.truncate(file, used * 3 * size * size)  # the rows of unreadable files were never used
+        os.truncate(file, used * settings.row_bytes)  # the rows of unreadable files were never used
         meta = {
+            "format": STORE_FORMAT,
             "settings": settings.key(),
-            "image_size": size,
+            "image_size": settings.image_size,
             "rows": decoder.rows.tolist(),
             "sha256": decoder.sha256,
+            "checksums": decoder.checksums[:used].tolist(),
             "bad": [[i, err.reason] for i, err in sorted(decoder.bad.items())],
         }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        key = _store_key(settings, decoder.sha256)
-        final = stores / key
-        try:
-            os.rename(tmp, final)
-        except OSError as err:
-            if not (final / "meta.json").exists():
-                raise
-            log.debug("store %s was built by another process (%s); keeping it", final, err)
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(tmp / "meta.json", json.dumps(meta))
+        final = _move_into_place(tmp, stores / _store_key(settings, decoder.sha256), paths, settings)
+        with contextlib.suppress(OSError):
+            (final / ".lock").unlink()  # moved with the folder, still held until this build returns
         return final
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.close()
+
+
+def _move_into_place(tmp: Path, final: Path, paths: Sequence[Path], settings: DecodeSettings) -> Path:
+    """Rename the built folder to its key; a whole store already there (built meanwhile by another process) is kept,
+    a broken one is replaced."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return final
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        try:
+            _open_store(final, paths, settings)
+            log.debug("store %s was built by another process; keeping it", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        except BrokenStore:
+            trash = final.with_name(f".trash-{os.getpid()}-{final.name}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    raise CacheError(f"could not move the decoded-image store into place at {final}")
+
+
+def _check_writable(cache_dir: Path) -> None:
+    try:
+        (cache_dir / "stores").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir / "stores", prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CacheError(
+            f"cannot write the decoded-image cache folder {cache_dir} (data.cache_dir, or $CHESTXRAY_CACHE): "
+            f"{err.strerror or err}; point data.cache_dir at a writable folder, or use data.store=memory"
+        ) from None
 
 
 def decode_to_store(
@@ -296,24 +451,49 @@ def decode_to_store(
     workers: int | None = None,
     progress: bool = False,
     what: str = "",
+    fallback: bool = True,
 ) -> DecodedImages:
-    """Open the on-disk store of these files, building it first when their content has not been decoded yet."""
+    """Open the on-disk store of these files, building it first when their content has not been decoded yet (or its
+    store is broken). Without room on the cache's disk: decoded in RAM instead when they fit there (fallback),
+    else CacheError naming the folder and the bytes needed."""
     paths = list(paths)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     pointer = _pointer_file(cache_dir, settings, paths)
     listing = _listing(paths)
     if pointer.exists():
+        folder = None
         try:
             remembered = json.loads(pointer.read_text())
             folder = cache_dir / "stores" / remembered["store"]
-            if remembered["files"] == listing and (folder / "meta.json").exists():
-                return _open_store(folder, paths)
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("ignoring unreadable store pointer %s: %s", pointer, err)
-    folder = _build_store(paths, settings, cache_dir, workers or default_workers(), progress, what)
-    decoded = _open_store(folder, paths)
+            if remembered["files"] == listing:
+                return _open_store(folder, paths, settings)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"ignoring unreadable store pointer {pointer}: {err}", stacklevel=2)
+        except BrokenStore as err:
+            warnings.warn(f"decoded-image store {folder} is broken ({err}): rebuilding it", stacklevel=2)
+    _check_writable(cache_dir)
+    try:
+        folder = _build_store(paths, settings, cache_dir, workers or available_cpus(), progress, what)
+    except NoSpace as err:
+        needed = len(paths) * settings.row_bytes
+        if fallback and needed < _memory_available() // 2:
+            warnings.warn(
+                f"no room for a {needed:,}-byte decoded-image store in {cache_dir} ({err}): decoding into memory "
+                "instead (free space there, or point data.cache_dir elsewhere, to keep it for the next run)",
+                stacklevel=2,
+            )
+            return decode_in_memory(paths, settings, workers, progress, what)
+        raise CacheError(
+            f"the decoded-image cache folder {cache_dir} (data.cache_dir, or $CHESTXRAY_CACHE) has no room for "
+            f"{needed:,} bytes of decoded images ({err}); free space there or point data.cache_dir elsewhere"
+        ) from None
+    try:
+        decoded = _open_store(folder, paths, settings)
+    except BrokenStore as err:
+        raise CacheError(f"decoded-image store {folder} is broken right after it was built ({err})") from None
     if not any(err.reason.startswith("cannot read file") for err in decoded.bad):  # may be readable next time
-        _write_json(pointer, {"store": folder.name, "files": listing})
+        with contextlib.suppress(OSError):
+            atomic_write(pointer, json.dumps({"store": folder.name, "files": listing}))
     return decoded
 
 

@@ -22,6 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from scipy.stats import binomtest
 
+from chestxray.files import atomic_write, atomic_writer
+
 RESULTS = "results.json"  # written by train() in each run folder
 SIGNIFICANCE = 0.05
 
@@ -74,9 +76,14 @@ def _acc(metrics: dict | None) -> tuple[float | None, str]:
     return metrics["accuracy"], f"{metrics['accuracy']:.3f} ({lo:.3f}-{hi:.3f})"
 
 
-def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], list[str]]:
+def summarise(sweep: Path, metric: str | None = None) -> tuple[list[dict], list[str]]:
     """The table's rows (best first) and the Markdown lines below it; nothing is written."""
-    from chestxray.evaluation import leak_free  # here: the Hydra callback is built at every start, keep it light
+    # imported here: the Hydra callback is built at every start, keep it light
+    from chestxray.evaluation import leak_free
+    from chestxray.metrics import BEST, LEAK_FREE, set_prefix
+
+    metric = metric or BEST
+    test, clean_acc = f"{set_prefix('test')}/acc", f"{set_prefix('test')}/acc{LEAK_FREE}"
 
     runs = [r for r in (_load_run(p) for p in sorted(sweep.iterdir()) if p.is_dir()) if r]
     if not runs:
@@ -92,28 +99,28 @@ def summarise(sweep: Path, metric: str = "val/acc_best") -> tuple[list[dict], li
     best_correct = _correct_by_image(runs[0]["folder"])
     rows = []
     for run in runs:
-        test = run["reports"].get("test")
-        clean = leak_free(test) if test else None
+        report = run["reports"].get("test")
+        clean = leak_free(report) if report else None
         row = {
             "run": run["folder"].name,
             "overrides": " ".join(run["overrides"]),
-            "val/acc_best": run["metrics"].get("val/acc_best"),
-            "test/acc": _acc(test)[0],
-            "test/acc (95% CI)": _acc(test)[1],
-            "test/acc_leak_free": _acc(clean)[0],
-            "test/acc_leak_free (95% CI)": _acc(clean)[1],
+            BEST: run["metrics"].get(BEST),
+            test: _acc(report)[0],
+            f"{test} (95% CI)": _acc(report)[1],
+            clean_acc: _acc(clean)[0],
+            f"{clean_acc} (95% CI)": _acc(clean)[1],
         }
         for name in eval_names:
-            row[f"eval/{name}/acc"] = _acc(run["reports"].get(name))[0]
             report = run["reports"].get(name)
-            row[f"eval/{name}/acc_leak_free"] = _acc(leak_free(report) if report else None)[0]
+            row[f"{set_prefix(name)}/acc"] = _acc(report)[0]
+            row[f"{set_prefix(name)}/acc{LEAK_FREE}"] = _acc(leak_free(report) if report else None)[0]
         test_vs_best = mcnemar(best_correct, _correct_by_image(run["folder"])) if run is not runs[0] else None
         row["McNemar p vs best (test)"] = test_vs_best[2] if test_vs_best else None
         rows.append(row)
-    return rows, _notes(runs, rows, metric)
+    return rows, _notes(runs, rows, metric, [BEST, test, clean_acc])
 
 
-def _notes(runs: list[dict], rows: list[dict], metric: str) -> list[str]:
+def _notes(runs: list[dict], rows: list[dict], metric: str, averaged: list[str]) -> list[str]:
     lines = [f"Sorted by `{metric}`; best run: `{rows[0]['run']}`."]
     tied = [
         r["run"]
@@ -133,7 +140,7 @@ def _notes(runs: list[dict], rows: list[dict], metric: str) -> list[str]:
             groups[setting].append(row)
     if groups:
         lines += ["", "## Cross-validation (mean ± standard deviation across folds)", ""]
-        keys = [k for k in rows[0] if k in ("val/acc_best", "test/acc", "test/acc_leak_free") or k.startswith("eval/")]
+        keys = [k for k in rows[0] if k in averaged or k.startswith("eval/")]
         lines += ["| setting | folds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
         for setting, members in groups.items():
             cells = []
@@ -145,16 +152,16 @@ def _notes(runs: list[dict], rows: list[dict], metric: str) -> list[str]:
     return lines
 
 
-def write_summary(sweep: Path, metric: str = "val/acc_best") -> Path | None:
+def write_summary(sweep: Path, metric: str | None = None) -> Path | None:
     """summary.csv and summary.md in the sweep folder; None when no run of it has finished."""
     rows, notes = summarise(sweep, metric)
     if not rows:
         return None
-    with open(sweep / "summary.csv", "w", newline="") as fh:
+    with atomic_writer(sweep / "summary.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: _fmt(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
-    shown = [k for k in rows[0] if k not in ("test/acc", "test/acc_leak_free")]  # their CI columns are shown
+    shown = [k for k in rows[0] if f"{k} (95% CI)" not in rows[0]]  # the CI columns are shown instead
     common = set.intersection(*(set(r["overrides"].split()) for r in rows))
     lines = [f"# Sweep summary: `{sweep}`", ""]
     if common:
@@ -166,7 +173,7 @@ def write_summary(sweep: Path, metric: str = "val/acc_best") -> Path | None:
             varying if k == "overrides" else _fmt(r[k]) if isinstance(r[k], float) else str(r[k] or "") for k in shown
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    (sweep / "summary.md").write_text("\n".join([*lines, "", *notes]) + "\n")
+    atomic_write(sweep / "summary.md", "\n".join([*lines, "", *notes]) + "\n")
     return sweep / "summary.md"
 
 
@@ -176,7 +183,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         if sweep.is_dir():
-            written = write_summary(sweep, config.get("optimized_metric") or "val/acc_best")
+            written = write_summary(sweep, config.get("optimized_metric"))
             if written:
                 print(f"sweep summary: {written} and {written.with_suffix('.csv')}")
 
@@ -184,7 +191,7 @@ class SweepSummary(Callback):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chestxray.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. outputs/train/multiruns/<time>")
-    parser.add_argument("--metric", default="val/acc_best", help="sort by this metric (val/acc_best)")
+    parser.add_argument("--metric", default=None, help="sort by this metric (default: val/acc_best)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"summary: error: not a folder: {args.sweep_dir}", file=sys.stderr)

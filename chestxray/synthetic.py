@@ -3,10 +3,10 @@
     python -m chestxray.synthetic OUT [--train 30] [--test 10] [--size 256]
 
 Every image is distinct (its own anatomy offsets and low-frequency texture, so no two are near-duplicates for the
-perceptual hash), and the classes are easy to tell apart on purpose (clear, patchy or hazy lung fields), so that a
-tiny model trained for a few steps learns something the tests can check. The default dataset also has the kinds
-of files the real one has: RGB and grey JPEG, RGBA and 16-bit PNG, mixed sizes and letter cases of extensions.
-It is not a medical dataset.
+perceptual hash), and the classes are easy to tell apart on purpose (dark clear fields, bright lower zones, or hazy
+grey fields: a wide margin at 32 px), so that a small model trained from scratch for a few epochs learns them on any
+machine, and the tests can check what it learned. The default dataset also has the kinds of files the real one has:
+RGB and grey JPEG, RGBA and 16-bit PNG, mixed sizes and letter cases of extensions. It is not a medical dataset.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from chestxray.parallel import available_cpus
 from chestxray.sources import DEFAULT_CLASSES
-from chestxray.store import default_workers
 
 _BASE = 160  # anatomy is drawn at this size, then resized: fast at any output size
 
@@ -44,17 +44,17 @@ def radiograph(rng: np.random.Generator, label: int, height: int, width: int) ->
         rx, ry = rng.uniform(0.11, 0.15), rng.uniform(0.24, 0.3)
         lungs = np.maximum(lungs, np.exp(-(((x - lx) / rx) ** 4) - (((y - cy) / ry) ** 4)))
     ribs = 0.5 + 0.5 * np.sin(2 * np.pi * (y * rng.uniform(7, 10) + 0.15 * np.abs(x - cx) * 8 + rng.uniform(0, 1)))
-    image = 0.12 + 0.55 * torso + 0.22 * _smooth_noise(rng, 5, n) * torso  # the unique part: coarse texture
+    image = 0.12 + 0.55 * torso + 0.12 * _smooth_noise(rng, 5, n) * torso  # the unique part: coarse texture
     if label == 0:  # Normal: clear, dark lung fields
-        image -= 0.45 * lungs
-    elif label == 1:  # Covid: dark fields with bright patches in the lower zones
-        image -= 0.45 * lungs
-        lower = 1 / (1 + np.exp(-(y - cy) * 25))
-        patches = np.clip(_smooth_noise(rng, 9, n), 0, None) * lower * lungs
-        image += 0.9 * patches
-    else:  # Viral Pneumonia: hazy fields, little contrast with the mediastinum
-        image -= 0.12 * lungs
-        image += 0.12 * _smooth_noise(rng, 25, n) * lungs
+        image -= 0.55 * lungs
+    elif label == 1:  # Covid: dark upper fields, large bright consolidations in the lower zones
+        image -= 0.55 * lungs
+        lower = 1 / (1 + np.exp(-(y - cy) * 12))
+        patches = np.clip(_smooth_noise(rng, 6, n) + 1.0, 0, None) * lower * lungs
+        image += 0.7 * patches
+    else:  # Viral Pneumonia: hazy fields as bright as the mediastinum, a fine texture
+        image += 0.05 * lungs
+        image += 0.15 * _smooth_noise(rng, 25, n) * lungs
     image += 0.08 * ribs * lungs
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
     image += rng.normal(0, 0.015, size=image.shape).astype(np.float32)  # film grain
@@ -125,7 +125,7 @@ def make_dataset(
                 jobs.append(
                     (str(folder / f"{split}_{i:05d}{extension}"), image_seed, label, height, width, kind, extension)
                 )
-    workers = workers or default_workers()
+    workers = workers or available_cpus()
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_one, jobs, chunksize=64))

@@ -1,4 +1,5 @@
-"""Build the data, model, callbacks, logger and Trainer from a Hydra config; fit, then test the best epoch."""
+"""train.py's work: build the data, model, callbacks, loggers and Trainer from the Hydra config; fit; calibrate and
+test the best epoch; keep the reported numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -14,39 +14,18 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams
+from omegaconf import DictConfig
 
-from chestxray.callbacks import metric_prefix
+from chestxray import metrics, settings
+from chestxray.calibration import fit_temperature, nll_at
 from chestxray.console import tidy_lightning_output
+from chestxray.distributed import gather_by_index
+from chestxray.errors import ConfigError, OutputDirError, UserError
+from chestxray.files import atomic_write, atomic_writer
+from chestxray.loggers import instantiate_loggers, log_hyperparameters
 
 log = logging.getLogger(__name__)
-
-
-class OutputDirError(RuntimeError):
-    """The run folder cannot be written: raised before any training starts."""
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is the whole story: train.py prints them without a traceback and exits 2."""
-    from chestxray.checkpoints import CheckpointError
-    from chestxray.data import DataError
-    from chestxray.model import NonFiniteLossError, WeightsError
-    from chestxray.resume import ResumeError
-
-    return DataError, WeightsError, NonFiniteLossError, OutputDirError, CheckpointError, ResumeError
-
-
-def reported_metrics(cfg: DictConfig) -> list[str]:
-    """Compared across runs in TensorBoard's HParams tab and printed at the end of a run."""
-    names = ["val/acc_best"]
-    if cfg.get("test"):
-        for set_name in ["test", *(cfg.get("eval_sets") or {})]:
-            prefix = metric_prefix(set_name)
-            names += [f"{prefix}/acc", f"{prefix}/acc_leak_free", f"{prefix}/loss"]
-    return names
 
 
 def _instantiate(node, **kwargs):
@@ -54,7 +33,7 @@ def _instantiate(node, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, user_errors()):
+        if isinstance(err.__cause__, UserError):
             raise err.__cause__ from None
         raise
 
@@ -90,88 +69,96 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
-@rank_zero_only
-def log_hyperparameters(logger: Logger | None, cfg: DictConfig, metric_names: Sequence[str]) -> None:
-    """The whole config for TensorBoard's HParams tab, with the metrics runs are compared on."""
-    if logger is None:
-        return
-    params = OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(params)
-        return
-    params.pop("hydra", None)
-    flat = _flatten(params)
-    logger.log_hyperparams(flat)
-    # The HParams tab needs the metric names up front; Lightning's metrics= would also log a dummy point for
-    # each of them at step 0, so write only the plugin's summaries.
-    if logger.experiment is not None:
-        writer = logger.experiment._get_file_writer()
-        for summary in hparams(flat, {name: 0.0 for name in metric_names}):
-            writer.add_summary(summary)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = str(value) if isinstance(value, list | tuple | dict) or value is None else value
-    return flat
-
-
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """The three objects of a run, from the config alone."""
+    """The three objects of a run, each from its config group (the model's node names its optimizer and scheduler,
+    the data's its evaluation sets)."""
     if cfg.model.get("cache_features") and cfg.data.get("augment"):
-        raise ValueError("model.cache_features=true computes features once, so it needs data.augment=false")
-    eval_sets = OmegaConf.to_container(cfg.eval_sets, resolve=True) if cfg.get("eval_sets") else {}
-    datamodule = _instantiate(cfg.data, eval_sets=eval_sets)
-    optimizer = instantiate(cfg.optimizer)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = _instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=logger)
+        raise ConfigError("model.cache_features=true computes features once, so it needs data.augment=false")
+    datamodule = _instantiate(cfg.data)
+    model = _instantiate(cfg.model)
+    loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
+    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False)
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
     return datamodule, model, trainer
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit, test the best checkpoint, and return cfg.optimized_metric for sweepers."""
+    """Fit, calibrate and test the best checkpoint, and return cfg.optimized_metric for sweepers."""
     from chestxray.resume import resume_config
 
     tidy_lightning_output()
+    choices, conf_dir = settings.hydra_choices()
+    if conf_dir is not None:
+        settings.check_choices(choices, conf_dir)
     if cfg.get("resume"):
         cfg = resume_config(cfg)
+    settings.check(cfg, settings.TRAIN_RULES)
     check_writable(cfg.paths.output_dir)
     check_files(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg)
-    log_hyperparameters(trainer.logger, cfg, reported_metrics(cfg))
+    set_names = ["test", *(cfg.get("eval_sets") or {})] if cfg.get("test") else []
+    log_hyperparameters(trainer.loggers, cfg, metrics.reported_metrics(set_names))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    results = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and cfg.model.get("calibrate", True):
+        calibrate(trainer, model, datamodule, best)
     if cfg.get("test"):
         if not best:
             rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        results.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    if name and name not in results:
+        raise ConfigError(f"optimized_metric={name}: not logged by this run; logged: {', '.join(sorted(results))}")
     if rank_zero_only.rank == 0:
-        write_results(cfg, metrics, best)
-    return metrics.get(name) if name else None
+        write_results(cfg, results, best, set_names)
+    return results.get(name) if name else None
 
 
-def write_results(cfg: DictConfig, metrics: dict[str, float], best: str) -> None:
+def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: str) -> float | None:
+    """Fit the temperature on the validation split's logits of the best checkpoint and save it in that checkpoint
+    (chestxray.calibration). Skipped when the test folder is the validation set (experiment=notebook): fitting on
+    the images that are scored would flatter the calibration."""
+    if datamodule.datasets["val"] is datamodule.test_sets.get("test"):
+        log.info("not calibrated: the validation set is the test folder (data.val_fraction=0)")
+        return None
+    outputs = trainer.predict(model, dataloaders=datamodule.val_dataloader(), ckpt_path=best, weights_only=True)
+    gathered = gather_by_index([(index.cpu(), logits.cpu()) for index, logits in outputs or []])
+    if gathered is None:
+        return None
+    index, logits = gathered
+    labels = datamodule.datasets["val"].labels[index]
+    temperature = fit_temperature(logits, labels)
+    before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
+    if trainer.is_global_zero:
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
+        checkpoint["state_dict"]["calibrated"] = torch.tensor(True)
+        with atomic_writer(best, "wb") as fh:
+            torch.save(checkpoint, fh)
+        log.info(
+            "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
+            len(labels),
+            temperature,
+            before,
+            after,
+            best,
+        )
+    trainer.strategy.barrier()
+    return temperature
+
+
+def write_results(cfg: DictConfig, results: dict[str, float], best: str, set_names: list[str]) -> None:
     """Log the reported metrics and keep them in results.json (what the sweep summary reads)."""
     if best:
-        log.info("best checkpoint: %s (also checkpoints/best.ckpt)", best)
-    names = [*reported_metrics(cfg), cfg.get("optimized_metric")]
-    reported = {name: metrics[name] for name in dict.fromkeys(names) if name in metrics}
+        epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        log.info("best checkpoint: %s (epoch %d)", best, epoch)
+    names = [*metrics.reported_metrics(set_names), cfg.get("optimized_metric")]
+    reported = {name: results[name] for name in dict.fromkeys(names) if name in results}
     for name, value in reported.items():
         log.info("%s = %.4f", name, value)
-    results = {"metrics": reported, "optimized_metric": cfg.get("optimized_metric"), "best_checkpoint": best}
-    (Path(cfg.paths.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    summary = {"metrics": reported, "optimized_metric": cfg.get("optimized_metric"), "best_checkpoint": best}
+    atomic_write(Path(cfg.paths.output_dir) / "results.json", json.dumps(summary, indent=2))

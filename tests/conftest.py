@@ -1,5 +1,9 @@
 """Shared fixtures: the real dataset where it exists (a generated one where not), Hydra configs composed for tiny
-CPU runs, and one trained checkpoint of a model that has learned something.
+CPU runs, and trained checkpoints.
+
+Two tiers: `python -m pytest -m "not slow"` (about two minutes: unit tests, config composition, a fast_dev_run
+through train, test and report, predict in-process on a two-epoch checkpoint) and the whole suite (subprocesses,
+trainings that learn, DDP, sweeps, servers).
 
 Tests marked `real_data` need the real Kaggle dataset (../shared/data/covid19-image-dataset or $CHESTXRAY_DATA):
 they are skipped, with the reason, on a clone without it, and CI (CHESTXRAY_REQUIRE_REAL_DATA=1) fails instead.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,28 +29,20 @@ REAL_DATA = Path(os.environ.get("CHESTXRAY_DATA", ROOT.parent / "shared" / "data
 HAVE_REAL_DATA = (REAL_DATA / "train").is_dir()
 CLASSES = ["Normal", "Covid", "Viral Pneumonia"]
 
-# Tiny but real: every image of a dataset is decoded, the model is the full VGG19 at 32 px.
+# Tiny but real: every image of a dataset is decoded, the model is the full VGG19 at 32 px, two short epochs.
 TINY = [
+    "debug=limit",
     "model.pretrained=false",
     "data.image_size=32",
     "data.check_leakage=false",
-    "trainer.accelerator=cpu",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=2",
-    "callbacks.progress_bar.refresh_rate=0",
-    "report.bootstrap_resamples=100",
 ]
-# A model that learns the generated classes in about a minute (VGG19 from scratch needs Adam here).
+# A model that learns the generated classes in about half a minute, deterministically (experiment=quickstart at
+# 32 px: VGG19 from scratch needs Adam here).
 LEARNS = [
-    "model.pretrained=false",
+    "experiment=quickstart",
     "data.image_size=32",
-    "optimizer=adam",
-    "optimizer.lr=1e-4",
-    "data.batch_size=8",
-    "trainer.accelerator=cpu",
     "trainer.max_epochs=10",
-    "trainer.log_every_n_steps=5",
+    "trainer.accelerator=cpu",
     "trainer.deterministic=true",
     "callbacks.progress_bar.refresh_rate=0",
     "report.bootstrap_resamples=200",
@@ -53,7 +50,6 @@ LEARNS = [
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "real_data: needs the real Kaggle dataset (CI always has it)")
     # Decoded-image stores of the tests go to a folder of their own, shared by the tests' subprocesses.
     config.chestxray_cache = os.environ["CHESTXRAY_CACHE"] = tempfile.mkdtemp(prefix="chestxray-test-cache-")
 
@@ -71,6 +67,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_data" in item.keywords:
             item.add_marker(skip)
+
+
+def run_script(*args: str, timeout: int = 600, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python <args> in the checkout; with ok, it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def signal_when(cmd: list[str], ready, signum: int, settle: float = 0.5) -> tuple[subprocess.Popen, str, float]:
@@ -94,6 +105,23 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 def train_config(output_dir: Path, data: Path, *overrides: str) -> DictConfig:
     return compose_config("train", [*TINY, f"data.data_dir={data}", f"paths.output_dir={output_dir}", *overrides])
+
+
+def predict_config(output_dir: Path, ckpt, inputs, *overrides: str) -> DictConfig:
+    ckpt = f"[{','.join(map(str, ckpt))}]" if isinstance(ckpt, list | tuple) else str(ckpt)
+    inputs = f"[{','.join(map(str, inputs))}]" if isinstance(inputs, list | tuple) else str(inputs)
+    return compose_config(
+        "predict",
+        [
+            f"ckpt={ckpt}",
+            f"inputs={inputs}",
+            f"paths.output_dir={output_dir}",
+            "trainer.accelerator=cpu",
+            "decode_workers=0",
+            "report.bootstrap_resamples=50",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -120,12 +148,24 @@ def data_dir(synthetic_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synthetic_dir) -> dict:
+    """Two short epochs (debug=limit) on the generated data, with the leakage check: checkpoints and reports to
+    test the plumbing on (the model has not learned much)."""
+    from chestxray.training import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = train_config(out, synthetic_dir, "data.check_leakage=true", "data.store=disk")
+    value = train(cfg)
+    return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic_dir) -> dict:
-    """One training run of a model that has learned (test accuracy well above chance), shared by many tests."""
+    """One training run of a model that has learned (test accuracy well above chance), shared by the slow tests."""
     from chestxray.training import train
 
     out = tmp_path_factory.mktemp("run")
     overrides = [*LEARNS, f"data.data_dir={synthetic_dir}", f"paths.output_dir={out}", "data.store=disk"]
     cfg = compose_config("train", overrides)
     value = train(cfg)
-    return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir}
+    return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}

@@ -126,3 +126,35 @@ def test_training_start_flags_the_leaking_test_images_and_can_drop_their_train_c
         dropping.setup()
     assert len(dropping.datasets["train"]) + len(dropping.datasets["val"]) == 251 - 7
     assert not dropping.leaking["test"].any()  # their train copies are gone: nothing leaks any more
+
+
+def test_which_duplicate_pairs_cross_the_split_is_exact(synthetic_dir, tmp_path):
+    """Exact groups spanning both splits, near-duplicates within each split and across it: every pair counted once,
+    and a pair crosses the split exactly when its two files are in different splits, whichever comes first."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for name in ("Normal", "Covid", "Viral Pneumonia"):
+            (root / split / name).mkdir(parents=True)
+            for src in sorted((synthetic_dir / split / name).glob("*_0000[0-2].*")):
+                shutil.copy(src, root / split / name / src.name)
+    train_covid = sorted((root / "train" / "Covid").iterdir())[0]
+    shutil.copy(train_covid, root / "test" / "Covid" / "copy1.jpeg")  # a group of 3: train + 2 test copies
+    shutil.copy(train_covid, root / "test" / "Normal" / "copy2.jpeg")
+    test_normal = sorted((root / "test" / "Normal").glob("test_*"))[0]
+    shutil.copy(test_normal, root / "test" / "Viral Pneumonia" / "same.png")  # exact, within test
+    image = cv2.imread(str(sorted((root / "train" / "Normal").iterdir())[1]))
+    half = cv2.resize(image, (image.shape[1] * 2 // 3, image.shape[0] * 2 // 3))
+    cv2.imwrite(str(root / "train" / "Viral Pneumonia" / "near_train.png"), half)  # near, within train
+    image = cv2.imread(str(sorted((root / "test" / "Covid").glob("test_*"))[1]))
+    cv2.imwrite(str(root / "train" / "Covid" / "a_near_test.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 40])  # across
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    s = report["summary"]
+    assert (s["exact_duplicate_groups"], s["exact_duplicate_pairs"], s["exact_duplicate_pairs_train_test"]) == (2, 4, 2)
+    assert (s["near_duplicate_pairs"], s["near_duplicate_pairs_train_test"]) == (2, 1)
+    for row in report["near_duplicates"]:
+        assert row["cross_split"] == (row["a"].split("/")[0] != row["b"].split("/")[0]), row
+    crossing = {frozenset(g["files"]) for g in report["exact_duplicates"] if g["cross_split"]}
+    assert crossing == {
+        frozenset([str(train_covid.relative_to(root)), "test/Covid/copy1.jpeg", "test/Normal/copy2.jpeg"])
+    }

@@ -1,5 +1,6 @@
 import csv
-import os
+import re
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,8 @@ EXPECTED = {
 
 
 def make_dm(data_dir, **kwargs) -> ChestXrayDataModule:
-    args = dict(data_dir=str(data_dir), image_size=32, check_leakage=False, download=False)
+    # the disk store: decoded once per test session, opened from the cache by every later setup
+    args = dict(data_dir=str(data_dir), image_size=32, check_leakage=False, download=False, store="disk")
     return ChestXrayDataModule(**{**args, **kwargs})
 
 
@@ -46,8 +48,8 @@ def test_finds_every_image_of_the_real_dataset_with_its_label(real_data_dir):
         assert Counter(dm.classes[y] for y in labels) == EXPECTED[split]
         for path, label in zip(paths, labels, strict=True):
             assert path.parent.name == dm.classes[label] and path.parent.parent.name == split
-    image, label, position = dm.test_sets["test"][0]
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 32, 32) and position == 0
+    image, label, position, leaking = dm.test_sets["test"][0]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 32, 32) and position == 0 and not leaking
 
 
 def test_val_split_is_stratified_disjoint_and_seeded(data_dir):
@@ -87,14 +89,13 @@ def test_k_folds_are_disjoint_stratified_cover_train_once_and_never_touch_test(d
 
 
 def write_index(data_dir: Path, index: Path, with_split: bool = True) -> None:
-    """A label file listing every image of the folder layout, paths relative to the file."""
+    """A label file listing every image of the folder layout: absolute paths (the data is not below the file)."""
     with open(index, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "split"] if with_split else ["path", "label"])
         for split in ("train", "test"):
             for path in sorted((data_dir / split).rglob("*.*")):
-                rel = os.path.relpath(path, index.parent)  # relative to the label file, as the public sets ship
-                writer.writerow([rel, path.parent.name, split] if with_split else [rel, path.parent.name])
+                writer.writerow([path, path.parent.name, split] if with_split else [path, path.parent.name])
 
 
 @pytest.mark.real_data
@@ -135,8 +136,52 @@ def test_label_file_errors_name_the_file_line_and_problem(synthetic_dir, tmp_pat
     with pytest.raises(DataError, match=r"needs a header with the columns path,label\[,split\]"):
         read_index(index, ["Normal"])
     index.write_text(f"path,label\n{image},Normal\n")
-    with pytest.raises(DataError, match="training needs a split column"):
+    with pytest.raises(DataError, match=r"labels.csv: line 1 \(the header\) has no split column"):
         setup(make_dm(tmp_path, index=str(index)))
+    index.write_text(f"path,label,split\n{image},Normal,train\n{image},Normal\n")
+    with pytest.raises(DataError, match=r"the split column must be one of \['train', 'test'\]:\n  line 3: no split"):
+        read_index(index, ["Normal"])
+
+
+def test_label_file_rows_are_counted_once_and_never_relabel_an_image(synthetic_dir, tmp_path):
+    """A path listed twice: counted once when the rows agree, an error naming both lines when they do not, however
+    the path is spelled (relative, absolute, through ..)."""
+    folder = tmp_path / "set"
+    shutil.copytree(synthetic_dir / "train" / "Normal", folder / "imgs")
+    names = sorted(p.name for p in (folder / "imgs").iterdir())
+    index = folder / "labels.csv"
+    classes = ["Normal", "Covid", "Viral Pneumonia"]
+    rows = [
+        f"imgs/{names[0]},Normal,train",
+        f"imgs/{names[1]},Covid,train",
+        f"{folder / 'imgs' / names[0]},Normal,train",
+    ]
+    index.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat an image already listed: each counted once"):
+        groups = read_index(index, classes)
+    assert sorted(p.name for p in groups["train"].paths) == sorted(names[:2])
+    assert dict(zip([p.name for p in groups["train"].paths], groups["train"].labels, strict=True))[names[0]] == 0
+    rows.append(f"imgs/../imgs/{names[1]},Normal,train")  # the Covid image again, now called Normal
+    index.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(
+        DataError, match=rf"lines 3 and 5: imgs/../imgs/{re.escape(names[1])} is Covid \(train\) and Normal"
+    ):
+        read_index(index, classes)
+    index.write_text(f"path,label,split\n../elsewhere.png,Normal,train\nimgs/{names[0]},Normal,test\n")
+    with pytest.raises(
+        DataError, match=r"relative paths must stay inside the label file's folder .*\n  line 2: ../elsewhere.png"
+    ):
+        read_index(index, classes)
+
+
+def test_a_label_file_that_is_not_utf8_names_its_line(tmp_path):
+    index = tmp_path / "labels.csv"
+    index.write_bytes("path,label,split\na.png,Normal,train\nRöntgen.png,Normal,train\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read_index(index, ["Normal"])
+    assert str(err.value) == (
+        f"data.index={index}: line 3 is not UTF-8 text (byte 0xf6 at offset 37); save the label file as UTF-8"
+    )
 
 
 def test_missing_data_folder_names_path_and_setting(tmp_path):
@@ -193,9 +238,20 @@ def test_augmentation_changes_train_images_only(data_dir):
 
 
 def test_feature_cache_with_augmentation_is_refused(tmp_path, data_dir):
+    from chestxray.errors import ConfigError
     from chestxray.training import build
     from tests.conftest import train_config
 
     cfg = train_config(tmp_path, data_dir, "model.freeze=features", "model.cache_features=true", "data.augment=true")
-    with pytest.raises(ValueError, match="data.augment=false"):
+    with pytest.raises(ConfigError, match="data.augment=false"):
         build(cfg)
+
+
+def test_more_loader_workers_than_cores_are_capped_with_a_warning(data_dir):
+    from chestxray.parallel import available_cpus
+
+    dm = make_dm(data_dir, num_workers=1000)
+    with pytest.warns(UserWarning, match=rf"data.num_workers=1000: this machine has {available_cpus()} cores"):
+        assert dm._num_workers() == available_cpus()
+    assert make_dm(data_dir, num_workers=0)._num_workers() == 0
+    assert make_dm(data_dir)._num_workers() == 0  # auto, on the CPU: the images are decoded already

@@ -185,6 +185,15 @@ def test_tiny_image_is_refused_with_the_setting(tmp_path):
     ok = tmp_path / "small.png"
     ok.write_bytes(png_bytes(40, 32))
     assert read_image(ok).shape == (32, 40, 3)
+    for width, height in ((1000, 31), (31, 1000), (1, 1000), (1000, 1)):  # the shorter side counts, either way round
+        strip = tmp_path / f"strip_{width}x{height}.png"
+        strip.write_bytes(png_bytes(width, height))
+        with pytest.raises(BadImageError, match=rf"{width} x {height} pixels is smaller than data.min_image_side=32"):
+            read_image(strip)
+    for width, height in ((1000, 32), (32, 1000)):
+        wide = tmp_path / f"ok_{width}x{height}.png"
+        wide.write_bytes(png_bytes(width, height))
+        assert read_image(wide).shape == (height, width, 3)
 
 
 def exif_rotated_jpeg(path: Path, orientation: int) -> np.ndarray:

@@ -1,8 +1,11 @@
+"""Training end to end: what a run writes, which checkpoint it tests, calibration, resume, stops and sweeps."""
+
 import csv
 import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from chestxray.checkpoints import load_checkpoint
-from chestxray.training import OutputDirError, build, check_files, train
-from tests.conftest import ROOT, TINY, signal_when, train_config
+from chestxray import metrics
+from chestxray.checkpoints import load_model
+from chestxray.errors import NonFiniteLossError, OutputDirError
+from chestxray.training import build, check_files, train
+from tests.conftest import ROOT, TINY, run_script, signal_when, train_config
 
 SCALARS = {
     "train/loss",
@@ -34,70 +39,100 @@ def read_events(folder: Path) -> EventAccumulator:
     return events
 
 
-def run_script(*args: str, timeout: int = 600, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
 def report_probs(folder: Path) -> dict[str, np.ndarray]:
     with open(folder / "predictions.csv", newline="") as fh:
         return {r["path"]: np.array([float(r[k]) for k in r if k.startswith("prob_")]) for r in csv.DictReader(fh)}
 
 
-def test_run_writes_checkpoints_a_stable_best_name_and_curves(trained_run):
-    out = trained_run["dir"]
-    checkpoints = out / "checkpoints"
-    epochs = [p for p in checkpoints.glob("epoch_*.ckpt")]
-    assert len(epochs) == 1 and (checkpoints / "last.ckpt").is_file()
-    assert (checkpoints / "best.ckpt").resolve() == epochs[0].resolve()
+# --- the fast tier: one fast_dev_run, and a two-epoch run's files -----------------------------------------------
+
+
+def test_fast_dev_run_goes_through_train_test_and_report(tmp_path, data_dir):
+    out = tmp_path / "fdr"
+    cfg = train_config(out, data_dir, "debug=fdr", "data.check_leakage=true")
+    value = train(cfg)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n"] == 8 and 0 <= report["accuracy"] <= 1  # one test batch of 8
+    assert report["accuracy"] == pytest.approx(json.loads((out / "results.json").read_text())["metrics"]["test/acc"])
+    assert value == pytest.approx(json.loads((out / "results.json").read_text())["metrics"]["val/acc_best"])
+    with open(out / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+
+
+def test_a_run_writes_its_checkpoints_reports_and_curves(tiny_run):
+    out = tiny_run["dir"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     events = read_events(out / "tensorboard")
     assert SCALARS <= set(events.Tags()["scalars"])
-    assert len(events.Scalars("train/loss")) == 10 and len(events.Scalars("val/acc")) == 10
-    assert trained_run["value"] == pytest.approx(max(e.value for e in events.Scalars("val/acc")))
+    assert len(events.Scalars("train/loss")) == 2 and len(events.Scalars("val/acc")) == 2
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["test/acc"] == pytest.approx(events.Scalars("test/acc")[-1].value)
-    assert results["metrics"]["test/acc"] > 0.6  # it learned: chance is 1/3
+    assert tiny_run["value"] == pytest.approx(max(e.value for e in events.Scalars("val/acc")))
+    for name in ("samples", "curves", "confusion_matrix", "per_class", "reliability", "gallery", "gradcam_gallery"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
 
 
-def test_report_is_the_best_checkpoint_image_by_image(trained_run):
-    """The test report's per-image probabilities are those of a reload of best.ckpt, not of the last weights."""
-    out = trained_run["dir"]
-    reported = report_probs(out)
-    metrics = json.loads((out / "metrics.json").read_text())
-    logged = read_events(out / "tensorboard").Scalars("test/acc")[-1].value
-    assert metrics["accuracy"] == pytest.approx(logged, abs=1e-6)
+def test_best_ckpt_is_the_epoch_with_the_highest_validation_accuracy(tiny_run):
+    """The first epoch that reached the highest val/acc (a later tie is not better), and last.ckpt the last."""
+    out = tiny_run["dir"]
+    val_acc = [e.value for e in read_events(out / "tensorboard").Scalars("val/acc")]
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert best["epoch"] == int(np.argmax(val_acc))
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["epoch"] == 1
+
+
+def test_the_test_report_holds_the_modules_numbers_and_the_same_numbers_from_its_rows(tiny_run):
+    """metrics.json is what the module's collections computed (logged to TensorBoard too); recomputing the report
+    from predictions.csv with predict's path gives the same numbers."""
+    out = tiny_run["dir"]
+    report = json.loads((out / "metrics.json").read_text())
+    events = read_events(out / "tensorboard")
+    assert report["accuracy"] == pytest.approx(events.Scalars("test/acc")[-1].value, abs=1e-6)
+    assert report["loss"] == pytest.approx(events.Scalars("test/loss")[-1].value, abs=1e-5)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    classes = report["classes"]
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    again = metrics.evaluate(labels, probs, classes)
+    for key in ("n", "correct", "confusion_matrix"):
+        assert again[key] == report[key], key
+    for key in ("accuracy", "loss", "expected_calibration_error"):
+        assert again[key] == pytest.approx(report[key], abs=1e-4), key
+    # the CSV keeps 6 decimals: probabilities of a barely trained model tie there, which moves the AUC a little
+    assert again["macro_roc_auc_ovr"] == pytest.approx(report["macro_roc_auc_ovr"], abs=5e-3)
+    clean = report["leak_free"]
+    assert clean["n"] == report["n"] - len(report["leaking_images"]) and len(report["leaking_images"]) == 3
+    kept = [r for r in rows if r["leaking"] == "0"]
+    assert clean["correct"] == sum(r["pred"] == r["label"] for r in kept)
+    assert events.Scalars("test/acc_leak_free")[-1].value == pytest.approx(clean["accuracy"], abs=1e-6)
+
+
+def test_the_best_checkpoint_is_calibrated_on_the_validation_split(tiny_run):
+    out = tiny_run["dir"]
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    temperature = float(best["state_dict"]["temperature"])
+    assert bool(best["state_dict"]["calibrated"]) and temperature != 1.0
+    assert float(torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["temperature"]) == 1
+    report = json.loads((out / "metrics.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["temperature"] == pytest.approx(temperature)
+    assert calibration["after"]["loss"] == pytest.approx(report["loss"])
+    # the reported probabilities are the calibrated ones: softmax(logits / T) of the checkpoint
+    model = load_model(out / "checkpoints" / "best.ckpt")
     from hydra.utils import instantiate
 
-    dm = instantiate(trained_run["cfg"].data)
+    dm = instantiate(tiny_run["cfg"].data)
     dm.setup()
     test = dm.test_sets["test"]
-    images = torch.stack([test[i][0] for i in range(len(test))])
-    probs = {}
-    for name in ("best.ckpt", "last.ckpt"):
-        model = load_checkpoint(out / "checkpoints" / name)
-        with torch.inference_mode():
-            probs[name] = model(images).softmax(1).numpy()
-    best = np.array([reported[str(p)] for p in test.paths])
-    assert best.shape == probs["best.ckpt"].shape and np.abs(best - probs["best.ckpt"]).max() < 1e-5
-    if torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] != 9:
-        assert np.abs(best - probs["last.ckpt"]).max() > 1e-3  # a test of the last weights would not match
-    labels = test.labels.numpy()
-    assert (probs["best.ckpt"].argmax(1) == labels).mean() == pytest.approx(logged, abs=1e-6)
-
-
-def test_leak_free_numbers_exclude_exactly_the_flagged_test_images(trained_run):
-    out = trained_run["dir"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    flagged = {Path(p).name for p in metrics["leaking_images"]}
-    assert flagged == {"leak_0.jpg", "leak_1.jpg", "leak_2.jpg"}  # the generated copies of train images
-    clean = metrics["leak_free"]
-    assert clean["n"] == metrics["n"] - 3
-    rows = [r for r in csv.DictReader(open(out / "predictions.csv")) if r["leaking"] == "0"]
-    assert clean["correct"] == sum(r["pred"] == r["label"] for r in rows)
-    events = read_events(out / "tensorboard")
-    assert events.Scalars("test/acc_leak_free")[-1].value == pytest.approx(clean["accuracy"], abs=1e-6)
+    batch = torch.stack([test[i][0] for i in range(8)])
+    with torch.inference_mode():
+        expected = (model.logits(batch) / temperature).softmax(1).numpy()
+        uncalibrated = model.logits(batch).softmax(1).numpy()
+    reported = report_probs(out)
+    got = np.array([reported[str(test.paths[i])] for i in range(8)])
+    assert np.abs(got - expected).max() < 1e-5 and np.abs(got - uncalibrated).max() > 1e-4
+    assert (got.argmax(1) == uncalibrated.argmax(1)).all()
 
 
 def test_output_folder_below_a_file_fails_before_training(tmp_path, data_dir):
@@ -108,54 +143,182 @@ def test_output_folder_below_a_file_fails_before_training(tmp_path, data_dir):
         train(cfg)
 
 
-# --- wrong files: one clear line, status 2, before any image is decoded -------------------------------------------
+# --- the slow tier ------------------------------------------------------------------------------------------------
 
 
-def test_wrong_checkpoint_and_weights_files_are_named_with_what_is_wrong(tmp_path, synthetic_dir, trained_run):
+@pytest.mark.slow
+def test_the_model_learns_and_the_report_is_the_best_checkpoint_image_by_image(trained_run):
+    out = trained_run["dir"]
+    results = json.loads((out / "results.json").read_text())["metrics"]
+    assert results["test/acc"] > 0.6  # chance is 1/3; the generated classes are learnt to about 0.9 and above
+    val_acc = [h["val/acc"] for h in json.loads((out / "history.json").read_text())]
+    best_epoch = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["epoch"]
+    assert max(val_acc) > min(val_acc) and best_epoch == int(np.argmax(val_acc))  # the best epoch, not the worst
+    reported = report_probs(out)
+    from hydra.utils import instantiate
+
+    dm = instantiate(trained_run["cfg"].data)
+    dm.setup()
+    test = dm.test_sets["test"]
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    model = load_model(out / "checkpoints" / "best.ckpt")
+    with torch.inference_mode():
+        probs = model(images).softmax(1).numpy()
+    best = np.array([reported[str(p)] for p in test.paths])
+    assert np.abs(best - probs).max() < 1e-5
+    assert (probs.argmax(1) == test.labels.numpy()).mean() == pytest.approx(results["test/acc"], abs=1e-6)
+
+
+class RuinTheLastEpoch(L.Callback):
+    """From the last epoch on, the model calls everything the first class: the last epoch is never the best."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                head = pl_module.net.classifier[-1]
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+
+
+@pytest.mark.slow
+def test_the_test_report_is_of_the_best_epoch_not_the_last(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    cfg = train_config(out, synthetic_dir, "trainer.max_epochs=3", "optimizer=adam", "optimizer.lr=1e-4")
+    datamodule, model, trainer = build(cfg)
+    trainer.callbacks.append(RuinTheLastEpoch())
+    trainer.fit(model, datamodule=datamodule)
+    best = trainer.checkpoint_callback.best_model_path
+    assert torch.load(best, weights_only=True)["epoch"] < 2
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    reported = report_probs(out)
+    test = datamodule.test_sets["test"]
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    for name, should_match in (("best.ckpt", True), ("last.ckpt", False)):
+        with torch.inference_mode():
+            probs = load_model(out / "checkpoints" / name)(images).softmax(1).numpy()
+        got = np.array([reported[str(p)] for p in test.paths])
+        assert (np.abs(got - probs).max() < 1e-5) == should_match, name
+
+
+@pytest.mark.slow
+def test_a_nan_in_the_first_of_two_accumulated_batches_stops_training(tmp_path, synthetic_dir):
+    """trainer.accumulate_grad_batches=2: batch 0's loss is NaN, batch 1's is not; the step must not be applied."""
+
+    class PoisonOneBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                self.saved = pl_module.net.classifier[-1].bias.detach().clone()
+                with torch.no_grad():
+                    pl_module.net.classifier[-1].bias.fill_(float("nan"))
+            elif trainer.current_epoch == 1 and batch_idx == 1:
+                with torch.no_grad():
+                    pl_module.net.classifier[-1].bias.copy_(self.saved)
+
+    cfg = train_config(
+        tmp_path, synthetic_dir, "trainer.max_epochs=3", "trainer.accumulate_grad_batches=2", "test=false"
+    )
+    datamodule, model, trainer = build(cfg)
+    trainer.callbacks.append(PoisonOneBatch())
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 1, step 2 \(batch 0\)"):
+        trainer.fit(model, datamodule=datamodule)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+
+
+@pytest.mark.slow
+def test_wrong_checkpoint_and_weights_files_are_named_with_what_is_wrong(tmp_path, synthetic_dir, tiny_run):
     text = tmp_path / "notes.ckpt"
     text.write_text("I am not a checkpoint")
     other = tmp_path / "other.ckpt"
     torch.save({"weights": torch.zeros(2)}, other)
-    resnet = tmp_path / "resnet.pth"
-    from torchvision.models import resnet18
-
-    torch.save(resnet18(weights=None).state_dict(), resnet)
     cases = [
         (f"ckpt_path={tmp_path / 'missing.ckpt'}", rf"ckpt_path={tmp_path / 'missing.ckpt'}: file not found"),
         (f"ckpt_path={text}", rf"ckpt_path={text}: not a PyTorch checkpoint"),
         (f"ckpt_path={other}", rf"ckpt_path={other}: not a chestxray checkpoint"),
-        (
-            f"model.weights_path={resnet}",
-            rf"model.weights_path={resnet}: not torchvision VGG19 weights: keys missing 38",
-        ),
-        (f"model.weights_path={text}", rf"model.weights_path={text}: not a PyTorch weights file"),
-        (
-            f"ckpt_path={trained_run['dir'] / 'checkpoints' / 'last.ckpt'}",
-            r"data.image_size=64 but the checkpoint has 32",
-        ),
+        (f"ckpt_path={tiny_run['dir'] / 'checkpoints' / 'last.ckpt'}", r"data.image_size=64 but the checkpoint has 32"),
+        (f"ckpt_path={tiny_run['dir'] / 'checkpoints' / 'last.ckpt'}", r"model.backbone=resnet50 but the checkpoint"),
     ]
     for override, message in cases:
-        size = ["data.image_size=64"] if "last.ckpt" in override else []
-        cfg = train_config(tmp_path / "run", synthetic_dir, override, *size)
+        extra = (
+            ["data.image_size=64"]
+            if "image_size" in message
+            else ["model.backbone=resnet50"]
+            if "backbone" in message
+            else []
+        )
         with pytest.raises(Exception, match=message) as err:
-            build(cfg) if "weights_path" in override else check_files(cfg)
+            check_files(train_config(tmp_path / "run", synthetic_dir, override, *extra))
         assert "\n" not in str(err.value)  # one line
+    run = tmp_path / "r"
     result = run_script(
-        "train.py",
-        *TINY,
-        f"data.data_dir={synthetic_dir}",
-        f"ckpt_path={text}",
-        f"hydra.run.dir={tmp_path / 'r'}",
-        ok=False,
+        "train.py", *TINY, f"data.data_dir={synthetic_dir}", f"ckpt_path={text}", f"hydra.run.dir={run}", ok=False
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: error: CheckpointError: ckpt_path={text}:")
     assert "decoding" not in result.stderr  # refused before any image was decoded
+    assert [p.name for p in run.iterdir()] == ["train.log"]  # only the log that explains the refusal
 
 
-# --- resume ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.image_size=-1"], "train.py: error: ConfigError: data.image_size=-1: must be an integer at least 32"),
+        (["trainer.max_epochs=0"], "train.py: error: ConfigError: trainer.max_epochs=0: must be an integer at least 1"),
+        (["optimizer=adam", "experiment=notebook"], "train.py: error: ConfigError: optimizer=adam contradicts"),
+    ],
+)
+def test_bad_settings_are_refused_at_once_leaving_only_the_log(tmp_path, synthetic_dir, overrides, message):
+    run = tmp_path / "run"
+    start = time.monotonic()
+    result = run_script("train.py", f"data.data_dir={synthetic_dir}", *overrides, f"hydra.run.dir={run}", ok=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "decoding" not in result.stderr and time.monotonic() - start < 60
+    assert [p.name for p in run.iterdir()] == ["train.log"] and message in (run / "train.log").read_text()
 
 
+# --- run folders ----------------------------------------------------------------------------------------------
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    from chestxray.runs import new_folder
+
+    base = str(tmp_path / "runs" / "2026-12-01_10-00-00")
+    assert [Path(new_folder(base)).name for _ in range(3)] == [
+        "2026-12-01_10-00-00",
+        "2026-12-01_10-00-00_2",
+        "2026-12-01_10-00-00_3",
+    ]
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_never_share_a_folder(tmp_path, synthetic_dir):
+    """The default run folder with a fixed time stamp (as two runs in the same second get), resolved by each process:
+    two folders, each with its own settings and checkpoints. The same folder given by hand: the second is refused."""
+    base = tmp_path / "runs" / "same-second"
+    common = [*TINY, f"data.data_dir={synthetic_dir}", "test=false", "trainer.max_epochs=1"]
+    cmds = [
+        [sys.executable, "train.py", *common, f"optimizer.lr={lr}", f"hydra.run.dir=${{chestxray.run_dir:null,{base}}}"]
+        for lr in ("0.1", "0.0001")
+    ]
+    procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read()[-2000:] for p in procs]
+    folders = sorted(base.parent.iterdir())
+    assert [f.name for f in folders] == ["same-second", "same-second_2"]
+    lrs = {f.name: (f / ".hydra" / "overrides.yaml").read_text() for f in folders}
+    assert sorted("optimizer.lr=0.1" in t for t in lrs.values()) == [False, True]
+    for folder in folders:
+        ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["epoch"] == 0 and len(list((folder / "tensorboard").glob("events.*"))) == 1
+    again = run_script("train.py", *common, f"hydra.run.dir={folders[0]}", ok=False)
+    assert again.returncode == 2
+    assert f"OutputDirError: hydra.run.dir={folders[0]} already holds a run (checkpoints" in again.stderr
+
+
+@pytest.mark.slow
 def test_resume_continues_the_run_in_its_folder_with_its_settings(tmp_path, synthetic_dir):
     run = tmp_path / "run"
     base = [o for o in TINY if "max_epochs" not in o]
@@ -182,6 +345,7 @@ def test_resume_continues_the_run_in_its_folder_with_its_settings(tmp_path, synt
     changed = run_script("train.py", f"resume={run}", "data.image_size=64", ok=False)
     assert changed.returncode == 2 and f"resume={run}: data.image_size=64 but the checkpoint has 32" in changed.stderr
     assert "data.image_size=64" not in (run / ".hydra" / "overrides.yaml").read_text()  # a refusal changes nothing
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / ".hydra").is_dir()  # and deletes nothing
     again = run_script("train.py", f"resume={run}", "trainer.max_epochs=4")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
     out = again.stdout + again.stderr
@@ -216,6 +380,7 @@ class WorseEveryEpoch(L.Callback):
             head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
 
 
+@pytest.mark.slow
 def test_best_validation_accuracy_survives_a_resume(tmp_path, synthetic_dir):
     out = tmp_path / "run"
     train(train_config(out, synthetic_dir, "test=false", "trainer.max_epochs=1"))
@@ -238,45 +403,35 @@ def test_best_validation_accuracy_survives_a_resume(tmp_path, synthetic_dir):
 @pytest.mark.slow
 def test_sigterm_stops_training_with_143_and_resume_finishes_the_run(tmp_path, synthetic_dir):
     run = tmp_path / "run"
-    args = [o for o in TINY if "max_epochs" not in o and "limit_train" not in o]
-    cmd = [
-        sys.executable,
-        "train.py",
-        *args,
-        f"data.data_dir={synthetic_dir}",
-        "trainer.max_epochs=4",
-        "data.batch_size=2",
-    ]
-    cmd += ["test=false", f"hydra.run.dir={run}"]
+    args = [o for o in TINY if "debug" not in o]
+    cmd = [sys.executable, "train.py", *args, "debug=default", f"data.data_dir={synthetic_dir}", "trainer.max_epochs=4"]
+    cmd += ["data.batch_size=2", "test=false", f"hydra.run.dir={run}"]
     last = run / "checkpoints" / "last.ckpt"
     proc, stderr, seconds = signal_when(cmd, last.exists, signal.SIGTERM)
     assert seconds < 15
     assert proc.returncode == 143, stderr[-3000:]
-    assert f"train.py: stopped by SIGTERM: resume with: python train.py resume={run}" in stderr
+    message = f"train.py: stopped by SIGTERM: resume with: python train.py resume={run}"
+    assert message in stderr and message in (run / "train.log").read_text()  # in the run's log too
     saved = torch.load(last, weights_only=True)  # never half-written: it loads
     assert saved["epoch"] < 3
     steps_per_epoch = saved["global_step"] // (saved["epoch"] + 1)
     run_script("train.py", f"resume={run}")
     final = torch.load(last, weights_only=True)
     assert final["epoch"] == 3 and final["global_step"] == 4 * steps_per_epoch
-    # resumed, not restarted: each epoch appears once in the run's TensorBoard log
-    assert [e.step for e in read_events(run / "tensorboard").Scalars("train/loss")] == sorted(
-        {e.step for e in read_events(run / "tensorboard").Scalars("train/loss")}
-    )
-    assert len(read_events(run / "tensorboard").Scalars("train/loss")) == 4
+    steps = [e.step for e in read_events(run / "tensorboard").Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # resumed, not restarted: each epoch once
 
 
 @pytest.mark.slow
 def test_lr_multirun_makes_one_folder_per_run_and_a_summary(tmp_path, synthetic_dir):
     sweep = tmp_path / "sweep"
-    overrides = [o for o in TINY if not o.startswith("trainer.max_epochs")]
+    overrides = [o for o in TINY if "check_leakage" not in o]
     run_script(
         "train.py",
         "-m",
         "optimizer.lr=1e-3,1e-2",
         "trainer.max_epochs=1",
         *overrides,
-        "data.check_leakage=true",
         f"data.data_dir={synthetic_dir}",
         f"hydra.sweep.dir={sweep}",
     )
@@ -290,12 +445,12 @@ def test_lr_multirun_makes_one_folder_per_run_and_a_summary(tmp_path, synthetic_
         rows = {r["run"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"0", "1"}
     for run in runs:
-        metrics = json.loads((run / "metrics.json").read_text())
+        report = json.loads((run / "metrics.json").read_text())
         results = json.loads((run / "results.json").read_text())
         row = rows[run.name]
-        assert float(row["test/acc"]) == pytest.approx(metrics["accuracy"], abs=1e-4)
+        assert float(row["test/acc"]) == pytest.approx(report["accuracy"], abs=1e-4)
         assert float(row["val/acc_best"]) == pytest.approx(results["metrics"]["val/acc_best"], abs=1e-4)
-        assert float(row["test/acc_leak_free"]) == pytest.approx(metrics["leak_free"]["accuracy"], abs=1e-4)
+        assert float(row["test/acc_leak_free"]) == pytest.approx(report["leak_free"]["accuracy"], abs=1e-4)
     values = [float(r["val/acc_best"]) for r in rows.values()]
     assert values == sorted(values, reverse=True)  # best first
     assert "McNemar" in (sweep / "summary.md").read_text()

@@ -1,0 +1,249 @@
+"""torchvision backbones under the notebook's head, and what each family needs to be built, frozen and explained.
+
+Every backbone keeps torchvision's own module (so `model.weights_path=` takes torchvision's state dicts, and checkpoints
+name parameters as torchvision does) with its ImageNet head replaced by the notebook's:
+
+    pool -> Linear(features, 256) -> ReLU -> Dropout -> Linear(256, classes)
+
+The network is run as `head(trunk(x))`: the trunk is everything up to the pooled feature vector, the head is the new
+part. That split is what `model.cache_features` caches and what `model.freeze=features` freezes; `blocks` are the
+stages `model.freeze=N` freezes from the input side; `gradcam_layer` is the last convolutional stage, where Grad-CAM
+looks (pytorch-grad-cam's choice for each family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from chestxray.errors import ConfigError, WeightsError
+
+HEAD_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One torchvision family: where its head sits, how to reach its pooled features, its stages."""
+
+    name: str
+    width: int  # channels of the pooled feature vector
+    head_attr: str  # the attribute holding torchvision's ImageNet head, replaced by ours
+    trunk: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> pooled features (the head's input)
+    blocks: Callable[[nn.Module], list[list[nn.Module]]]  # stages from the input side, for model.freeze=N
+    gradcam_layer: Callable[[nn.Module], nn.Module]
+    keep_head_prefix: int = 0  # modules of torchvision's head kept before ours (ConvNeXt's LayerNorm2d, Flatten)
+
+    def head(self, net: nn.Module) -> nn.Module:
+        return getattr(net, self.head_attr)
+
+
+def _vgg_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(net.avgpool(net.features(x)), 1)
+
+
+def _vgg_blocks(net: nn.Module) -> list[list[nn.Module]]:
+    # Each of VGG19's five convolutional blocks ends with a MaxPool.
+    blocks, current = [], []
+    for layer in net.features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append(current)
+            current = []
+    return blocks
+
+
+def _resnet_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    return torch.flatten(net.avgpool(x), 1)
+
+
+def _densenet_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # torchvision applies ReLU in place here; out of place keeps Grad-CAM's hook on norm5 valid
+    return torch.flatten(F.adaptive_avg_pool2d(F.relu(net.features(x)), 1), 1)
+
+
+def _densenet_blocks(net: nn.Module) -> list[list[nn.Module]]:
+    f = net.features
+    return [
+        [f.conv0, f.norm0, f.relu0, f.pool0],
+        [f.denseblock1, f.transition1],
+        [f.denseblock2, f.transition2],
+        [f.denseblock3, f.transition3],
+        [f.denseblock4, f.norm5],
+    ]
+
+
+def _pooled_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(net.avgpool(net.features(x)), 1)
+
+
+def _convnext_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.avgpool(net.features(x))  # N x C x 1 x 1: the kept LayerNorm2d and Flatten come first in the head
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("vgg19", 512, "classifier", _vgg_trunk, _vgg_blocks, lambda net: net.features[35]),
+        Backbone(
+            "resnet50",
+            2048,
+            "fc",
+            _resnet_trunk,
+            lambda net: [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]],
+            lambda net: net.layer4[-1],
+        ),
+        Backbone("densenet121", 1024, "classifier", _densenet_trunk, _densenet_blocks, lambda net: net.features.norm5),
+        Backbone(
+            "efficientnet_b0",
+            1280,
+            "classifier",
+            _pooled_trunk,
+            lambda net: [[stage] for stage in net.features],
+            lambda net: net.features[-1],
+        ),
+        Backbone(
+            "convnext_tiny",
+            768,
+            "classifier",
+            _convnext_trunk,
+            lambda net: [[net.features[i], net.features[i + 1]] for i in (0, 2, 4, 6)],  # stem or downsampling + stage
+            lambda net: net.features[-1],
+            keep_head_prefix=2,
+        ),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone={name}: not one of {list(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def imagenet_weights(name: str) -> models.WeightsEnum:
+    """torchvision's recommended ImageNet weights of the family (IMAGENET1K_V1 for VGG19, as the notebook)."""
+    return models.get_model_weights(name).DEFAULT
+
+
+def _reference_state(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's parameter names and shapes for `name` (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        return models.get_model(name, weights=None).state_dict()
+
+
+def read_weights(weights_path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """A torchvision state dict of backbone `name` from a file, or WeightsError saying what the file is (one line)."""
+    path = Path(weights_path)
+    setting = f"model.weights_path={weights_path}"
+    if not path.is_file():
+        raise WeightsError(f"{setting}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors all mean "not a torch weights file"
+        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{setting}: not a PyTorch weights file ({detail})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{setting}: not a state dict (a mapping of parameter names to tensors)")
+    expected = _reference_state(name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise WeightsError(f"{setting}: not torchvision {name} weights: keys {'; '.join(parts)}")
+    return state
+
+
+def imagenet_state(name: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of `name`: from model.weights_path, else downloaded (cached by torch.hub)."""
+    if weights_path:
+        return read_weights(weights_path, name)
+    weights = imagenet_weights(name)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as err:  # noqa: BLE001 - offline, proxy, corrupt download: same advice
+        raise WeightsError(
+            f"could not download the ImageNet {name} weights ({weights.url}): {type(err).__name__}: {err}\n"
+            "  On a machine without internet, download that file elsewhere and pass model.weights_path=FILE,\n"
+            "  or train from scratch with model.pretrained=false."
+        ) from err
+
+
+def build_network(
+    name: str, num_classes: int, pretrained: bool = True, weights_path: str | None = None, dropout: float = 0.1
+) -> nn.Module:
+    """torchvision's `name` (ImageNet weights when pretrained) with the notebook's head on its pooled features."""
+    spec = get_backbone(name)
+    state = imagenet_state(name, weights_path) if pretrained or weights_path else None
+    if name == "vgg19":
+        # torchvision would allocate and draw 120M random numbers for VGG's ImageNet classifier, replaced below (a
+        # second per model): build it on the meta device without it, then initialise the convolutions as
+        # torchvision's VGG does (or load the ImageNet ones).
+        with torch.device("meta"):
+            net = models.vgg19(weights=None, init_weights=False)
+        net.classifier = nn.Sequential()
+        net = net.to_empty(device="cpu")
+        if state is None:
+            for conv in (m for m in net.features if isinstance(m, nn.Conv2d)):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+        else:
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+        net.avgpool = nn.AdaptiveAvgPool2d(1)  # the notebook's pool: global, whatever the image size
+    else:
+        net = models.get_model(name, weights=None)
+        if state is not None:
+            net.load_state_dict(state)
+    kept = list(spec.head(net))[: spec.keep_head_prefix] if spec.keep_head_prefix else []
+    head = nn.Sequential(
+        *kept,
+        *([nn.Flatten()] if name == "vgg19" else []),  # the notebook's Flatten (a no-op after VGG's own flatten)
+        nn.Linear(spec.width, HEAD_WIDTH),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(HEAD_WIDTH, num_classes),
+    )
+    setattr(net, spec.head_attr, head)
+    return net
+
+
+def freeze_stages(net: nn.Module, name: str, setting: str | int | None) -> list[nn.Module]:
+    """'none' trains everything; 'features' trains only the head; N freezes the first N stages. Returns the frozen
+    modules (kept in eval mode by the LightningModule, so BatchNorm statistics stay those they were trained with)."""
+    spec = get_backbone(name)
+    blocks = spec.blocks(net)
+    if setting in (None, "none", 0):
+        return []
+    if setting == "features":
+        count = len(blocks)
+    else:
+        try:
+            count = int(setting)
+        except (TypeError, ValueError):
+            count = -1
+        if not 0 <= count <= len(blocks):
+            raise ConfigError(
+                f"model.freeze={setting}: must be none, features or 0..{len(blocks)} (the stages of {name})"
+            )
+    frozen = [module for block in blocks[:count] for module in block]
+    if setting == "features":  # everything outside the new head, including modules between stages
+        head = spec.head(net)
+        head_ids = {id(m) for m in head.modules()}
+        frozen = [m for name_, m in net.named_children() if id(m) not in head_ids]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen

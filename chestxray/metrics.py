@@ -1,0 +1,208 @@
+"""What every evaluation measures, defined once.
+
+The metrics are torchmetrics objects in a `MetricCollection`: the LightningModule updates one per stage (and per test
+set, with the leak-free numbers through a mask) batch by batch, and predict.py updates the same collection with its
+whole arrays, so a test report and a prediction of the same images give the same numbers. The intervals need the
+per-image results: Wilson for accuracy, `scipy.stats.bootstrap` (percentile) for macro ROC-AUC and per-class
+sensitivity, with torchmetrics computing the statistic on each resample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import binomtest, bootstrap
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+    MulticlassSpecificity,
+)
+from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
+from torchmetrics.functional.classification.calibration_error import _binning_bucketize
+
+# What every stage logs, as <stage>/<name>: train/acc, val/loss, test/acc, eval/<set>/loss, ...
+STAGE_METRICS = ("acc", "loss")
+LEAK_FREE = "_leak_free"
+BEST = "val/acc_best"  # the running best of val/acc, what checkpoints are chosen by and train.py returns
+CALIBRATION_BINS = 10
+CONFIDENCE = 0.95  # of every interval
+PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
+
+
+def set_prefix(set_name: str) -> str:
+    """The metric prefix of an evaluated set: test/... for the test folder, eval/<name>/... for evaluation sets."""
+    return "test" if set_name == "test" else f"eval/{set_name}"
+
+
+def reported_metrics(set_names: Iterable[str]) -> list[str]:
+    """The numbers a run is compared on (TensorBoard's HParams tab, the end of train.log, results.json)."""
+    names = [BEST]
+    for set_name in set_names:
+        prefix = set_prefix(set_name)
+        names += [f"{prefix}/acc", f"{prefix}/acc{LEAK_FREE}", f"{prefix}/loss"]
+    return names
+
+
+def stage_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy and mean cross-entropy: what train and val log every epoch.
+
+    Updated with keywords (preds=, target=, value=): each metric takes the ones its update() names.
+    """
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()})
+
+
+def report_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
+    """Everything an evaluation report holds, from probabilities (preds=), labels (target=), per-image NLL (value=).
+
+    sync: gather the states of every process before computing (the test loop under DDP); False for arrays that one
+    process already holds whole (predict.py's report on rank 0).
+    """
+    k, kw = num_classes, {"sync_on_compute": sync}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(k, average="micro", **kw),
+            "loss": MeanMetric(**kw),
+            "auroc": MulticlassAUROC(k, average="macro", **kw),
+            "ece": MulticlassCalibrationError(k, n_bins=CALIBRATION_BINS, **kw),
+            "confusion": MulticlassConfusionMatrix(k, **kw),
+            "sensitivity": MulticlassRecall(k, average=None, **kw),
+            "specificity": MulticlassSpecificity(k, average=None, **kw),
+            "precision": MulticlassPrecision(k, average=None, **kw),
+            "f1": MulticlassF1Score(k, average=None, **kw),
+        }
+    )
+
+
+def calibration_metrics(num_classes: int) -> MetricCollection:
+    """Expected calibration error and NLL: measured before temperature scaling too, to show what it changed."""
+    return MetricCollection(
+        {"ece": MulticlassCalibrationError(num_classes, n_bins=CALIBRATION_BINS), "loss": MeanMetric()}
+    )
+
+
+def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image negative log-likelihood of probabilities (an ensemble's average has no logits)."""
+    return -torch.log(probs.gather(1, target[:, None]).squeeze(1).clamp_min(1e-12))
+
+
+def summarise(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict:
+    """A report collection's compute() as plain numbers; {"n": 0} when it saw no image."""
+    confusion = computed["confusion"].long()
+    n = int(confusion.sum())
+    if n == 0:
+        return {"n": 0}
+    support = confusion.sum(1).tolist()
+    per_class = {
+        c: {**{m: float(computed[m][i]) for m in PER_CLASS}, "support": support[i]} for i, c in enumerate(classes)
+    }
+    return {
+        "n": n,
+        "correct": int(confusion.trace()),
+        "accuracy": float(computed["acc"]),
+        "loss": float(computed["loss"]),
+        "macro_roc_auc_ovr": float(computed["auroc"]) if all(support) else None,  # undefined without every class
+        "expected_calibration_error": float(computed["ece"]),
+        "per_class": per_class,
+        "classes": list(classes),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def summarise_calibration(computed: dict[str, torch.Tensor]) -> dict:
+    return {"expected_calibration_error": float(computed["ece"]), "loss": float(computed["loss"])}
+
+
+def evaluate(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """The report numbers of whole arrays (predict.py): the same collection the module updates batch by batch."""
+    if not len(labels):
+        return {"n": 0}
+    collection = report_metrics(len(classes), sync=False)
+    p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
+    collection.update(preds=p, target=y, value=nll(p, y))
+    return summarise(collection.compute(), classes)
+
+
+def wilson_interval(correct: int, n: int, level: float = CONFIDENCE) -> list[float]:
+    ci = binomtest(correct, n).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, probs: np.ndarray, num_classes: int, resamples: int, seed: int, level: float = CONFIDENCE
+) -> dict:
+    """Percentile intervals of macro ROC-AUC and each class's sensitivity over `resamples` seeded resamples of the
+    images (scipy.stats.bootstrap; torchmetrics computes the statistics). None where a resample lacks a class.
+
+    The rows are put in a canonical order first, so the same predictions give the same intervals whatever order they
+    come in (a training run's test loader and predict.py list the files differently).
+    """
+    order = np.lexsort((*np.asarray(probs).T[::-1], labels))
+    y_all = torch.as_tensor(np.asarray(labels)[order], dtype=torch.long)
+    p_all = torch.as_tensor(np.asarray(probs)[order], dtype=torch.float32)
+    k = num_classes
+
+    def statistic(index: np.ndarray) -> np.ndarray:
+        y, p = y_all[index], p_all[index]
+        present = torch.bincount(y, minlength=k) > 0
+        sens = multiclass_recall(p, y, k, average=None, validate_args=False).double()
+        sens = torch.where(present, sens, torch.nan)
+        auc = multiclass_auroc(p, y, k, average="macro", validate_args=False) if present.all() else torch.nan
+        return np.array([float(auc), *sens.tolist()])
+
+    result = bootstrap(
+        (np.arange(len(y_all)),),
+        statistic,
+        n_resamples=resamples,
+        confidence_level=level,
+        method="percentile",
+        vectorized=False,
+        random_state=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+
+    def interval(i: int) -> list[float] | None:
+        return None if np.isnan(low[i]) or np.isnan(high[i]) else [float(low[i]), float(high[i])]
+
+    return {"auc": interval(0), "sensitivity": [interval(1 + c) for c in range(k)]}
+
+
+def with_intervals(numbers: dict, labels: np.ndarray, probs: np.ndarray, resamples: int, seed: int) -> dict:
+    """A summary plus its intervals: Wilson for accuracy, bootstrap for macro ROC-AUC and sensitivity."""
+    if not numbers.get("n"):
+        return numbers
+    result = {**numbers, "accuracy_ci95": wilson_interval(numbers["correct"], numbers["n"])}
+    result["per_class"] = {c: dict(v) for c, v in numbers["per_class"].items()}
+    result["macro_roc_auc_ovr_ci95"] = None
+    result["bootstrap"] = None
+    if resamples > 0 and numbers["n"] >= 2:  # a resample of one image is that image: no interval to speak of
+        intervals = bootstrap_intervals(labels, probs, len(numbers["classes"]), resamples, seed)
+        if numbers["macro_roc_auc_ovr"] is not None:
+            result["macro_roc_auc_ovr_ci95"] = intervals["auc"]
+        for name, ci in zip(numbers["classes"], intervals["sensitivity"], strict=True):
+            result["per_class"][name]["sensitivity_ci95"] = ci
+        result["bootstrap"] = {"resamples": resamples, "seed": seed, "confidence_level": CONFIDENCE}
+    return result
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: accuracy, mean confidence and share of the images, binned as the ECE metric bins them."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    confidence, predicted = p.max(1)
+    correct = (predicted == torch.as_tensor(labels)).float()
+    boundaries = torch.linspace(0, 1, CALIBRATION_BINS + 1)
+    accuracy, mean_confidence, share = (t.double().numpy() for t in _binning_bucketize(confidence, correct, boundaries))
+    # torchmetrics gives confidences of exactly 1.0 a bin of their own after the last: shown in the last bin
+    total = share[-2:].sum()
+    if total > 0:
+        accuracy[-2] = (accuracy[-2:] * share[-2:]).sum() / total
+        mean_confidence[-2] = (mean_confidence[-2:] * share[-2:]).sum() / total
+    share[-2] = total
+    return accuracy[:-1], mean_confidence[:-1], share[:-1]

@@ -1,0 +1,93 @@
+"""Run folders: one per run, never shared, and nothing left behind by a run that was refused before it did any work.
+
+- `outputs/<task>/runs/<time>` (and a sweep's `outputs/<task>/multiruns/<time>`) is created exclusively when Hydra
+  resolves it: a second run started in the same second gets `<time>_2`, and so on (conf/hydra/default.yaml).
+- A folder given by hand (hydra.run.dir=PATH) that already holds a run is refused, unless it is resumed; while a run
+  works in its folder it holds the folder's lock, so a second run started into it at the same time is refused too.
+- A run refused before its first checkpoint (a bad setting, missing data or weights) leaves only its log, which says
+  why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from chestxray.errors import OutputDirError
+
+log = logging.getLogger(__name__)
+
+LOCK = ".run.lock"
+# What a run leaves in its folder once it has done work: another run must not write here.
+RUN_MARKERS = ("checkpoints", "results.json", "predictions.csv", "metrics.json")
+
+
+def new_folder(base: str) -> str:
+    """`base` created now, or `base_2`, `base_3`... if another run took it first (mkdir is the atomic claim)."""
+    path = Path(base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        candidate = path if k == 1 else path.with_name(f"{path.name}_{k}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def run_dir(resume: str | None, base: str) -> str:
+    """hydra.run.dir: the resumed run's own folder, else a new one."""
+    return str(resume) if resume else new_folder(base)
+
+
+@contextlib.contextmanager
+def claim(folder: str | Path, resuming: bool, setting: str = "hydra.run.dir") -> Iterator[None]:
+    """Hold the run folder for the length of the run; refuse a folder that holds another run (unless resuming) or
+    that another process is working in. Ranks other than 0 of a DDP run share rank 0's folder."""
+    folder = Path(folder)
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    if not resuming:
+        done = [m for m in RUN_MARKERS if (folder / m).exists()]
+        if done:
+            raise OutputDirError(
+                f"{setting}={folder} already holds a run ({', '.join(done)}): pick another folder, or continue that "
+                f"run with resume={folder}"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputDirError(f"{setting}={folder}: another run is working in this folder right now") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / LOCK)
+
+
+def discard_if_empty(folder: str | Path, keep: str) -> None:
+    """After a refusal: if the run wrote no checkpoint or report, remove what it set up (Hydra's .hydra/, logger
+    folders) and keep only its log `keep`, which says why it was refused."""
+    folder = Path(folder)
+    if rank_zero_only.rank != 0 or not folder.is_dir() or any((folder / m).exists() for m in RUN_MARKERS):
+        return
+    for entry in folder.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()

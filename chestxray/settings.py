@@ -1,0 +1,223 @@
+"""The range of every numeric (and every closed-choice) setting, checked when a config is composed, before any work:
+a setting out of range is one line naming it and its value (ConfigError, exit 2), not a traceback from deep inside
+NumPy, the optimizer or Lightning after the images were decoded.
+
+One table for train.py and predict.py; a key that is absent from the config (an optimizer without momentum, no
+scheduler) is not checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from chestxray.backbones import BACKBONES
+from chestxray.errors import ConfigError
+
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """key: an integer or a number in [low, high] (open at the ends marked), or one of `choices`; `special` values
+    (null, "auto", ...) are allowed as well."""
+
+    key: str
+    kind: str  # "int", "number", "bool", "choice"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: Sequence[Any] = ()
+    special: Sequence[Any] = ()
+
+    def problem(self, value: Any) -> str | None:
+        if any(value is s or (value == s and type(value) is type(s)) for s in self.special):
+            return None
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else "must be true or false"
+        if self.kind == "choice":
+            return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        is_number = is_int or (isinstance(value, float) and math.isfinite(value))
+        if self.kind == "int" and not is_int:
+            return f"must be {self._range('an integer')}"
+        if not is_number:
+            return f"must be {self._range('a number')}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return (
+            f"must be {self._range('an integer' if self.kind == 'int' else 'a number')}"
+            if too_low or too_high
+            else None
+        )
+
+    def _range(self, what: str) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'greater than' if self.low_open else 'at least'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'less than' if self.high_open else 'at most'} {self.high:g}")
+        extra = f" (or {', '.join('null' if s is None else str(s) for s in self.special)})" if self.special else ""
+        return f"{what}{' ' + ' and '.join(parts) if parts else ''}{extra}"
+
+
+def _int(key, low=None, high=None, special=()):
+    return Rule(key, "int", low, high, special=special)
+
+
+def _number(key, low=None, high=None, low_open=False, high_open=False, special=()):
+    return Rule(key, "number", low, high, low_open, high_open, special=special)
+
+
+def _bool(key, special=()):
+    return Rule(key, "bool", special=special)
+
+
+def _choice(key, choices, special=()):
+    return Rule(key, "choice", choices=choices, special=special)
+
+
+# data.image_size: every backbone halves the image five times; below 32 px nothing is left to classify
+IMAGE_RULES = [
+    _int("data.max_pixels", 1),
+    _int("data.min_image_side", 1),
+    _int("data.eval_batch_size", 1, special=(None,)),
+]
+TRAIN_RULES = [
+    _int("seed", 0, 2**32 - 1),
+    *IMAGE_RULES,
+    _int("data.image_size", 32, 4096),
+    _number("data.val_fraction", 0, 1, high_open=True),
+    _int("data.folds", 2),
+    _int("data.fold", 0, special=(None,)),
+    _int("data.batch_size", 1),
+    _int("data.num_workers", 0, special=("auto",)),
+    _bool("data.pin_memory", special=(None,)),
+    _bool("data.augment"),
+    _choice("data.on_bad_file", ("skip", "error")),
+    _choice("data.store", ("auto", "memory", "disk")),
+    _bool("data.download"),
+    _bool("data.check_leakage"),
+    _bool("data.drop_leaking"),
+    _int("data.leakage_threshold", 0, 256),
+    _choice("model.backbone", tuple(BACKBONES)),
+    _bool("model.pretrained"),
+    _number("model.dropout", 0, 1, high_open=True),
+    _int("model.freeze", 0, special=("none", "features")),
+    _bool("model.cache_features"),
+    _bool("model.channels_last"),
+    _choice("model.compile", (False, True, "default", "reduce-overhead", "max-autotune")),
+    _bool("model.calibrate"),
+    _number("optimizer.lr", 0, low_open=True),
+    _number("optimizer.weight_decay", 0),
+    _number("optimizer.momentum", 0, 1, high_open=True),
+    _number("scheduler.eta_min", 0),
+    _int("scheduler.T_max", 1),
+    _int("scheduler.step_size", 1),
+    _number("scheduler.gamma", 0, low_open=True),
+    _int("trainer.max_epochs", 1),
+    _int("trainer.min_epochs", 0),
+    _int("trainer.accumulate_grad_batches", 1),
+    _int("trainer.log_every_n_steps", 1),
+    _int("trainer.check_val_every_n_epoch", 1),
+    _int("trainer.num_sanity_val_steps", -1),
+    _choice("trainer.precision", PRECISIONS),
+    *[_number(f"trainer.limit_{s}_batches", 0, special=(None,)) for s in ("train", "val", "test")],
+    _number("trainer.overfit_batches", 0),
+    _int("report.bootstrap_resamples", 0),
+    _int("report.seed", 0, 2**32 - 1),
+    _int("report.gallery_tiles", 0),
+    _int("report.gradcam_tiles", 0),
+]
+PREDICT_RULES = [
+    *IMAGE_RULES,
+    _int("decode_workers", 0, special=("auto",)),
+    _int("print_limit", 0),
+    _choice("runtime", ("torch", "onnx", "onnx-int8")),
+    _bool("gradcam"),
+    _choice("trainer.precision", PRECISIONS),
+    _int("report.bootstrap_resamples", 0),
+    _int("report.seed", 0, 2**32 - 1),
+    _int("report.gallery_tiles", 0),
+    _int("report.gradcam_tiles", 0),
+]
+
+
+def check(cfg: DictConfig, rules: Sequence[Rule]) -> None:
+    """Every setting of `rules` that the config has, in range; else one ConfigError naming the first one that is not."""
+    for rule in rules:
+        if OmegaConf.select(cfg, rule.key, default=_ABSENT) is _ABSENT:
+            continue
+        value = OmegaConf.select(cfg, rule.key)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{rule.key}={_show(value)}: {problem}")
+    limits = [f"trainer.limit_{s}_batches" for s in ("train", "val", "test")]
+    for key in limits:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, float) and value > 1:
+            raise ConfigError(f"{key}={value}: a fraction must be at most 1.0 (or give a whole number of batches)")
+    fold, folds = OmegaConf.select(cfg, "data.fold", default=None), OmegaConf.select(cfg, "data.folds", default=None)
+    if fold is not None and folds is not None and fold >= folds:
+        raise ConfigError(f"data.fold={fold}: must be between 0 and data.folds-1={folds - 1}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+_ABSENT = object()
+
+
+def experiment_pins(conf_dir: str | Path, experiment: str) -> dict[str, str | None]:
+    """The group options an experiment pins (`- override /group: option` in its defaults list)."""
+    path = Path(conf_dir) / "experiment" / f"{experiment}.yaml"
+    if not path.is_file():
+        return {}
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+    pins = {}
+    for entry in defaults:
+        if isinstance(entry, dict):
+            for key, option in entry.items():
+                if key.startswith("override /"):
+                    pins[key.removeprefix("override /")] = option
+    return pins
+
+
+def check_choices(choices: Mapping[str, str | None], conf_dir: str | Path) -> None:
+    """An experiment runs with the group options it pins (experiment=notebook is SGD with momentum): choosing
+    another on the same command line is refused in one line, instead of building, say, Adam(momentum=0.9)."""
+    experiment = choices.get("experiment")
+    if not experiment:
+        return
+    for group, pinned in experiment_pins(conf_dir, experiment).items():
+        chosen = choices.get(group)
+        if chosen != pinned:
+            raise ConfigError(
+                f"{group}={_show(chosen)} contradicts experiment={experiment}, which runs with {group}="
+                f"{_show(pinned)} (its settings assume it): drop one of the two, or copy the experiment and change it"
+            )
+
+
+def hydra_choices() -> tuple[dict[str, str | None], Path | None]:
+    """This run's group choices and its primary config folder, from Hydra (nothing outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, None
+    runtime = HydraConfig.get().runtime
+    main = next((s for s in runtime.config_sources if s.provider == "main" and s.schema == "file"), None)
+    return dict(runtime.choices), Path(main.path.removeprefix("file://")) if main else None

@@ -1,0 +1,196 @@
+"""Every config builds: each experiment with each option of each group is composed with Hydra's compose API and its
+objects instantiated (no training), or refused in one line; settings out of range are refused before any work."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from chestxray import settings
+from chestxray.errors import ConfigError
+from chestxray.loggers import instantiate_loggers
+from chestxray.training import instantiate_callbacks
+from tests.conftest import CONF, ROOT, compose_config, run_script
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONAL = {"scheduler", "debug", "experiment", "hparams_search", "logger"}  # may be null
+
+
+def options(group: str) -> list[str]:
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    if group == "debug":
+        names.remove("default")  # the base of the others, not a choice
+    return names + (["none"] if group in OPTIONAL else [])  # none: the group left out (~group)
+
+
+EXPERIMENTS = [e for e in options("experiment")]
+COMBINATIONS = [(e, g, o) for e in EXPERIMENTS for g in GROUPS if g != "experiment" for o in options(g)]
+
+
+def test_every_group_and_experiment_is_covered():
+    assert {"notebook", "gpu_fast", "quickstart", "none"} <= set(EXPERIMENTS)
+    assert {"optimizer", "scheduler", "trainer", "logger", "debug", "callbacks", "data", "model"} <= set(GROUPS)
+    assert {"tensorboard", "csv", "mlflow", "many", "none"} == set(options("logger"))
+    assert {"fdr", "limit", "overfit", "profiler", "none"} == set(options("debug"))
+
+
+def _build(cfg, built_models: dict) -> None:
+    """Instantiate what a run builds, without a GPU: data module, model, optimizer and scheduler, callbacks, loggers,
+    Trainer (on the CPU, one process, when no GPU is here)."""
+    instantiate(cfg.data)
+    key = OmegaConf.to_yaml(cfg.model)
+    if key not in built_models:  # building VGG19 takes a second: once per distinct model config
+        built_models[key] = instantiate(cfg.model)
+    model = built_models[key]
+    optimizers = model.configure_optimizers()  # the optimizer with its settings (Adam(momentum=...) fails here)
+    assert isinstance(
+        optimizers if not isinstance(optimizers, dict) else optimizers["optimizer"], torch.optim.Optimizer
+    )
+    instantiate_callbacks(cfg.callbacks)
+    instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
+    trainer_cfg = cfg.trainer
+    if not torch.cuda.is_available():
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"accelerator": "cpu", "devices": 1, "strategy": "auto"})
+    instantiate(trainer_cfg, logger=False, enable_progress_bar=False)
+
+
+def test_every_experiment_builds_with_every_option_of_every_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    built_models: dict = {}
+    refused = []
+    for experiment, group, option in COMBINATIONS:
+        overrides = [
+            "~experiment" if experiment == "none" else f"experiment={experiment}",
+            f"~{group}" if option == "none" else f"{group}={option}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"data.data_dir={tmp_path}",
+            "model.pretrained=false",
+            "model.compile=false",  # compiling is lazy anyway; keep the test free of inductor
+        ]
+        cfg = compose_config_with_hydra(overrides)
+        try:
+            settings.check_choices(cfg.hydra.runtime.choices, CONF)
+        except ConfigError as err:
+            assert f"{group}={option}" in str(err) and f"experiment={experiment}" in str(err)
+            refused.append((experiment, group, option))
+            continue
+        with open_dict(cfg):
+            del cfg["hydra"]
+        settings.check(cfg, settings.TRAIN_RULES)
+        _build(cfg, built_models)
+    # only what an experiment pins is refused, and its own pins compose
+    assert ("notebook", "optimizer", "adam") in refused and ("gpu_fast", "trainer", "cpu") in refused
+    assert all(g in settings.experiment_pins(CONF, e) for e, g, _ in refused)
+
+
+def compose_config_with_hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_experiments_pin_the_groups_whose_settings_they_change():
+    for experiment in [e for e in EXPERIMENTS if e != "none"]:
+        text = yaml_keys(CONF / "experiment" / f"{experiment}.yaml")
+        pins = settings.experiment_pins(CONF, experiment)
+        for group in ("optimizer", "trainer"):
+            if group in text and group == "optimizer":
+                assert group in pins, f"experiment={experiment} sets {group} keys without pinning {group}"
+    assert settings.experiment_pins(CONF, "notebook")["optimizer"] == "sgd"
+    assert settings.experiment_pins(CONF, "gpu_fast") == {"optimizer": "sgd", "trainer": "gpu"}
+    assert settings.experiment_pins(CONF, "quickstart")["optimizer"] == "adam"
+    quick = compose_config("train", ["experiment=quickstart"])
+    assert quick.optimizer._target_ == "torch.optim.Adam" and "momentum" not in quick.optimizer
+
+
+def yaml_keys(path: Path) -> set[str]:
+    import yaml
+
+    return set((yaml.safe_load(path.read_text()) or {}).keys())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.image_size=-1", "data.image_size=-1: must be an integer at least 32"),
+        ("data.image_size=16", "data.image_size=16: must be an integer at least 32"),
+        ("data.batch_size=0", "data.batch_size=0: must be an integer at least 1"),
+        ("data.batch_size=2.5", "data.batch_size=2.5: must be an integer at least 1"),
+        ("optimizer.lr=abc", "optimizer.lr=abc: must be a number greater than 0"),
+        ("optimizer.lr=0", "optimizer.lr=0: must be a number greater than 0"),
+        ("optimizer.momentum=1.5", "optimizer.momentum=1.5: must be a number at least 0 and less than 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer at least 1"),
+        ("data.val_fraction=1", "data.val_fraction=1: must be a number at least 0 and less than 1"),
+        ("data.num_workers=-2", "data.num_workers=-2: must be an integer at least 0 (or auto)"),
+        ("data.store=ram", "data.store=ram: must be one of auto, memory, disk"),
+        ("model.backbone=alexnet", "model.backbone=alexnet: must be one of vgg19, resnet50"),
+        ("model.dropout=1", "model.dropout=1: must be a number at least 0 and less than 1"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5: a fraction must be at most 1.0"),
+        ("data.fold=5", "data.fold=5: must be between 0 and data.folds-1=4"),
+        ("report.bootstrap_resamples=-1", "report.bootstrap_resamples=-1: must be an integer at least 0"),
+        ("data.leakage_threshold=300", "data.leakage_threshold=300: must be an integer at least 0 and at most 256"),
+    ],
+)
+def test_a_setting_out_of_range_is_one_line_naming_it(override, message):
+    cfg = compose_config("train", [override, "paths.output_dir=/tmp/unused"])
+    with pytest.raises(ConfigError) as err:
+        settings.check(cfg, settings.TRAIN_RULES)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_defaults_and_every_predict_setting_pass():
+    settings.check(compose_config("train", ["paths.output_dir=/tmp/unused"]), settings.TRAIN_RULES)
+    predict = compose_config("predict", ["ckpt=a.ckpt", "inputs=x", "paths.output_dir=/tmp/unused"])
+    settings.check(predict, settings.PREDICT_RULES)
+    bad = compose_config("predict", ["ckpt=a", "inputs=x", "paths.output_dir=/tmp/u", "decode_workers=-1"])
+    with pytest.raises(ConfigError, match=r"decode_workers=-1: must be an integer at least 0 \(or auto\)"):
+        settings.check(bad, settings.PREDICT_RULES)
+
+
+def test_no_import_cycle_in_the_package():
+    """Module-level imports between chestxray modules form no cycle (imports inside functions are lazy on purpose)."""
+    package = ROOT / "chestxray"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("chestxray"):
+                names.add(node.module.split(".")[1] if "." in node.module else None)
+                if node.module == "chestxray":
+                    names.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("chestxray."))
+        graph[path.stem] = {n for n in names if n and n != path.stem}
+
+    def visit(node, stack):
+        for nxt in graph.get(node, ()):
+            assert nxt not in stack, f"import cycle: {' -> '.join([*stack, nxt])}"
+            visit(nxt, [*stack, nxt])
+
+    for module in graph:
+        visit(module, [module])
+
+
+def test_each_entry_point_has_its_own_help():
+    train = run_script("train.py", "--help").stdout
+    assert train.startswith("python train.py [group=option ...]") and "model.backbone" in train
+    assert "fdr, limit, overfit, profiler" in train and "experiment: gpu_fast, notebook, quickstart" in train
+    assert len(train.splitlines()) < 60 and "_target_" not in train  # a page, not the whole config
+    predict = run_script("predict.py", "--help").stdout
+    assert predict.startswith("python predict.py ckpt=CHECKPOINT inputs=IMAGES") and "runtime" in predict
+    assert "optimizer" not in predict and "experiment" not in predict  # not the training groups
+    export = subprocess.run(
+        [sys.executable, "-m", "chestxray.export", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert export.returncode == 0 and export.stdout.startswith("usage: python -m chestxray.export ckpt=")
+    assert re.search(r"format=\s+onnx", export.stdout)

@@ -1,0 +1,159 @@
+"""The numbers of a report: one metric collection fed batch by batch or whole, exact intervals, calibration."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import bootstrap
+from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
+
+from chestxray import metrics
+from chestxray.calibration import T_MAX, T_MIN, fit_temperature, nll_at
+from chestxray.figures import pick_gallery
+
+CLASSES = ["a", "b", "c"]
+
+
+def example(n_per_class=40, seed=0, strength=1.5):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], n_per_class)
+    logits = rng.normal(size=(len(labels), 3)) + strength * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return labels, probs, logits
+
+
+def test_the_collection_gives_the_same_numbers_batch_by_batch_and_whole():
+    labels, probs, _ = example()
+    whole = metrics.evaluate(labels, probs, CLASSES)
+    collection = metrics.report_metrics(3)
+    p, y = torch.tensor(probs, dtype=torch.float32), torch.tensor(labels)
+    for start in range(0, len(y), 7):
+        chunk = slice(start, start + 7)
+        collection.update(preds=p[chunk], target=y[chunk], value=metrics.nll(p[chunk], y[chunk]))
+    batched = metrics.summarise(collection.compute(), CLASSES)
+    scalars = [k for k, v in whole.items() if isinstance(v, float)]
+    assert {k: batched[k] for k in scalars} == pytest.approx({k: whole[k] for k in scalars})
+    assert batched["confusion_matrix"] == whole["confusion_matrix"]
+    for c in CLASSES:
+        assert batched["per_class"][c] == pytest.approx(whole["per_class"][c])
+    assert whole["correct"] == int((probs.argmax(1) == labels).sum()) and whole["n"] == 120
+    assert whole["loss"] == pytest.approx(-np.log(probs[np.arange(120), labels]).mean(), rel=1e-5)
+    sens = [whole["per_class"][c]["sensitivity"] for c in CLASSES]
+    assert sens == pytest.approx([((probs.argmax(1) == labels) & (labels == k)).sum() / 40 for k in range(3)])
+
+
+def test_accuracy_interval_is_wilsons_at_95_percent():
+    labels, probs, _ = example(seed=3)
+    report = metrics.with_intervals(metrics.evaluate(labels, probs, CLASSES), labels, probs, 0, 0)
+    n, k = report["n"], report["correct"]
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert report["accuracy_ci95"] == pytest.approx([centre - half, centre + half], abs=1e-9)
+
+
+def test_bootstrap_intervals_are_95_percent_percentile_intervals_that_repeat_and_ignore_row_order():
+    labels, probs, _ = example()
+    a = metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=1)
+    # the same resamples through scipy directly, at 95%: a 90% interval would be narrower and fail here
+    order = np.lexsort((*probs.T[::-1], labels))
+    y, p = torch.tensor(labels[order]), torch.tensor(probs[order], dtype=torch.float32)
+
+    def auc(index):
+        return float(multiclass_auroc(p[index], y[index], 3, average="macro"))
+
+    direct = bootstrap(
+        (np.arange(len(y)),),
+        auc,
+        n_resamples=300,
+        confidence_level=0.95,
+        method="percentile",
+        vectorized=False,
+        random_state=np.random.default_rng(1),
+    )
+    assert a["auc"] == pytest.approx(list(direct.confidence_interval), abs=1e-9)
+    narrower = bootstrap(
+        (np.arange(len(y)),),
+        auc,
+        n_resamples=300,
+        confidence_level=0.90,
+        method="percentile",
+        vectorized=False,
+        random_state=np.random.default_rng(1),
+    )
+    assert a["auc"][1] - a["auc"][0] > narrower.confidence_interval.high - narrower.confidence_interval.low
+    assert metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=1) == a
+    assert metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=2) != a
+    shuffled = np.random.default_rng(9).permutation(len(labels))
+    assert metrics.bootstrap_intervals(labels[shuffled], probs[shuffled], 3, resamples=300, seed=1) == a
+    whole = metrics.evaluate(labels, probs, CLASSES)
+    for c, ci in zip(CLASSES, a["sensitivity"], strict=True):
+        assert ci[0] <= whole["per_class"][c]["sensitivity"] <= ci[1]
+    sens = multiclass_recall(p, y, 3, average=None)
+    assert sens.tolist() == pytest.approx([whole["per_class"][c]["sensitivity"] for c in CLASSES])
+
+
+def test_reliability_bins_are_the_calibration_errors_bins():
+    labels, probs, _ = example(seed=5, strength=0.8)
+    probs[:6] = np.eye(3)[labels[:6]]  # confidences of exactly 1.0
+    accuracy, confidence, share = metrics.reliability_bins(labels, probs)
+    assert len(share) == metrics.CALIBRATION_BINS and share.sum() == pytest.approx(1.0)
+    ece = metrics.evaluate(labels, probs, CLASSES)["expected_calibration_error"]
+    assert (share * np.abs(accuracy - confidence)).sum() == pytest.approx(ece, abs=1e-6)
+
+
+def test_temperature_is_the_nll_minimum_and_never_changes_a_class():
+    for seed, strength in ((0, 1.5), (1, 4.0), (2, 0.3)):
+        labels, _, logits = example(seed=seed, strength=strength)
+        logits = torch.tensor(logits * 3.0)  # overconfident logits
+        y = torch.tensor(labels)
+        t = fit_temperature(logits, y)
+        grid = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 2000))
+        best = min(grid, key=lambda g: nll_at(logits, y, g))
+        assert nll_at(logits, y, t) <= nll_at(logits, y, best) + 1e-6
+        assert abs(math.log(t) - math.log(best)) < 0.01
+        assert torch.equal((logits / t).argmax(1), logits.argmax(1))
+    assert fit_temperature(torch.tensor(example()[2] * 3.0), torch.tensor(example()[0])) > 1  # overconfident: T > 1
+
+
+def test_gallery_shows_every_kind_of_mistake_and_every_class():
+    # 20 mistakes of one kind first, then a few of other kinds, and correct images of every class
+    labels = [0] * 20 + [2, 2, 1] + [0, 1, 2] * 5
+    preds = [1] * 20 + [0, 1, 2] + [0, 1, 2] * 5
+    chosen = pick_gallery(preds, labels, limit=12)
+    cells = {(labels[i], preds[i]) for i in chosen}
+    assert {(0, 1), (2, 0), (2, 1), (1, 2)} <= cells  # every kind of mistake
+    assert {(0, 0), (1, 1), (2, 2)} <= cells  # correct images of every class
+    assert len(chosen) == 12 and len(set(chosen)) == 12
+    assert pick_gallery([0, 1], [None, None], limit=5) == [0, 1]  # no labels: one per predicted class
+
+
+def test_curves_show_whole_epochs_and_the_grad_cam_gallery_its_colour_scale():
+    from chestxray.figures import curves_figure, gallery_figure
+
+    history = [{"epoch": e, "train/loss": 1 - e / 10, "val/loss": 1 - e / 20} for e in range(3)]
+    curves = curves_figure(history, best_epoch=1)
+    assert all(float(t).is_integer() for t in curves.axes[0].get_xticks())  # no epoch 0.5
+    tiles = [np.zeros((40, 60, 3), np.uint8)] * 2
+    gallery = gallery_figure(tiles, [0, 1], [0, 0], ["Normal", "Viral Pneumonia"], [0.9, 0.6], colorbar="evidence")
+    assert any(ax.get_ylabel() == "evidence" for ax in gallery.axes)  # the colour scale
+    titles = [ax.get_title() for ax in gallery.axes if ax.get_title()]
+    assert titles == ["pred: Normal 0.90\ntrue: Normal", "pred: Viral Pneumonia 0.60\ntrue: Normal"]
+
+
+def test_the_printout_of_a_handful_of_images_is_their_accuracy_not_per_class_rates():
+    from chestxray.evaluation import Evaluation, ReportSettings, summary_text
+
+    labels, probs, _ = example(n_per_class=1)
+    ev = Evaluation("predict", CLASSES, ["x", "y", "z"], labels, probs, np.zeros(3, bool))
+    text = summary_text(ev.metrics(ReportSettings(bootstrap_resamples=0)))
+    correct = int((probs.argmax(1) == labels).sum())
+    assert text == f"accuracy {correct / 3:.3f} ({correct}/3 labelled images)"
+    labels, probs, _ = example(n_per_class=10)
+    many = summary_text(
+        Evaluation("p", CLASSES, list(range(30)), labels, probs, np.zeros(30, bool)).metrics(
+            ReportSettings(bootstrap_resamples=0)
+        )
+    )
+    assert "sens" in many and "confusion matrix" in many
