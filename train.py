@@ -8,15 +8,18 @@ import chestxray  # noqa: F401 - registers the config resolvers (a new folder pe
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from pathlib import Path
+
     from chestxray.console import run_entry_point
     from chestxray.training import train
 
+    resumed = bool(cfg.get("resume")) and Path(cfg.resume).resolve() == Path(cfg.paths.output_dir).resolve()
     return run_entry_point(
         "train.py",
         lambda: train(cfg),
         cfg.paths.output_dir,
         stopped=f"resume with: python train.py resume={cfg.paths.output_dir}",
-        fresh_folder=not cfg.get("resume"),
+        fresh_folder=not resumed,
     )
 
 

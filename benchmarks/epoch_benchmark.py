@@ -302,6 +302,7 @@ def role_accuracy(args) -> dict:
 
     overrides = [
         "experiment=quickstart",
+        "test=true",
         f"seed={args.seed}",
         f"trainer.precision={args.precision}",
         f"trainer.max_epochs={args.accuracy_epochs}",

@@ -216,7 +216,8 @@ def main() -> None:
         rows = {name: run_predict(ckpt, flat, tmp / f"out{i}", extra) for i, (name, extra) in enumerate(PATHS.items())}
         paths = {"notebook loop (one image per forward, NCHW)": lambda: notebook_loop(ckpt, files)}
         for name, extra in PATHS.items():
-            paths[name] = lambda extra=extra: run_predict(ckpt, flat, tmp / "speed", extra)
+            # a new folder each time: predict.py never writes into a folder that holds predictions already
+            paths[name] = lambda extra=extra: run_predict(ckpt, flat, Path(tempfile.mkdtemp(dir=tmp)), extra)
         seconds = median_seconds(paths, args.repeats)
         n = len(files)
         print(f"\n{n} images, {hparams['image_size']} px, median of {args.repeats}, from files on disk to a class each")

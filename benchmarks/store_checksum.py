@@ -64,7 +64,7 @@ def loader_passes(data: Path, size: int, cache: Path, rounds: int) -> dict[str, 
     return {mode: statistics.median(t) for mode, t in times.items()} | {"images": n}
 
 
-def training_epochs(data: Path, size: int, cache: Path) -> dict[str, float]:
+def training_epochs(data: Path, size: int, cache: Path, precision: str) -> dict[str, float]:
     """Four training epochs of the project's Trainer over every train image, the check off, on, on, off."""
     import lightning as L
     from hydra import compose, initialize_config_dir
@@ -120,13 +120,14 @@ def main() -> None:
     parser.add_argument("--loader-size", type=int, default=224, help="image size of the data-path passes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, help="folder for the images and stores (default: a temporary one)")
+    parser.add_argument("--precision", default="32-true", help="of the training epochs (bf16-mixed: faster steps)")
     parser.add_argument("--role", choices=["epochs", "loader"])
     parser.add_argument("--size", type=int)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="chestxray-checksum-"))
     data, cache = work / "data", work / "cache"
     if args.role == "epochs":
-        print("RESULT", training_epochs(data, args.size, cache))
+        print("RESULT", training_epochs(data, args.size, cache, args.precision))
         return
     if args.role == "loader":
         print("RESULT", loader_passes(data, args.size, cache, args.rounds))
@@ -140,7 +141,7 @@ def main() -> None:
     results = {}
     for role, size in (("epochs", args.epochs_size), ("loader", args.loader_size)):
         cmd = [sys.executable, __file__, "--role", role, "--size", str(size), "--work", str(work)]
-        cmd += ["--rounds", str(args.rounds)]
+        cmd += ["--rounds", str(args.rounds), "--precision", args.precision]
         print(f"running {role} at {size} px", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
@@ -153,12 +154,12 @@ def main() -> None:
     print(f"\n{cpu_name()}; {epochs['images']:,} train images\n")
     print("| measurement | check off, s | check on, s | on / off |\n|---|---:|---:|---:|")
     print(
-        f"| training epoch, {args.epochs_size} px, VGG19 batch 4 (mean of 2 each, off-on-on-off) | "
+        f"| training epoch, {args.epochs_size} px, {args.precision}, VGG19 batch 4 (mean of 2 each, off-on-on-off) | "
         f"{epochs['off']:.1f} | {epochs['on']:.1f} | {epochs['on'] / epochs['off']:.3f} |"
     )
     print(
         f"| data path alone, {args.loader_size} px (median of {args.rounds}; no model: the worst case) | "
-        f"{loader['off']:.2f} | {loader['on']:.2f} | {loader['on'] / loader['off']:.3f} |"
+        f"{loader['off']:.3f} | {loader['on']:.3f} | {loader['on'] / loader['off']:.3f} |"
     )
     per_image = (loader["on"] - loader["off"]) / loader["images"] * 1e6
     print(f"\nthe check costs {per_image:.0f} us per {args.loader_size} px image on the data path")

@@ -45,21 +45,33 @@ def say(text: str) -> None:
 def run_entry_point(program: str, work, run_folder: str, stopped: str, fresh_folder: bool = True):
     """Run an entry point's work in its run folder, which it holds for the run: a UserError is one line on stderr
     and in the run's log, exit status 2, and a run refused before any work leaves only that log; SIGTERM and Ctrl-C
-    stop it with 143 and 130 (chestxray.interrupt)."""
+    stop it with 143 and 130 (chestxray.interrupt). In a sweep, a refused job fails alone: the error is raised for
+    Hydra's launcher, which marks that job failed and goes on with the others."""
     import sys
 
+    from chestxray import STARTED
     from chestxray.errors import UserError
     from chestxray.interrupt import run_until_signal
     from chestxray.runs import claim, discard_if_empty
 
-    log_name = f"{program.removesuffix('.py')}.log"
+    claimed = False
     try:
         with claim(run_folder, resuming=not fresh_folder):
+            claimed = True
             return run_until_signal(program, work, stopped)
     except UserError as err:
         message = f"{program}: error: {type(err).__name__}: {err}"
         print(message, file=sys.stderr, flush=True)
         to_log_files(message, logging.ERROR)
-        if fresh_folder:
-            discard_if_empty(run_folder, keep=log_name)
+        if fresh_folder and claimed:  # never touch a folder this run was refused (another run's)
+            discard_if_empty(run_folder, STARTED)
+        if _in_a_sweep():
+            raise
         sys.exit(2)
+
+
+def _in_a_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

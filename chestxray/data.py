@@ -225,6 +225,8 @@ class ChestXrayDataModule(L.LightningDataModule):
             for label, class_name in enumerate(self.classes):
                 if label not in labels:
                     raise DataError(f"no readable images of class {class_name} left in {files.where}")
+        elif not labels:
+            raise DataError(f"eval_sets.{name}={files.where}: none of its {len(files)} image(s) could be read")
         return decoded, labels
 
     def _split(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:

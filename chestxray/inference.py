@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -140,6 +141,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fh.close()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._fh is not None:  # a stopped run: the finished rows are on disk already; close the file cleanly
+            self._fh.close()
+
     def results(self) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """(positions, probabilities, errors) of every rank, each image once: every rank must call it."""
         probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, len(self.classes)))
@@ -176,6 +181,8 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise PredictError(f"output_dir={path}: is a file, not a folder")
+    if rank_zero_only.rank == 0 and (path / "predictions.csv").exists():  # two runs never write into one folder
+        raise PredictError(f"output_dir={path}: holds the predictions of another run; pick another folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -225,7 +232,11 @@ def predict(cfg: DictConfig) -> dict:
 def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, trainer: L.Trainer) -> DataLoader:
     """Batches of decoded files, decoded in decode_workers processes (auto: one per core but one), in batches of
     data.eval_batch_size (null: 8 on CPU, 64 on CUDA, as training's evaluation)."""
-    workers = available_cpus() - 1 if cfg.decode_workers == "auto" else min(int(cfg.decode_workers), available_cpus())
+    cores = available_cpus()
+    workers = cores - 1 if cfg.decode_workers == "auto" else int(cfg.decode_workers)
+    if workers > cores:
+        log.warning("decode_workers=%d: this machine has %d cores for this run; using %d", workers, cores, cores)
+        workers = cores
     on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
     batch_size = cfg.data.eval_batch_size or (64 if on_cuda else 8)
     dataset = FileDataset([i.path for i in inputs], image_size, limits_of(cfg))

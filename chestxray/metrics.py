@@ -51,6 +51,15 @@ def reported_metrics(set_names: Iterable[str]) -> list[str]:
     return names
 
 
+def logged_metrics(set_names: Iterable[str]) -> list[str]:
+    """Every metric a run logs (what optimized_metric may name)."""
+    names = [f"{stage}/{m}" for stage in ("train", "val") for m in STAGE_METRICS] + [BEST]
+    for set_name in set_names:
+        prefix = set_prefix(set_name)
+        names += [f"{prefix}/{m}{suffix}" for m in STAGE_METRICS for suffix in ("", LEAK_FREE)]
+    return names
+
+
 def stage_metrics(num_classes: int) -> MetricCollection:
     """Accuracy and mean cross-entropy: what train and val log every epoch.
 
@@ -138,8 +147,10 @@ def wilson_interval(correct: int, n: int, level: float = CONFIDENCE) -> list[flo
 def bootstrap_intervals(
     labels: np.ndarray, probs: np.ndarray, num_classes: int, resamples: int, seed: int, level: float = CONFIDENCE
 ) -> dict:
-    """Percentile intervals of macro ROC-AUC and each class's sensitivity over `resamples` seeded resamples of the
-    images (scipy.stats.bootstrap; torchmetrics computes the statistics). None where a resample lacks a class.
+    """Percentile intervals of macro ROC-AUC and each class's sensitivity over `resamples` seeded resamples,
+    stratified by class: each resample draws every class's images from that class (scipy.stats.bootstrap with one
+    sample per class), so every resample has every class and both statistics are always defined; torchmetrics
+    computes them. None where a class has fewer than two images (nothing to resample).
 
     The rows are put in a canonical order first, so the same predictions give the same intervals whatever order they
     come in (a training run's test loader and predict.py list the files differently).
@@ -148,22 +159,26 @@ def bootstrap_intervals(
     y_all = torch.as_tensor(np.asarray(labels)[order], dtype=torch.long)
     p_all = torch.as_tensor(np.asarray(probs)[order], dtype=torch.float32)
     k = num_classes
+    by_class = [np.flatnonzero(y_all.numpy() == c) for c in range(k)]
+    present = [c for c in range(k) if len(by_class[c])]
+    if any(len(by_class[c]) < 2 for c in present):
+        return {"auc": None, "sensitivity": [None] * k}
 
-    def statistic(index: np.ndarray) -> np.ndarray:
+    def statistic(*samples: np.ndarray) -> np.ndarray:
+        index = np.concatenate(samples).astype(np.int64)
         y, p = y_all[index], p_all[index]
-        present = torch.bincount(y, minlength=k) > 0
-        sens = multiclass_recall(p, y, k, average=None, validate_args=False).double()
-        sens = torch.where(present, sens, torch.nan)
-        auc = multiclass_auroc(p, y, k, average="macro", validate_args=False) if present.all() else torch.nan
-        return np.array([float(auc), *sens.tolist()])
+        sens = multiclass_recall(p, y, k, average=None, validate_args=False)
+        auc = multiclass_auroc(p, y, k, average="macro", validate_args=False) if len(present) == k else torch.nan
+        return np.array([float(auc), *[float(sens[c]) for c in present]])
 
     result = bootstrap(
-        (np.arange(len(y_all)),),
+        tuple(by_class[c] for c in present),
         statistic,
         n_resamples=resamples,
         confidence_level=level,
         method="percentile",
         vectorized=False,
+        paired=False,
         random_state=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
@@ -171,7 +186,10 @@ def bootstrap_intervals(
     def interval(i: int) -> list[float] | None:
         return None if np.isnan(low[i]) or np.isnan(high[i]) else [float(low[i]), float(high[i])]
 
-    return {"auc": interval(0), "sensitivity": [interval(1 + c) for c in range(k)]}
+    sensitivity = [None] * k
+    for i, c in enumerate(present):
+        sensitivity[c] = interval(1 + i)
+    return {"auc": interval(0), "sensitivity": sensitivity}
 
 
 def with_intervals(numbers: dict, labels: np.ndarray, probs: np.ndarray, resamples: int, seed: int) -> dict:

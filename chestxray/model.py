@@ -147,6 +147,11 @@ class ChestXrayClassifier(L.LightningModule):
                 self.feature_cache[keys[k]] = f
         return torch.stack([self.feature_cache[key] for key in keys])
 
+    def _fp32(self):
+        """Evaluation and calibration in fp32 whatever precision trains (trainer=cpu's bf16 on AMX, gpu_fast's): the
+        test report and the temperature are those of the fp32 model that predict.py runs."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def _raw_logits(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
         if self.hparams.cache_features:
             return self.backbone.head(self.net)(self._features(images, index, stage))
@@ -186,6 +191,11 @@ class ChestXrayClassifier(L.LightningModule):
                 "written are kept. Lower optimizer.lr or check the data."
             )
 
+    def on_fit_start(self) -> None:
+        """A model being trained is not calibrated (fine-tuning from a calibrated best.ckpt starts again at T = 1)."""
+        self.temperature.fill_(1.0)
+        self.calibrated.fill_(False)
+
     def on_train_start(self) -> None:
         # The sanity check's few batches must not count towards the validation metrics.
         self.val_metrics.reset()
@@ -206,7 +216,8 @@ class ChestXrayClassifier(L.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, logits before temperature scaling) of a labelled loader: what calibration fits on."""
         images, _, index, _ = batch
-        return index, self._raw_logits(images, index, "calibration").float()
+        with self._fp32():
+            return index, self._raw_logits(images, index, "calibration").float()
 
     # --- test: one report collection per evaluated set -----------------------------------------------------------
 
@@ -231,7 +242,8 @@ class ChestXrayClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels, index, leaking = batch
-        raw = self._raw_logits(images, index, f"test{dataloader_idx}").float()
+        with self._fp32():
+            raw = self._raw_logits(images, index, f"test{dataloader_idx}").float()
         logits = raw / self.temperature
         probs, raw_probs = logits.softmax(1), raw.softmax(1)
         loss = F.cross_entropy(logits, labels, reduction="none")

@@ -15,11 +15,12 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from chestxray.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
 from chestxray.errors import ResumeError
 from chestxray.files import atomic_write
+from chestxray.settings import check_choices, hydra_choices
 
 
 def _setting(cfg: DictConfig, key: str):
@@ -75,7 +76,13 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     merged = merge_overrides(saved, _current_overrides())
     if not GlobalHydra.instance().is_initialized():
         raise ResumeError("resume= works from the command line (python train.py resume=RUN_DIR)")
-    resumed = compose("train", overrides=[*merged, f"paths.output_dir={run}", f"ckpt_path={last}"])
+    overrides = [*merged, f"paths.output_dir={run}", f"ckpt_path={last}"]
+    resumed = compose("train", overrides=overrides, return_hydra_config=True)
+    _, conf_dir = hydra_choices()
+    if conf_dir is not None:  # the replayed settings must not contradict an experiment either
+        check_choices(resumed.hydra.runtime.choices, conf_dir)
+    with open_dict(resumed):
+        del resumed["hydra"]
     check_fits(read_checkpoint(last, "resume"), resumed, f"resume={cfg.resume}")  # before anything is written
     if rank_zero_only.rank == 0:
         atomic_write(run / ".hydra" / "overrides.yaml", yaml.safe_dump(merged))

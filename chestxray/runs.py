@@ -45,8 +45,15 @@ def new_folder(base: str) -> str:
 
 
 def run_dir(resume: str | None, base: str) -> str:
-    """hydra.run.dir: the resumed run's own folder, else a new one."""
-    return str(resume) if resume else new_folder(base)
+    """hydra.run.dir: the resumed run's own folder, else a new one (also for a resume= that names no folder: its
+    refusal is logged in a new folder instead of creating the mistyped one)."""
+    return str(resume) if resume and Path(resume).is_dir() else new_folder(base)
+
+
+def hydra_subdir(resume: str | None, output_dir: str) -> str | None:
+    """hydra.output_subdir: none for a resumed run (chestxray.resume writes its merged settings) and none for a
+    folder that already holds a run (whose saved settings must stay as they are: the run is refused)."""
+    return None if resume or holds_a_run(output_dir) else ".hydra"
 
 
 @contextlib.contextmanager
@@ -77,17 +84,30 @@ def claim(folder: str | Path, resuming: bool, setting: str = "hydra.run.dir") ->
                 os.unlink(folder / LOCK)
 
 
-def discard_if_empty(folder: str | Path, keep: str) -> None:
+ARTEFACTS = (".hydra", "tensorboard", "csv", "mlflow.json", "samples.png", "leakage.json", LOCK)
+
+
+def discard_if_empty(folder: str | Path, started: float) -> None:
     """After a refusal: if the run wrote no checkpoint or report, remove what it set up (Hydra's .hydra/, logger
-    folders) and keep only its log `keep`, which says why it was refused."""
+    folders, the first figures): only those names, and only if this process made or changed them (at or after
+    `started`), so that a folder given by hand (hydra.run.dir=.) loses nothing else. The log, which says why the run
+    was refused, stays."""
     folder = Path(folder)
     if rank_zero_only.rank != 0 or not folder.is_dir() or any((folder / m).exists() for m in RUN_MARKERS):
         return
-    for entry in folder.iterdir():
-        if entry.name == keep:
+    for name in ARTEFACTS:
+        entry = folder / name
+        try:
+            if entry.stat().st_mtime < started:
+                continue
+        except OSError:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
                 entry.unlink()
+
+
+def holds_a_run(folder: str | Path) -> bool:
+    return any((Path(folder) / m).exists() for m in RUN_MARKERS)

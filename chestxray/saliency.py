@@ -38,6 +38,19 @@ def put_title(image: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
+class _TrunkThenHead(torch.nn.Module):
+    """The network run as trunk then head (chestxray.backbones): torchvision's output, without the in-place ReLU
+    after DenseNet's last norm, which would rectify the activation Grad-CAM keeps for that layer."""
+
+    def __init__(self, model: ChestXrayClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backbone, net = self.model.backbone, self.model.net
+        return backbone.head(net)(backbone.trunk(net, x))
+
+
 def gradcam_maps(
     models: ChestXrayClassifier | Sequence[ChestXrayClassifier],
     images: torch.Tensor,
@@ -49,24 +62,22 @@ def gradcam_maps(
     if not isinstance(models, ChestXrayClassifier):
         return np.mean([gradcam_maps(m, images, targets, batch_size) for m in models], axis=0)
     model = models
-    net = model.net
-    device = next(net.parameters()).device
+    device = next(model.net.parameters()).device
     maps = []
-    was_training = net.training
-    net.eval()
+    was_training = model.training
     # Grad-CAM needs gradients even when called from trainer.test or predict, which run in inference mode; and the
-    # eager network (its hooks), when model.compile is on.
+    # eager network (its hooks), when model.compile is on. pytorch-grad-cam puts the model in eval mode.
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
         torch.compiler.set_stance("force_eager"),
-        GradCAM(net, [model.backbone.gradcam_layer(net)]) as cam,
+        GradCAM(_TrunkThenHead(model), [model.backbone.gradcam_layer(model.net)]) as cam,
     ):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size].clone().to(device)
             chunk_targets = [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
             maps.append(cam(model.preprocess(chunk), chunk_targets))
-    net.train(was_training)
+    model.train(was_training)  # the module's own train(): frozen stages stay in eval mode
     return np.concatenate(maps) if maps else np.zeros((0, images.shape[-2], images.shape[-1]), np.float32)
 
 

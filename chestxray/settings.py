@@ -20,7 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 from chestxray.backbones import BACKBONES
 from chestxray.errors import ConfigError
 
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+def _lightning_precisions() -> tuple[str, ...]:
+    """What Lightning's Trainer(precision=...) accepts, as text (Hydra passes 32 as an int, "32-true" as a str)."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def flat(t):
+        return [v for a in typing.get_args(t) for v in (flat(a) if typing.get_args(a) else [a])]
+
+    return tuple(dict.fromkeys(str(v) for v in flat(_PRECISION_INPUT)))
+
+
+PRECISIONS = _lightning_precisions()
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ class Rule:
     high_open: bool = False
     choices: Sequence[Any] = ()
     special: Sequence[Any] = ()
+    as_text: bool = False  # compare str(value) with the choices (Lightning's precision takes 32 and "32")
 
     def problem(self, value: Any) -> str | None:
         if any(value is s or (value == s and type(value) is type(s)) for s in self.special):
@@ -43,7 +57,8 @@ class Rule:
         if self.kind == "bool":
             return None if isinstance(value, bool) else "must be true or false"
         if self.kind == "choice":
-            return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
+            ok = value in self.choices or (self.as_text and str(value) in self.choices)
+            return None if ok else f"must be one of {', '.join(map(str, self.choices))}"
         is_int = isinstance(value, int) and not isinstance(value, bool)
         is_number = is_int or (isinstance(value, float) and math.isfinite(value))
         if self.kind == "int" and not is_int:
@@ -80,8 +95,8 @@ def _bool(key, special=()):
     return Rule(key, "bool", special=special)
 
 
-def _choice(key, choices, special=()):
-    return Rule(key, "choice", choices=choices, special=special)
+def _choice(key, choices, special=(), as_text=False):
+    return Rule(key, "choice", choices=choices, special=special, as_text=as_text)
 
 
 # data.image_size: every backbone halves the image five times; below 32 px nothing is left to classify
@@ -128,7 +143,7 @@ TRAIN_RULES = [
     _int("trainer.log_every_n_steps", 1),
     _int("trainer.check_val_every_n_epoch", 1),
     _int("trainer.num_sanity_val_steps", -1),
-    _choice("trainer.precision", PRECISIONS),
+    _choice("trainer.precision", PRECISIONS, as_text=True),
     *[_number(f"trainer.limit_{s}_batches", 0, special=(None,)) for s in ("train", "val", "test")],
     _number("trainer.overfit_batches", 0),
     _int("report.bootstrap_resamples", 0),
@@ -142,7 +157,7 @@ PREDICT_RULES = [
     _int("print_limit", 0),
     _choice("runtime", ("torch", "onnx", "onnx-int8")),
     _bool("gradcam"),
-    _choice("trainer.precision", PRECISIONS),
+    _choice("trainer.precision", PRECISIONS, as_text=True),
     _int("report.bootstrap_resamples", 0),
     _int("report.seed", 0, 2**32 - 1),
     _int("report.gallery_tiles", 0),

@@ -96,8 +96,10 @@ def _rows(index: Path, setting: str) -> tuple[list[str], list[tuple[int, dict[st
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip() for c in reader.fieldnames or []]
     rows = []
+    start = reader.line_num + 1  # a quoted field may span lines: a row is named by the line it starts on
     for row in reader:
-        rows.append((reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
+        rows.append((start, {k.strip(): (v or "").strip() for k, v in row.items() if k}))
+        start = reader.line_num + 1
     return columns, rows
 
 

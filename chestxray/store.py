@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
+import time
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 STORE_MODES = ("auto", "memory", "disk")
 # data.store=auto keeps decoded images in RAM up to this size (317 images at 224 px: 48 MB; 100,000: 15 GB).
 AUTO_DISK_BYTES = 1 << 30
-STORE_FORMAT = 3  # bump when the layout of a store folder changes
+STORE_FORMAT = 4  # bump when the layout of a store folder changes
 DAMAGED = "DAMAGED"  # a file in a store folder: a row failed its checksum, rebuild at the next open
 SPACE_MARGIN = 64 << 20  # bytes left free on the cache's disk after a store is allocated
 
@@ -80,9 +80,9 @@ class StoreFile:
 
     folder: Path
     settings: DecodeSettings
-    checksums: np.ndarray  # CRC-32 of each store row, as written
+    checksums: np.ndarray  # CRC-32 of each store row, as written (row i: the i-th file)
     sources: list[str]  # the file each store row was decoded from
-    sha256: list[str]  # that file's SHA-256 when it was decoded
+    sha256: np.ndarray  # N x 32 bytes: that file's SHA-256 when it was decoded
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -104,7 +104,7 @@ class StoreFile:
         problem = "its file has changed since it was decoded"
         with contextlib.suppress(BadImageError):
             data = read_bytes(source)
-            if hashlib.sha256(data).hexdigest() == self.sha256[row]:
+            if hashlib.sha256(data).digest() == self.sha256[row].tobytes():
                 image = model_view(data, source, self.settings.image_size, self.settings.limits)
                 if zlib.crc32(image) == self.checksums[row]:
                     return image
@@ -181,13 +181,13 @@ class _Decoder:
 
     def __init__(self, paths: Sequence[Path], settings: DecodeSettings, out: np.ndarray, hash_content: bool = False):
         self.paths, self.settings, self.out = paths, settings, out
+        # row i holds file i: the same files and settings always give the same bytes (a store built twice, by two
+        # processes, is identical); an unreadable file's row stays zeros and unused
         self.rows = np.full(len(paths), -1, dtype=np.int64)
         # each file's SHA-256 (the store's content key) and each row's CRC-32 (its proof), for a disk store
         self.sha256 = [""] * len(paths) if hash_content else None
         self.checksums = np.zeros(len(paths), np.uint32)
         self.bad: dict[int, BadImageError] = {}
-        self._next_row = 0
-        self._lock = threading.Lock()
 
     def _one(self, position: int) -> None:
         path = self.paths[position]
@@ -201,19 +201,16 @@ class _Decoder:
             if self.sha256 is not None:
                 self.sha256[position] = self.sha256[position] or "unreadable"
             return
-        with self._lock:
-            row, self._next_row = self._next_row, self._next_row + 1
-        self.out[row] = image
-        self.checksums[row] = zlib.crc32(image)
-        self.rows[position] = row
+        self.out[position] = image
+        self.checksums[position] = zlib.crc32(image)
+        self.rows[position] = position
 
-    def run(self, workers: int, progress: bool, what: str) -> int:
+    def run(self, workers: int, progress: bool, what: str) -> None:
         with tqdm(
             total=len(self.paths), desc=f"decoding {what}", unit="img", disable=not progress, file=sys.stderr
         ) as bar:
             for _ in bounded_map(self._one, range(len(self.paths)), workers):
                 bar.update()
-        return self._next_row
 
 
 def decode_in_memory(
@@ -224,11 +221,11 @@ def decode_in_memory(
     size = settings.image_size
     out = np.empty((len(paths), 3, size, size), np.uint8)
     decoder = _Decoder(paths, settings, out)
-    used = decoder.run(workers or available_cpus(), progress, what)
+    decoder.run(workers or available_cpus(), progress, what)
     good = np.flatnonzero(decoder.rows >= 0)
     return DecodedImages(
         [paths[i] for i in good],
-        ImageArray(decoder.rows[good], size, data=out[:used]),
+        ImageArray(decoder.rows[good], size, data=out),
         [decoder.bad[i] for i in sorted(decoder.bad)],
     )
 
@@ -280,22 +277,22 @@ def _open_store(folder: Path, paths: Sequence[Path], settings: DecodeSettings) -
         raise BrokenStore(f"meta.json unreadable ({type(err).__name__}: {err})") from None
     if fmt != STORE_FORMAT or size != settings.image_size:
         raise BrokenStore(f"format {fmt} at {size} px, not format {STORE_FORMAT} at {settings.image_size} px")
-    if len(rows) != len(paths) or len(sha256) != len(paths):
-        raise BrokenStore(f"holds {len(rows)} files, not {len(paths)}")
-    used = int((rows >= 0).sum())
-    if len(checksums) != used or (used and sorted(rows[rows >= 0].tolist()) != list(range(used))):
-        raise BrokenStore("meta.json's rows and checksums disagree")
+    n = len(paths)
+    if len(rows) != n or len(sha256) != n or len(checksums) != n:
+        raise BrokenStore(f"holds {len(rows)} files, not {n}")
+    good = np.flatnonzero(rows >= 0)
+    if not np.array_equal(rows[good], good):
+        raise BrokenStore("meta.json's rows are not the files' positions")
     try:
         length = os.path.getsize(folder / "images.u8")
     except OSError as err:
         raise BrokenStore(f"images.u8 unreadable ({err.strerror or err})") from None
-    if length != used * settings.row_bytes:
-        raise BrokenStore(f"images.u8 is {length:,} bytes, not the {used * settings.row_bytes:,} its {used} rows need")
-    good = np.flatnonzero(rows >= 0)
-    sources = [""] * used
+    if length != max(n, 1) * settings.row_bytes:
+        raise BrokenStore(f"images.u8 is {length:,} bytes, not the {max(n, 1) * settings.row_bytes:,} of {n} rows")
+    digests = np.zeros((n, 32), np.uint8)
     for position in good:
-        sources[rows[position]] = str(paths[position])
-    store = StoreFile(folder, settings, checksums, sources, [sha256[p] for p in good[np.argsort(rows[good])]])
+        digests[position] = np.frombuffer(bytes.fromhex(sha256[position]), np.uint8)
+    store = StoreFile(folder, settings, checksums, [str(p) for p in paths], digests)
     return DecodedImages(
         [paths[i] for i in good],
         ImageArray(rows[good], size, store=store),
@@ -304,28 +301,19 @@ def _open_store(folder: Path, paths: Sequence[Path], settings: DecodeSettings) -
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_builds(stores: Path) -> None:
-    """Remove `.building-<pid>-*` folders that no live process holds (left by a kill -9, a full disk, a power cut):
-    its builder holds the folder's lock while it runs, and a process that has just made the folder is alive."""
+    """Remove `.building-*` folders that no live process holds (left by a kill -9, a full disk, a power cut), and
+    `.trash-*` folders (broken stores whose removal was cut short). A builder holds its folder's lock from the
+    moment it has made it; a folder younger than a minute without a lock file may be one whose builder has not
+    taken the lock yet, so it is left for the next build."""
+    for folder in stores.glob(".trash-*"):
+        shutil.rmtree(folder, ignore_errors=True)
     for folder in stores.glob(".building-*"):
+        lock = folder / ".lock"
         try:
-            pid = int(folder.name.split("-")[1])
-        except (IndexError, ValueError):
-            pid = None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
-            continue
-        try:
-            with open(folder / ".lock", "a") as fh:
+            if not lock.exists() and time.time() - folder.stat().st_mtime < 60:
+                continue
+            with open(lock, "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by its builder while it is alive
                 shutil.rmtree(folder, ignore_errors=True)
                 log.info("removed %s, left by an interrupted build", folder)
@@ -384,17 +372,16 @@ def _build_store(
         file = tmp / "images.u8"
         out = _allocate(file, size).reshape(-1, 3, settings.image_size, settings.image_size)
         decoder = _Decoder(paths, settings, out, hash_content=True)
-        used = decoder.run(workers, progress, what)
+        decoder.run(workers, progress, what)
         out.flush()
         del out
-        os.truncate(file, used * settings.row_bytes)  # the rows of unreadable files were never used
         meta = {
             "format": STORE_FORMAT,
             "settings": settings.key(),
             "image_size": settings.image_size,
             "rows": decoder.rows.tolist(),
             "sha256": decoder.sha256,
-            "checksums": decoder.checksums[:used].tolist(),
+            "checksums": decoder.checksums.tolist(),
             "bad": [[i, err.reason] for i, err in sorted(decoder.bad.items())],
         }
         atomic_write(tmp / "meta.json", json.dumps(meta))
@@ -410,26 +397,25 @@ def _build_store(
 
 
 def _move_into_place(tmp: Path, final: Path, paths: Sequence[Path], settings: DecodeSettings) -> Path:
-    """Rename the built folder to its key; a whole store already there (built meanwhile by another process) is kept,
-    a broken one is replaced."""
-    for _ in range(3):
-        try:
-            os.rename(tmp, final)
-            return final
-        except OSError as err:
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-        try:
-            _open_store(final, paths, settings)
-            log.debug("store %s was built by another process; keeping it", final)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        except BrokenStore:
-            trash = final.with_name(f".trash-{os.getpid()}-{final.name}")
-            with contextlib.suppress(FileNotFoundError):
+    """Rename the built folder to its key, under a lock per key: a whole store already there (built meanwhile by
+    another process) is kept, a broken one is replaced, with a warning naming it."""
+    locks = final.parent.parent / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / final.name, "a") as key_lock:
+        fcntl.flock(key_lock, fcntl.LOCK_EX)
+        if final.exists():
+            try:
+                _open_store(final, paths, settings)
+                log.debug("store %s was built by another process; keeping it", final)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            except BrokenStore as err:
+                warnings.warn(f"decoded-image store {final} is broken ({err}): rebuilt", stacklevel=4)
+                trash = final.with_name(f".trash-{os.getpid()}-{final.name}")
                 os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    raise CacheError(f"could not move the decoded-image store into place at {final}")
+                shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+        return final
 
 
 def _check_writable(cache_dir: Path) -> None:
@@ -469,8 +455,8 @@ def decode_to_store(
                 return _open_store(folder, paths, settings)
         except (OSError, ValueError, KeyError, TypeError) as err:
             warnings.warn(f"ignoring unreadable store pointer {pointer}: {err}", stacklevel=2)
-        except BrokenStore as err:
-            warnings.warn(f"decoded-image store {folder} is broken ({err}): rebuilding it", stacklevel=2)
+        except BrokenStore:
+            pass  # rebuilt below: replacing it under its key says so, once
     _check_writable(cache_dir)
     try:
         folder = _build_store(paths, settings, cache_dir, workers or available_cpus(), progress, what)

@@ -14,6 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
@@ -62,11 +63,13 @@ def check_files(cfg: DictConfig) -> None:
         check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg, f"ckpt_path={cfg.ckpt_path}")
 
 
-def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
-    """Each entry of the callbacks group with a _target_ (set one to null to drop it)."""
+def instantiate_callbacks(cfg: DictConfig | None, with_logger: bool = True) -> list[L.Callback]:
+    """Each entry of the callbacks group with a _target_ (set one to null to drop it). Without a logger (~logger)
+    the learning-rate monitor is left out: it has nowhere to write, and Lightning refuses it."""
     if not cfg:
         return []
-    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    callbacks = [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    return [c for c in callbacks if with_logger or not isinstance(c, LearningRateMonitor)]
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -77,7 +80,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = _instantiate(cfg.data)
     model = _instantiate(cfg.model)
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
     return datamodule, model, trainer
@@ -96,9 +100,13 @@ def train(cfg: DictConfig) -> float | None:
     settings.check(cfg, settings.TRAIN_RULES)
     check_writable(cfg.paths.output_dir)
     check_files(cfg)
+    set_names = ["test", *(cfg.get("eval_sets") or {})] if cfg.get("test") else []
+    name = cfg.get("optimized_metric")
+    logged = metrics.logged_metrics(set_names)
+    if name and name not in logged:
+        raise ConfigError(f"optimized_metric={name}: not a metric this run logs; one of {', '.join(logged)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg)
-    set_names = ["test", *(cfg.get("eval_sets") or {})] if cfg.get("test") else []
     log_hyperparameters(trainer.loggers, cfg, metrics.reported_metrics(set_names))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -110,7 +118,6 @@ def train(cfg: DictConfig) -> float | None:
             rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    name = cfg.get("optimized_metric")
     if name and name not in results:
         raise ConfigError(f"optimized_metric={name}: not logged by this run; logged: {', '.join(sorted(results))}")
     if rank_zero_only.rank == 0:

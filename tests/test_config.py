@@ -4,6 +4,7 @@ objects instantiated (no training), or refused in one line; settings out of rang
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -43,17 +44,24 @@ def test_every_group_and_experiment_is_covered():
 
 
 def _build(cfg, built_models: dict) -> None:
-    """Instantiate what a run builds, without a GPU: data module, model, optimizer and scheduler, callbacks, loggers,
-    Trainer (on the CPU, one process, when no GPU is here)."""
+    """Instantiate what a run builds, without a GPU: data module, model, its optimizer and scheduler, callbacks,
+    loggers, Trainer (on the CPU, one process, when no GPU is here)."""
     instantiate(cfg.data)
-    key = OmegaConf.to_yaml(cfg.model)
-    if key not in built_models:  # building VGG19 takes a second: once per distinct model config
+    network = OmegaConf.to_container(cfg.model, resolve=True)
+    optimizer_cfg, scheduler_cfg = network.pop("optimizer"), network.pop("scheduler")
+    key = json.dumps(network, sort_keys=True)
+    if key not in built_models:  # building a network takes a second: once per distinct network config
         built_models[key] = instantiate(cfg.model)
     model = built_models[key]
-    optimizers = model.configure_optimizers()  # the optimizer with its settings (Adam(momentum=...) fails here)
-    assert isinstance(
-        optimizers if not isinstance(optimizers, dict) else optimizers["optimizer"], torch.optim.Optimizer
-    )
+    # this combination's own optimizer and scheduler (Adam(momentum=...) fails here), on the model's parameters
+    model.optimizer_factory = instantiate(optimizer_cfg)
+    model.scheduler_factory = instantiate(scheduler_cfg) if scheduler_cfg else None
+    optimizers = model.configure_optimizers()
+    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert type(optimizer).__name__ == optimizer_cfg["_target_"].rsplit(".", 1)[1]
+    if scheduler_cfg:
+        assert type(optimizers["lr_scheduler"]["scheduler"]).__name__ == scheduler_cfg["_target_"].rsplit(".", 1)[1]
     instantiate_callbacks(cfg.callbacks)
     instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     trainer_cfg = cfg.trainer
@@ -102,8 +110,9 @@ def test_experiments_pin_the_groups_whose_settings_they_change():
     for experiment in [e for e in EXPERIMENTS if e != "none"]:
         text = yaml_keys(CONF / "experiment" / f"{experiment}.yaml")
         pins = settings.experiment_pins(CONF, experiment)
-        for group in ("optimizer", "trainer"):
-            if group in text and group == "optimizer":
+        # a group whose options have different keys: setting one of its keys assumes an option
+        for group in ("optimizer", "scheduler"):
+            if group in text:
                 assert group in pins, f"experiment={experiment} sets {group} keys without pinning {group}"
     assert settings.experiment_pins(CONF, "notebook")["optimizer"] == "sgd"
     assert settings.experiment_pins(CONF, "gpu_fast") == {"optimizer": "sgd", "trainer": "gpu"}
@@ -194,3 +203,26 @@ def test_each_entry_point_has_its_own_help():
     )
     assert export.returncode == 0 and export.stdout.startswith("usage: python -m chestxray.export ckpt=")
     assert re.search(r"format=\s+onnx", export.stdout)
+
+
+def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path):
+    from chestxray import cpu_precision
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    epyc = tmp_path / "epyc"
+    epyc.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 fma\n")
+    assert cpu_precision(str(amx)) == "bf16-mixed" and cpu_precision(str(epyc)) == "32-true"
+    assert cpu_precision(str(tmp_path / "none")) == "32-true"
+    cfg = compose_config("train", ["trainer=cpu", "paths.output_dir=/tmp/unused"])
+    assert cfg.trainer.precision == cpu_precision() and cfg.trainer.accelerator == "cpu"
+    assert compose_config("train", ["paths.output_dir=/tmp/unused"]).trainer.precision == "32-true"  # the default
+
+
+def test_every_precision_lightning_takes_is_accepted():
+    for value in ("32", "bf16", "16-mixed", "bf16-mixed", "32-true", "64"):
+        settings.check(
+            compose_config("train", [f"trainer.precision={value}", "paths.output_dir=/x"]), settings.TRAIN_RULES
+        )
+    with pytest.raises(ConfigError, match=r"trainer.precision=8: must be one of"):
+        settings.check(compose_config("train", ["trainer.precision=8", "paths.output_dir=/x"]), settings.TRAIN_RULES)

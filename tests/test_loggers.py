@@ -41,6 +41,17 @@ def test_the_csv_logger_gets_every_scalar_and_the_parameters(tmp_path, synthetic
     assert not (out / "tensorboard").exists()
 
 
+def test_a_run_without_a_logger_builds_without_the_learning_rate_monitor(tmp_path, synthetic_dir):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from chestxray.training import build
+
+    _, _, trainer = build(train_config(tmp_path, synthetic_dir, "~logger"))
+    assert not trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+    _, _, trainer = build(train_config(tmp_path, synthetic_dir))
+    assert any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+
+
 @pytest.mark.slow
 def test_a_resumed_run_appends_to_its_csv_log(tmp_path, synthetic_dir):
     run = tmp_path / "run"

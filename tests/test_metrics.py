@@ -53,36 +53,33 @@ def test_accuracy_interval_is_wilsons_at_95_percent():
     assert report["accuracy_ci95"] == pytest.approx([centre - half, centre + half], abs=1e-9)
 
 
-def test_bootstrap_intervals_are_95_percent_percentile_intervals_that_repeat_and_ignore_row_order():
+def test_bootstrap_intervals_are_95_percent_stratified_percentile_intervals_that_repeat_and_ignore_row_order():
     labels, probs, _ = example()
     a = metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=1)
-    # the same resamples through scipy directly, at 95%: a 90% interval would be narrower and fail here
+    # the same resamples through scipy directly (one sample per class), at 95%: a 90% interval would be narrower
     order = np.lexsort((*probs.T[::-1], labels))
     y, p = torch.tensor(labels[order]), torch.tensor(probs[order], dtype=torch.float32)
+    samples = tuple(np.flatnonzero(y.numpy() == c) for c in range(3))
 
-    def auc(index):
+    def auc(*index):
+        index = np.concatenate(index)
         return float(multiclass_auroc(p[index], y[index], 3, average="macro"))
 
-    direct = bootstrap(
-        (np.arange(len(y)),),
-        auc,
-        n_resamples=300,
-        confidence_level=0.95,
-        method="percentile",
-        vectorized=False,
-        random_state=np.random.default_rng(1),
-    )
-    assert a["auc"] == pytest.approx(list(direct.confidence_interval), abs=1e-9)
-    narrower = bootstrap(
-        (np.arange(len(y)),),
-        auc,
-        n_resamples=300,
-        confidence_level=0.90,
-        method="percentile",
-        vectorized=False,
-        random_state=np.random.default_rng(1),
-    )
-    assert a["auc"][1] - a["auc"][0] > narrower.confidence_interval.high - narrower.confidence_interval.low
+    def direct(level):
+        return bootstrap(
+            samples,
+            auc,
+            n_resamples=300,
+            confidence_level=level,
+            method="percentile",
+            vectorized=False,
+            paired=False,
+            random_state=np.random.default_rng(1),
+        ).confidence_interval
+
+    assert a["auc"] == pytest.approx(list(direct(0.95)), abs=1e-9)
+    narrower = direct(0.90)
+    assert a["auc"][1] - a["auc"][0] > narrower.high - narrower.low
     assert metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=1) == a
     assert metrics.bootstrap_intervals(labels, probs, 3, resamples=300, seed=2) != a
     shuffled = np.random.default_rng(9).permutation(len(labels))
@@ -92,6 +89,17 @@ def test_bootstrap_intervals_are_95_percent_percentile_intervals_that_repeat_and
         assert ci[0] <= whole["per_class"][c]["sensitivity"] <= ci[1]
     sens = multiclass_recall(p, y, 3, average=None)
     assert sens.tolist() == pytest.approx([whole["per_class"][c]["sensitivity"] for c in CLASSES])
+
+
+def test_a_small_class_still_gets_its_intervals():
+    """Stratified resampling: a class of 3 images is in every resample, so no interval is lost to a resample
+    without it; a class of one image has nothing to resample."""
+    labels, probs, _ = example()
+    keep = np.concatenate([np.arange(80), np.arange(80, 83)])  # 40, 40 and 3 images
+    small = metrics.bootstrap_intervals(labels[keep], probs[keep], 3, resamples=200, seed=0)
+    assert small["auc"] is not None and all(ci is not None for ci in small["sensitivity"])
+    keep = np.concatenate([np.arange(80), [80]])
+    assert metrics.bootstrap_intervals(labels[keep], probs[keep], 3, resamples=200, seed=0)["auc"] is None
 
 
 def test_reliability_bins_are_the_calibration_errors_bins():

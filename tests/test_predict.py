@@ -144,6 +144,11 @@ def test_output_folders_that_cannot_be_used_are_refused_before_anything_loads(ti
         predict(predict_config(tmp_path, tiny_run["ckpt"], tiny_run["data"], f"output_dir={blocker}"))
     with pytest.raises(PredictError, match=rf"output_dir={blocker / 'sub'}: cannot write there"):
         predict(predict_config(tmp_path, tiny_run["ckpt"], tiny_run["data"], f"output_dir={blocker / 'sub'}"))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "predictions.csv").write_text("path,label\n")
+    with pytest.raises(PredictError, match=rf"output_dir={used}: holds the predictions of another run"):
+        predict(predict_config(tmp_path, tiny_run["ckpt"], tiny_run["data"], f"output_dir={used}"))
 
 
 def test_malicious_checkpoint_is_refused_without_running(tmp_path):

@@ -135,6 +135,14 @@ def test_the_best_checkpoint_is_calibrated_on_the_validation_split(tiny_run):
     assert (got.argmax(1) == uncalibrated.argmax(1)).all()
 
 
+def test_calibrate_false_leaves_the_model_and_its_report_uncalibrated(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    train(train_config(out, synthetic_dir, "model.calibrate=false", "report.gradcam_tiles=0"))
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert float(best["temperature"]) == 1.0 and not bool(best["calibrated"])
+    assert "calibration" not in json.loads((out / "metrics.json").read_text())
+
+
 def test_output_folder_below_a_file_fails_before_training(tmp_path, data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
