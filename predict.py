@@ -8,7 +8,7 @@ import chestxray  # noqa: F401 - registers the config resolvers
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from chestxray.console import run_entry_point, say
+    from chestxray.console import run_entry_point, say, shown
     from chestxray.inference import predict
 
     summary = run_entry_point(
@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
     if summary:
         say(
             f"predicted {summary['predicted']} image(s), {summary['errors']} unreadable; "
-            f"outputs in {summary['output_dir']}"
+            f"outputs in {shown(summary['output_dir'])}"
         )
 
 

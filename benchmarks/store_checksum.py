@@ -83,6 +83,7 @@ def training_epochs(data: Path, size: int, cache: Path, precision: str) -> dict[
         "trainer.accelerator=cpu",
         f"trainer.max_epochs={len(order)}",
         "trainer.limit_val_batches=0",
+        f"trainer.precision={precision}",
         "trainer.num_sanity_val_steps=0",
         "test=false",
         "model.calibrate=false",

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 
 from chestxray import figures
+from chestxray.console import shown
 from chestxray.evaluation import Evaluation, ReportSettings, side_by_side, summary_text, write_report
 from chestxray.files import atomic_write
 from chestxray.loggers import log_figure
@@ -124,6 +125,6 @@ class ReportWriter(L.Callback):
                 log_figure(trainer, tag, image, folder / f"{figure_name}.png", trainer.global_step)
             if report:
                 self.reports[name] = report
-                log.info("%s report (%s):\n%s", name, folder, summary_text(report))
+                log.info("%s report (%s):\n%s", name, shown(folder), summary_text(report))
         if len(self.reports) > 1 or any(m["leak_free"] for m in self.reports.values()):
             log.info("all evaluated sets, all images and leak-free:\n%s", side_by_side(self.reports))

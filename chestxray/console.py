@@ -36,6 +36,16 @@ def to_log_files(text: str, level: int = logging.INFO) -> None:
             handler.handle(record)
 
 
+def shown(path) -> str:
+    """A path as a person would type it here: relative to the working folder when it is inside it (logs and
+    printouts pasted elsewhere do not carry this machine's absolute paths), else as it is."""
+    import os
+
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def say(text: str) -> None:
     """Print text on stdout as it is (answers, reports) and keep it in the run's log."""
     print(text, flush=True)

@@ -128,7 +128,7 @@ def report_figures(evaluation: Evaluation, report: dict, settings: ReportSetting
         before = report["calibration"]["before"]["expected_calibration_error"]
         panels = {
             "before calibration, ": (evaluation.raw_probs[labelled], before),
-            f"T = {report['calibration']['temperature']:.2f}, ": panels[""],
+            f"calibrated (T = {report['calibration']['temperature']:.2f}), ": panels[""],
         }
     chosen = figures.pick_gallery(preds.tolist(), labels.tolist(), settings.gallery_tiles)
     result = {

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from chestxray import metrics, settings
 from chestxray.calibration import fit_temperature, nll_at
-from chestxray.console import tidy_lightning_output
+from chestxray.console import shown, tidy_lightning_output
 from chestxray.distributed import gather_by_index
 from chestxray.errors import ConfigError, OutputDirError, UserError
 from chestxray.files import atomic_write, atomic_writer
@@ -162,7 +162,7 @@ def write_results(cfg: DictConfig, results: dict[str, float], best: str, set_nam
     """Log the reported metrics and keep them in results.json (what the sweep summary reads)."""
     if best:
         epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-        log.info("best checkpoint: %s (epoch %d)", best, epoch)
+        log.info("best checkpoint: %s (epoch %d)", shown(best), epoch)
     names = [*metrics.reported_metrics(set_names), cfg.get("optimized_metric")]
     reported = {name: results[name] for name in dict.fromkeys(names) if name in results}
     for name, value in reported.items():

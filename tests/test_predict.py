@@ -3,6 +3,7 @@ training report, ONNX, ensembles, Grad-CAM, refusals and stops."""
 
 import csv
 import json
+import os
 import pickle
 import shutil
 import signal
@@ -349,3 +350,13 @@ def test_sigterm_stops_predict_with_143_leaving_the_finished_rows(trained_run, t
     inputs = [str(i.path) for i in find_inputs(str(many), CLASSES)]
     assert 4 <= len(rows) < 450 and [r["path"] for r in rows] == inputs[: len(rows)]  # a prefix, whole rows
     assert all(r["pred"] and float(r["prob_Covid"]) >= 0 for r in rows)
+
+
+def test_printed_paths_are_relative_inside_the_working_folder_and_absolute_outside(tmp_path, monkeypatch):
+    from chestxray.console import shown
+
+    (tmp_path / "work" / "outputs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert shown(tmp_path / "work" / "outputs" / "run") == os.path.join("outputs", "run")
+    assert shown("outputs/run") == os.path.join("outputs", "run")
+    assert shown(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
