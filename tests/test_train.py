@@ -59,6 +59,29 @@ def test_fast_dev_run_goes_through_train_test_and_report(tmp_path, data_dir):
         assert len(list(csv.DictReader(fh))) == 8
 
 
+def test_bf16_mixed_trains_in_bf16_and_tests_and_calibrates_in_fp32(tmp_path, synthetic_dir, monkeypatch):
+    """trainer=cpu's bf16 on AMX: the training forward passes run in bf16, but the test report and the temperature
+    come from fp32 forward passes, the model predict.py runs."""
+    from chestxray.model import ChestXrayClassifier
+
+    seen = []
+    logits = ChestXrayClassifier.logits
+
+    def recording(self, images):
+        out = logits(self, images)
+        stage = "train" if self.training else ("test" if self.trainer.testing else "other")
+        seen.append((stage, out.dtype))
+        return out
+
+    monkeypatch.setattr(ChestXrayClassifier, "logits", recording)
+    out = tmp_path / "bf16"
+    train(train_config(out, synthetic_dir, "trainer.precision=bf16-mixed", "trainer.max_epochs=1"))
+    dtypes = {stage: {d for s, d in seen if s == stage} for stage in ("train", "test", "other")}
+    assert dtypes["train"] == {torch.bfloat16}
+    assert dtypes["test"] == {torch.float32} and dtypes["other"] == {torch.bfloat16, torch.float32}
+    assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]["calibrated"]
+
+
 def test_a_run_writes_its_checkpoints_reports_and_curves(tiny_run):
     out = tiny_run["dir"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
