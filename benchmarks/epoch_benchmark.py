@@ -235,8 +235,8 @@ def run_ours(args, *overrides: str) -> tuple[list[dict], object]:
     return timer.epochs, datamodule
 
 
-def role_ours_epoch(args) -> dict:
-    overrides = ["trainer.max_epochs=1", f"model.channels_last={args.channels_last}", "trainer.precision=32-true"]
+def ours_epoch(args, precision: str) -> dict:
+    overrides = ["trainer.max_epochs=1", f"model.channels_last={args.channels_last}", f"trainer.precision={precision}"]
     epochs, dm = run_ours(args, *overrides)
     e = epochs[0]
     n_train = len(dm.datasets["train"]) // 4 * 4
@@ -245,19 +245,15 @@ def role_ours_epoch(args) -> dict:
         "val_ips": len(dm.datasets["val"]) / (e["val_end"] - e["val_start"]),
         "epoch_s": e["val_end"] - e["start"],
     }
+
+
+def role_ours_epoch(args) -> dict:
+    return ours_epoch(args, "32-true")
 
 
 def role_ours_epoch_bf16(args) -> dict:
     """The same epoch in bf16 autocast (trainer.precision=bf16-mixed): oneDNN's AMX kernels on CPUs that have them."""
-    overrides = ["trainer.max_epochs=1", f"model.channels_last={args.channels_last}", "trainer.precision=bf16-mixed"]
-    epochs, dm = run_ours(args, *overrides)
-    e = epochs[0]
-    n_train = len(dm.datasets["train"]) // 4 * 4
-    return {
-        "train_ips": n_train / (e["val_start"] - e["start"]),
-        "val_ips": len(dm.datasets["val"]) / (e["val_end"] - e["val_start"]),
-        "epoch_s": e["val_end"] - e["start"],
-    }
+    return ours_epoch(args, "bf16-mixed")
 
 
 def role_ours_epoch_large(args) -> dict:

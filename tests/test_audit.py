@@ -147,11 +147,14 @@ def test_which_duplicate_pairs_cross_the_split_is_exact(synthetic_dir, tmp_path)
     cv2.imwrite(str(root / "train" / "Viral Pneumonia" / "near_train.png"), half)  # near, within train
     image = cv2.imread(str(sorted((root / "test" / "Covid").glob("test_*"))[1]))
     cv2.imwrite(str(root / "train" / "Covid" / "a_near_test.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 40])  # across
+    image = cv2.imread(str(sorted((root / "test" / "Normal").glob("test_*"))[1]))
+    cv2.imwrite(str(root / "train" / "Normal" / "same_pixels.png"), image)  # other bytes, the same hash: across
     assert main([str(root), "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "audit.json").read_text())
     s = report["summary"]
     assert (s["exact_duplicate_groups"], s["exact_duplicate_pairs"], s["exact_duplicate_pairs_train_test"]) == (2, 4, 2)
-    assert (s["near_duplicate_pairs"], s["near_duplicate_pairs_train_test"]) == (2, 1)
+    assert (s["near_duplicate_pairs"], s["near_duplicate_pairs_train_test"]) == (3, 2)
+    assert {r["distance_bits"] for r in report["near_duplicates"] if r["cross_split"]} >= {0}
     for row in report["near_duplicates"]:
         assert row["cross_split"] == (row["a"].split("/")[0] != row["b"].split("/")[0]), row
     crossing = {frozenset(g["files"]) for g in report["exact_duplicates"] if g["cross_split"]}
