@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from chestxray.backbones import BACKBONES, build_network, get_backbone
+from chestxray.backbones import BACKBONES, build_network, freeze_stages, get_backbone
 from chestxray.checkpoints import load_model, load_models
 from chestxray.errors import CheckpointError, ConfigError, NonFiniteLossError, WeightsError
 from chestxray.model import ChestXrayClassifier, Ensemble, Probabilities
@@ -58,6 +58,24 @@ def test_freeze_features_trains_only_the_head_and_keeps_frozen_norms_in_eval(bac
     model.train()
     norms = [m for m in model.frozen for m in m.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(not m.training for m in norms)  # BatchNorm statistics of a frozen backbone do not drift
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_freeze_n_freezes_the_first_n_stages_of_every_backbone(backbone):
+    """Each further stage frozen freezes more parameters, from the input side, and never the head."""
+    net = ChestXrayClassifier(["a", "b"], 32, backbone=backbone, pretrained=False).net
+    spec = get_backbone(backbone)
+    stages, head = len(spec.blocks(net)), {id(p) for p in spec.head(net).parameters()}
+    trainable = []
+    for n in range(stages + 1):
+        net.requires_grad_(True)
+        freeze_stages(net, backbone, n)
+        first = next(p for p in net.parameters())  # the first convolution, at the input
+        assert first.requires_grad == (n == 0) and all(p.requires_grad for p in net.parameters() if id(p) in head)
+        trainable.append(sum(p.numel() for p in net.parameters() if p.requires_grad))
+    assert all(a > b for a, b in zip(trainable, trainable[1:], strict=False)), trainable
+    with pytest.raises(ConfigError, match=rf"model.freeze={stages + 1}: must be none, features or 0..{stages}"):
+        freeze_stages(net, backbone, stages + 1)
 
 
 @pytest.mark.parametrize("freeze, trainable_convs", [("none", 16), ("features", 0), (2, 12), (5, 0)])
