@@ -2,11 +2,11 @@
 
 The exported graph is the whole predictor: uint8 images (N x 3 x S x S) in, class probabilities out, with the
 normalisation inside, and for several checkpoints their average. It is cached beside the (first) checkpoint as
-`<name>.<key>.onnx`, where the key hashes the checkpoints' bytes and the export settings, so `predict.py
-runtime=onnx` exports once and later runs load the file (a checkpoint folder that cannot be written falls back
-to the cache folder). format=onnx-int8 quantises weights and activations to int8 (ONNX Runtime's static QDQ
-quantisation, calibrated on `calibration=` images): several times faster on CPUs with VNNI/AMX, at some cost in
-accuracy that the benchmark reports; it is never the default.
+`<name>.<key>.onnx` (int8: `<name>.<key>.int8.onnx`), where the key hashes the checkpoints' bytes and the export
+settings, so `predict.py runtime=onnx` exports once and later runs load the file (a checkpoint folder that cannot
+be written falls back to the cache folder). format=onnx-int8 quantises weights and activations to int8 (ONNX
+Runtime's static QDQ quantisation, calibrated on `calibration=` images): several times faster on CPUs with VNNI/AMX,
+at some cost in accuracy that the benchmark reports; it is never the default.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def onnx_path(ckpt_paths: Sequence[str | Path], fmt: str, calibration: Sequence[
     """Where the export of these checkpoints lives: beside the first one, or in the cache folder if read-only."""
     first = Path(ckpt_paths[0])
     key = _digest([*ckpt_paths, *calibration], fmt)
-    name = f"{first.stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}.{key}.{fmt}.onnx"
+    kind = "" if fmt == "onnx" else f".{fmt.removeprefix('onnx-')}"  # best.<key>.onnx, best.<key>.int8.onnx
+    name = f"{first.stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}.{key}{kind}.onnx"
     if os.access(first.parent, os.W_OK):
         return first.parent / name
     return default_cache_dir() / "onnx" / name

@@ -17,6 +17,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chestxray"
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set it straight back: done once, at import, before any thread
+    could create a file in between)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Open a temporary file beside `path`; on success it replaces `path` in one step (os.replace), on any error
@@ -25,6 +36,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide reports and checkpoints from a shared group
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()

@@ -316,8 +316,8 @@ def test_onnx_runtime_matches_torch_and_exports_once(trained_run, test_folder_pr
         f"ckpt={ckpt}", f"inputs={trained_run['data'] / 'test'}", "runtime=onnx", f"hydra.run.dir={out}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    exported = list(tmp_path.glob("model.*.onnx.onnx"))
-    assert len(exported) == 1  # cached beside the checkpoint, keyed by its content
+    exported = list(tmp_path.glob("model.*.onnx"))
+    assert len(exported) == 1 and exported[0].name.count(".") == 2  # beside the checkpoint: model.<key>.onnx
     torch_rows, onnx_rows = read_rows(test_folder_prediction["dir"]), read_rows(out)
     assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
     for a, b in zip(torch_rows, onnx_rows, strict=True):  # the temperature is inside the graph

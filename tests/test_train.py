@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -94,6 +95,10 @@ def test_a_run_writes_its_checkpoints_reports_and_curves(tiny_run):
     for name in ("samples", "curves", "confusion_matrix", "per_class", "reliability", "gallery", "gradcam_gallery"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "metrics.json", out / "results.json", out / "checkpoints" / "best.ckpt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path  # written whole, with the user's permissions
 
 
 def test_best_ckpt_is_the_epoch_with_the_highest_validation_accuracy(tiny_run):
