@@ -19,11 +19,9 @@ from chestxray.console import shown
 from chestxray.evaluation import Evaluation, ReportSettings, side_by_side, summary_text, write_report
 from chestxray.files import atomic_write
 from chestxray.loggers import log_figure
-from chestxray.metrics import set_prefix
+from chestxray.metrics import HISTORY, VAL_ACC, set_prefix
 
 log = logging.getLogger(__name__)
-
-HISTORY = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 
 def report_folder(output_dir: Path, set_name: str) -> Path:
@@ -79,8 +77,8 @@ class RunFigures(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:
             return
-        with_val = [h for h in self.history if "val/acc" in h]
-        best = max(with_val, key=lambda h: h["val/acc"])["epoch"] if with_val else None
+        with_val = [h for h in self.history if VAL_ACC in h]
+        best = max(with_val, key=lambda h: h[VAL_ACC])["epoch"] if with_val else None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.output_dir / "history.json", json.dumps(self.history, indent=2))
         self._save(trainer, "curves", figures.curves_figure(self.history, best), trainer.current_epoch)

@@ -1,5 +1,5 @@
-"""Checkpoints read safely (torch.load(weights_only=True)), loaded by Lightning, and one clear line when a file is
-not one of ours or does not fit what it is used for."""
+"""Checkpoints written whole, read safely (torch.load(weights_only=True)), loaded by Lightning, and one clear line
+when a file is not one of ours or does not fit what it is used for."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from chestxray.errors import CheckpointError
+from chestxray.files import atomic_writer
 from chestxray.model import ChestXrayClassifier
 
 # What members of an ensemble must share (each applies its own normalisation and backbone inside the graph).
@@ -27,6 +29,23 @@ RESUME_KEYS = {
 }
 # Loading for prediction: no ImageNet download, no compile, no feature cache.
 INFERENCE = {"pretrained": False, "weights_path": None, "compile": False, "cache_features": False}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint Lightning writes (last.ckpt, best.ckpt) whole or not at all, on any local disk.
+
+    Lightning's TorchCheckpointIO writes through an fsspec transaction, whose local file system stages the bytes in
+    $TMPDIR and moves them into place: a rename on one file system, but a copy onto the checkpoint where $TMPDIR is
+    another one (a tmpfs /tmp, outputs on a cluster's shared disk), so a kill during that copy leaves half of the last
+    good resume point. Here the temporary file is beside the checkpoint, synced and renamed into place; other URLs
+    (s3://, gs://) go to Lightning's own."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_writer(path, "wb") as fh:
+            torch.save(checkpoint, fh)
+        return None
 
 
 def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:

@@ -55,8 +55,10 @@ def say(text: str) -> None:
 def run_entry_point(program: str, work, run_folder: str, stopped: str, fresh_folder: bool = True):
     """Run an entry point's work in its run folder, which it holds for the run: a UserError is one line on stderr
     and in the run's log, exit status 2, and a run refused before any work leaves only that log; SIGTERM and Ctrl-C
-    stop it with 143 and 130 (chestxray.interrupt). In a sweep, a refused job fails alone: the error is raised for
-    Hydra's launcher, which marks that job failed and goes on with the others."""
+    stop it with 143 and 130 (chestxray.interrupt). In a sweep, a refused job fails alone: it returns NaN (what
+    Optuna counts as a failed trial) rather than raising, because Hydra's sweeper would then stop after the batch
+    without calling the callback that writes the sweep's summary; that summary names the refused jobs, and the
+    sweep exits 2."""
     import sys
 
     from chestxray import STARTED
@@ -75,8 +77,8 @@ def run_entry_point(program: str, work, run_folder: str, stopped: str, fresh_fol
         to_log_files(message, logging.ERROR)
         if fresh_folder and claimed:  # never touch a folder this run was refused (another run's)
             discard_if_empty(run_folder, STARTED)
-        if _in_a_sweep():
-            raise
+        if _in_a_sweep():  # the job fails alone: the sweep goes on, and its summary names it (chestxray.summary)
+            return float("nan")
         sys.exit(2)
 
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from chestxray.files import atomic_writer
-from chestxray.metrics import CALIBRATION_BINS, reliability_bins
+from chestxray.metrics import ACC, CALIBRATION_BINS, LOSS, metric_name, reliability_bins
 
 
 def confusion_figure(metrics: dict, title: str = "") -> Figure:
@@ -150,14 +150,14 @@ def curves_figure(history: Sequence[dict], best_epoch: int | None) -> Figure:
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
-    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+    for ax, metric in zip(axes, (LOSS, ACC), strict=True):
         for stage in ("train", "val"):
-            values = [h.get(f"{stage}/{metric}", np.nan) for h in history]
+            values = [h.get(metric_name(stage, metric), np.nan) for h in history]
             ax.plot(epochs, values, marker="o", label=f"{stage}")
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best epoch ({best_epoch})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel=metric, title={"loss": "loss", "acc": "accuracy"}[metric])
+        ax.set(xlabel="epoch", ylabel=metric, title={LOSS: "loss", ACC: "accuracy"}[metric])
         ax.grid(True, alpha=0.4)
         ax.legend()
     return fig

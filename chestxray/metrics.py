@@ -28,10 +28,22 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 from torchmetrics.functional.classification.calibration_error import _binning_bucketize
 
-# What every stage logs, as <stage>/<name>: train/acc, val/loss, test/acc, eval/<set>/loss, ...
-STAGE_METRICS = ("acc", "loss")
+# What every stage logs, as <stage>/<name>: train/acc, val/loss, test/acc, eval/<set>/loss, ... Every logged name is
+# spelt by metric_name() from these; conf/ names VAL_ACC and BEST too, which tests/test_config.py checks.
+ACC, LOSS = "acc", "loss"
+STAGE_METRICS = (ACC, LOSS)
 LEAK_FREE = "_leak_free"
-BEST = "val/acc_best"  # the running best of val/acc, what checkpoints are chosen by and train.py returns
+
+
+def metric_name(where: str, metric: str, leak_free: bool = False) -> str:
+    """The one spelling of a logged metric: metric_name("val", ACC) is "val/acc", metric_name(set_prefix("x"), LOSS,
+    True) is "eval/x/loss_leak_free"."""
+    return f"{where}/{metric}{LEAK_FREE if leak_free else ''}"
+
+
+VAL_ACC = metric_name("val", ACC)  # what best.ckpt is chosen by (conf/callbacks: model_checkpoint.monitor)
+BEST = f"{VAL_ACC}_best"  # the running best of val/acc: what train.py returns (conf/train.yaml: optimized_metric)
+HISTORY = tuple(metric_name(stage, m) for stage in ("train", "val") for m in (LOSS, ACC))  # curves.png, history.json
 CALIBRATION_BINS = 10
 CONFIDENCE = 0.95  # of every interval
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -47,16 +59,16 @@ def reported_metrics(set_names: Iterable[str]) -> list[str]:
     names = [BEST]
     for set_name in set_names:
         prefix = set_prefix(set_name)
-        names += [f"{prefix}/acc", f"{prefix}/acc{LEAK_FREE}", f"{prefix}/loss"]
+        names += [metric_name(prefix, ACC), metric_name(prefix, ACC, True), metric_name(prefix, LOSS)]
     return names
 
 
 def logged_metrics(set_names: Iterable[str]) -> list[str]:
     """Every metric a run logs (what optimized_metric may name)."""
-    names = [f"{stage}/{m}" for stage in ("train", "val") for m in STAGE_METRICS] + [BEST]
+    names = [metric_name(stage, m) for stage in ("train", "val") for m in STAGE_METRICS] + [BEST]
     for set_name in set_names:
         prefix = set_prefix(set_name)
-        names += [f"{prefix}/{m}{suffix}" for m in STAGE_METRICS for suffix in ("", LEAK_FREE)]
+        names += [metric_name(prefix, m, leak_free) for m in STAGE_METRICS for leak_free in (False, True)]
     return names
 
 
@@ -65,7 +77,7 @@ def stage_metrics(num_classes: int) -> MetricCollection:
 
     Updated with keywords (preds=, target=, value=): each metric takes the ones its update() names.
     """
-    return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()})
+    return MetricCollection({ACC: MulticlassAccuracy(num_classes, average="micro"), LOSS: MeanMetric()})
 
 
 def report_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
@@ -77,8 +89,8 @@ def report_metrics(num_classes: int, sync: bool = True) -> MetricCollection:
     k, kw = num_classes, {"sync_on_compute": sync}
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(k, average="micro", **kw),
-            "loss": MeanMetric(**kw),
+            ACC: MulticlassAccuracy(k, average="micro", **kw),
+            LOSS: MeanMetric(**kw),
             "auroc": MulticlassAUROC(k, average="macro", **kw),
             "ece": MulticlassCalibrationError(k, n_bins=CALIBRATION_BINS, **kw),
             "confusion": MulticlassConfusionMatrix(k, **kw),
@@ -115,8 +127,8 @@ def summarise(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict
     return {
         "n": n,
         "correct": int(confusion.trace()),
-        "accuracy": float(computed["acc"]),
-        "loss": float(computed["loss"]),
+        "accuracy": float(computed[ACC]),
+        "loss": float(computed[LOSS]),
         "macro_roc_auc_ovr": float(computed["auroc"]) if all(support) else None,  # undefined without every class
         "expected_calibration_error": float(computed["ece"]),
         "per_class": per_class,

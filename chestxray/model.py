@@ -210,7 +210,7 @@ class ChestXrayClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.val_acc_best(self.val_metrics[metrics.ACC].compute())
         self.log(metrics.BEST, self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,9 +273,10 @@ class ChestXrayClassifier(L.LightningModule):
             clean = (
                 numbers["leak_free"] if numbers["leak_free"]["n"] else {"accuracy": float("nan"), "loss": float("nan")}
             )
-            for suffix, m in (("", numbers["all"]), (metrics.LEAK_FREE, clean)):
-                self.log(f"{prefix}/acc{suffix}", m["accuracy"], add_dataloader_idx=False, sync_dist=True)
-                self.log(f"{prefix}/loss{suffix}", m["loss"], add_dataloader_idx=False, sync_dist=True)
+            for leak_free, m in ((False, numbers["all"]), (True, clean)):
+                for metric, value in ((metrics.ACC, m["accuracy"]), (metrics.LOSS, m["loss"])):
+                    logged = metrics.metric_name(prefix, metric, leak_free)
+                    self.log(logged, value, add_dataloader_idx=False, sync_dist=True)
             gathered = gather_by_index(self._test_outputs[i])  # every rank takes part
             if gathered is not None:
                 index, probs, raw_probs = (t.numpy() for t in gathered)

@@ -184,6 +184,29 @@ def check(cfg: DictConfig, rules: Sequence[Rule]) -> None:
     fold, folds = OmegaConf.select(cfg, "data.fold", default=None), OmegaConf.select(cfg, "data.folds", default=None)
     if fold is not None and folds is not None and fold >= folds:
         raise ConfigError(f"data.fold={fold}: must be between 0 and data.folds-1={folds - 1}")
+    _check_validation_runs(cfg)
+
+
+def _check_validation_runs(cfg: DictConfig) -> None:
+    """best.ckpt, the temperature and val/acc_best come from validation: settings that would skip every validation
+    are refused here, not found after the whole run."""
+    needs = [
+        f"{key}={value}"
+        for key in ("optimized_metric", "callbacks.model_checkpoint.monitor")
+        if isinstance(value := OmegaConf.select(cfg, key, default=None), str) and value.startswith("val/")
+    ]
+    if not needs:
+        return
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches", default=None)
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None)
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ConfigError(f"trainer.limit_val_batches={limit}: no validation, but {' and '.join(needs)} need it")
+    if isinstance(every, int) and isinstance(epochs, int) and every > epochs:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={epochs}: no epoch would "
+            f"validate, but {' and '.join(needs)} need it"
+        )
 
 
 def _show(value: Any) -> str:

@@ -25,6 +25,7 @@ from scipy.stats import binomtest
 from chestxray.files import atomic_write, atomic_writer
 
 RESULTS = "results.json"  # written by train() in each run folder
+REFUSED = ": error: "  # in the log line of a refused run (chestxray.console.run_entry_point)
 SIGNIFICANCE = 0.05
 
 
@@ -80,10 +81,10 @@ def summarise(sweep: Path, metric: str | None = None) -> tuple[list[dict], list[
     """The table's rows (best first) and the Markdown lines below it; nothing is written."""
     # imported here: the Hydra callback is built at every start, keep it light
     from chestxray.evaluation import leak_free
-    from chestxray.metrics import BEST, LEAK_FREE, set_prefix
+    from chestxray.metrics import ACC, BEST, metric_name, set_prefix
 
     metric = metric or BEST
-    test, clean_acc = f"{set_prefix('test')}/acc", f"{set_prefix('test')}/acc{LEAK_FREE}"
+    test, clean_acc = metric_name(set_prefix("test"), ACC), metric_name(set_prefix("test"), ACC, leak_free=True)
 
     runs = [r for r in (_load_run(p) for p in sorted(sweep.iterdir()) if p.is_dir()) if r]
     if not runs:
@@ -112,8 +113,8 @@ def summarise(sweep: Path, metric: str | None = None) -> tuple[list[dict], list[
         }
         for name in eval_names:
             report = run["reports"].get(name)
-            row[f"{set_prefix(name)}/acc"] = _acc(report)[0]
-            row[f"{set_prefix(name)}/acc{LEAK_FREE}"] = _acc(leak_free(report) if report else None)[0]
+            row[metric_name(set_prefix(name), ACC)] = _acc(report)[0]
+            row[metric_name(set_prefix(name), ACC, leak_free=True)] = _acc(leak_free(report) if report else None)[0]
         test_vs_best = mcnemar(best_correct, _correct_by_image(run["folder"])) if run is not runs[0] else None
         row["McNemar p vs best (test)"] = test_vs_best[2] if test_vs_best else None
         rows.append(row)
@@ -152,11 +153,24 @@ def _notes(runs: list[dict], rows: list[dict], metric: str, averaged: list[str])
     return lines
 
 
+def refused_jobs(sweep: Path) -> dict[str, str]:
+    """The sweep's job folders that hold no results because the job was refused: {job: its error line}."""
+    refused = {}
+    for folder in sorted(p for p in sweep.iterdir() if p.is_dir() and not (p / RESULTS).is_file()):
+        for log in sorted(folder.glob("*.log")):
+            errors = [line for line in log.read_text(errors="replace").splitlines() if REFUSED in line]
+            if errors:
+                refused[folder.name] = errors[-1].split(" - ", 1)[-1]
+    return refused
+
+
 def write_summary(sweep: Path, metric: str | None = None) -> Path | None:
-    """summary.csv and summary.md in the sweep folder; None when no run of it has finished."""
+    """summary.csv and summary.md in the sweep folder (the refused jobs named below the table); None when no run of
+    it has finished."""
     rows, notes = summarise(sweep, metric)
     if not rows:
         return None
+    notes += [f"Refused (no results; its log says why): `{job}`: {error}" for job, error in refused_jobs(sweep).items()]
     with atomic_writer(sweep / "summary.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -178,14 +192,21 @@ def write_summary(sweep: Path, metric: str | None = None) -> Path | None:
 
 
 class SweepSummary(Callback):
-    """Hydra callback (conf/hydra/default.yaml): writes the summary when a multirun ends."""
+    """Hydra callback (conf/hydra/default.yaml): writes the summary when a multirun ends; a sweep in which a job was
+    refused exits 2 after it, naming each refused job."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        if sweep.is_dir():
-            written = write_summary(sweep, config.get("optimized_metric"))
-            if written:
-                print(f"sweep summary: {written} and {written.with_suffix('.csv')}")
+        if not sweep.is_dir():
+            return
+        written = write_summary(sweep, config.get("optimized_metric"))
+        if written:
+            print(f"sweep summary: {written} and {written.with_suffix('.csv')}")
+        refused = refused_jobs(sweep)
+        for job, error in refused.items():
+            print(f"sweep: job {job} refused: {error}", file=sys.stderr)
+        if refused:
+            sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from chestxray import metrics, settings
 from chestxray.calibration import fit_temperature, nll_at
+from chestxray.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.console import shown, tidy_lightning_output
 from chestxray.distributed import gather_by_index
 from chestxray.errors import ConfigError, OutputDirError, UserError
@@ -56,7 +57,6 @@ def check_files(cfg: DictConfig) -> None:
 
     model.weights_path needs no check here: building the model reads it, and that comes before any decoding too.
     """
-    from chestxray.checkpoints import read_checkpoint
     from chestxray.resume import check_fits
 
     if cfg.get("ckpt_path"):
@@ -81,7 +81,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model = _instantiate(cfg.model)
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
     return datamodule, model, trainer

@@ -36,6 +36,14 @@ EXPERIMENTS = [e for e in options("experiment")]
 COMBINATIONS = [(e, g, o) for e in EXPERIMENTS for g in GROUPS if g != "experiment" for o in options(g)]
 
 
+def test_the_configs_name_the_metrics_the_module_logs():
+    from chestxray import metrics
+
+    cfg = compose_config("train", ["paths.output_dir=/tmp/unused"])
+    assert cfg.callbacks.model_checkpoint.monitor == metrics.VAL_ACC and cfg.optimized_metric == metrics.BEST
+    assert {metrics.VAL_ACC, metrics.BEST, *metrics.HISTORY} <= set(metrics.logged_metrics(["test"]))
+
+
 def test_every_group_and_experiment_is_covered():
     assert {"notebook", "gpu_fast", "quickstart", "none"} <= set(EXPERIMENTS)
     assert {"optimizer", "scheduler", "trainer", "logger", "debug", "callbacks", "data", "model"} <= set(GROUPS)
@@ -147,6 +155,8 @@ def yaml_keys(path: Path) -> set[str]:
         ("data.fold=5", "data.fold=5: must be between 0 and data.folds-1=4"),
         ("report.bootstrap_resamples=-1", "report.bootstrap_resamples=-1: must be an integer at least 0"),
         ("data.leakage_threshold=300", "data.leakage_threshold=300: must be an integer at least 0 and at most 256"),
+        ("trainer.limit_val_batches=0", "trainer.limit_val_batches=0: no validation, but optimized_metric=val/acc"),
+        ("trainer.check_val_every_n_epoch=20", "trainer.check_val_every_n_epoch=20 is more than trainer.max_epochs=10"),
     ],
 )
 def test_a_setting_out_of_range_is_one_line_naming_it(override, message):

@@ -460,26 +460,35 @@ def test_sigterm_stops_training_with_143_and_resume_finishes_the_run(tmp_path, s
 
 @pytest.mark.slow
 def test_lr_multirun_makes_one_folder_per_run_and_a_summary(tmp_path, synthetic_dir):
+    """A refused job (lr=abc) fails alone: the other runs finish, the summary is written and names it, exit 2."""
     sweep = tmp_path / "sweep"
     overrides = [o for o in TINY if "check_leakage" not in o]
-    run_script(
+    result = run_script(
         "train.py",
         "-m",
-        "optimizer.lr=1e-3,1e-2",
+        "optimizer.lr=1e-3,abc,1e-2",
         "trainer.max_epochs=1",
         *overrides,
         f"data.data_dir={synthetic_dir}",
         f"hydra.sweep.dir={sweep}",
+        ok=False,
     )
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in runs] == ["0", "1"]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "sweep: job 1 refused: train.py: error: ConfigError: optimizer.lr=abc" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(sweep / "1")) == ["train.log"]  # a refused run leaves only its log
+    runs = [sweep / "0", sweep / "2"]
     for run, lr in zip(runs, ("0.001", "0.01"), strict=True):
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
         assert f"optimizer.lr={lr}" in (run / ".hydra" / "overrides.yaml").read_text()
     with open(sweep / "summary.csv", newline="") as fh:
         rows = {r["run"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"0", "1"}
+    assert set(rows) == {"0", "2"}
+    assert (
+        "Refused (no results; its log says why): `1`: train.py: error: ConfigError: optimizer.lr=abc"
+        in (sweep / "summary.md").read_text()
+    )
     for run in runs:
         report = json.loads((run / "metrics.json").read_text())
         results = json.loads((run / "results.json").read_text())
@@ -490,3 +499,23 @@ def test_lr_multirun_makes_one_folder_per_run_and_a_summary(tmp_path, synthetic_
     values = [float(r["val/acc_best"]) for r in rows.values()]
     assert values == sorted(values, reverse=True)  # best first
     assert "McNemar" in (sweep / "summary.md").read_text()
+
+
+def test_checkpoints_are_written_beside_their_place_and_renamed_into_it(tmp_path, synthetic_dir, monkeypatch):
+    """Not staged in $TMPDIR (another file system, often) and copied: a kill mid-copy would leave half a last.ckpt."""
+    import tempfile
+
+    from chestxray.checkpoints import AtomicCheckpointIO
+
+    elsewhere = tmp_path / "tmpdir"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    moves, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((Path(a), Path(b))), replace(a, b))[1])
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"x": torch.ones(3)}, target)
+    assert torch.load(target, weights_only=True)["x"].sum() == 3
+    assert [b for _, b in moves] == [target] and moves[0][0].parent == target.parent
+    assert not list(elsewhere.iterdir())
+    _, _, trainer = build(train_config(tmp_path / "built", synthetic_dir, "debug=fdr"))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
