@@ -203,6 +203,7 @@ def predict(cfg: DictConfig) -> dict:
     required(cfg, "ckpt", "the checkpoint of a training run, e.g. ckpt=outputs/train/runs/<time>/checkpoints/best.ckpt")
     required(cfg, "inputs", "an image, a folder, a glob or a list of these, e.g. inputs=scan.png")
     settings.check(cfg, settings.PREDICT_RULES)
+    settings.check_predict_overrides(settings.hydra_overrides())
     out = check_output_dir(cfg.output_dir)
     paths = _listed(cfg.ckpt)
     models = load_models(paths)

@@ -151,6 +151,7 @@ TRAIN_RULES = [
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
 ]
+PREDICT_DATA_KEYS = ("max_pixels", "min_image_side", "eval_batch_size")  # what predict.py takes from the data group
 PREDICT_RULES = [
     *IMAGE_RULES,
     _int("decode_workers", 0, special=("auto",)),
@@ -207,6 +208,27 @@ def _check_validation_runs(cfg: DictConfig) -> None:
             f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={epochs}: no epoch would "
             f"validate, but {' and '.join(needs)} need it"
         )
+
+
+def check_predict_overrides(overrides: Sequence[str]) -> None:
+    """predict.py composes the data group for its image settings only: the image size, classes and normalisation
+    come from the checkpoint and decode_workers sets its loader. Any other data.* setting given to it is one line,
+    not silently ignored."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("data.") and key.removeprefix("data.") not in PREDICT_DATA_KEYS:
+            raise ConfigError(
+                f"{override}: predict.py does not use {key} (the checkpoint gives the image size, classes and "
+                "normalisation; decode_workers= sets its loader); of the data group it takes "
+                + ", ".join(f"data.{k}" for k in PREDICT_DATA_KEYS)
+            )
+
+
+def hydra_overrides() -> list[str]:
+    """The overrides of this run's command line (none outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _show(value: Any) -> str:

@@ -166,6 +166,13 @@ def test_a_setting_out_of_range_is_one_line_naming_it(override, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_predict_refuses_the_data_settings_it_does_not_use():
+    for override in ("data.image_size=64", "data.num_workers=8", "+data.augment=true"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(override)}: predict.py does not use data\."):
+            settings.check_predict_overrides([override])
+    settings.check_predict_overrides(["data.eval_batch_size=4", "data.max_pixels=1000", "runtime=onnx", "data=x"])
+
+
 def test_the_defaults_and_every_predict_setting_pass():
     settings.check(compose_config("train", ["paths.output_dir=/tmp/unused"]), settings.TRAIN_RULES)
     predict = compose_config("predict", ["ckpt=a.ckpt", "inputs=x", "paths.output_dir=/tmp/unused"])

@@ -185,3 +185,28 @@ def test_trainer_configs_compose_without_a_gpu():
     assert fast.data.batch_size == 64 and fast.trainer.precision == "bf16-mixed" and fast.model.compile
     assert fast.model.channels_last and fast.optimizer.lr == pytest.approx(1e-3 * 64 / 4)
     assert fast.trainer.accelerator == "gpu" and fast.optimizer._target_ == "torch.optim.SGD"
+
+
+def test_sigterm_stops_the_work_with_143_and_says_how_to_go_on(capsys):
+    """The fast tier's check of interrupt.py, in this process: the signal stops the work where it is (a long sleep
+    here), one line says what to do next, the exit status is 128 + 15, and the previous handler is back."""
+    import os
+    import time
+
+    from chestxray.interrupt import run_until_signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    reached = []
+
+    def work():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        reached.append("the end")
+
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        run_until_signal("train.py", work, "resume with: python train.py resume=RUN")
+    assert stop.value.code == 143 and not reached and time.monotonic() - start < 10
+    assert "train.py: stopped by SIGTERM: resume with: python train.py resume=RUN" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert run_until_signal("train.py", lambda: 0.5, "") == 0.5  # work that finishes returns its value

@@ -360,3 +360,23 @@ def test_printed_paths_are_relative_inside_the_working_folder_and_absolute_outsi
     assert shown(tmp_path / "work" / "outputs" / "run") == os.path.join("outputs", "run")
     assert shown("outputs/run") == os.path.join("outputs", "run")
     assert shown(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
+
+
+def test_the_onnx_graph_is_the_calibrated_predictor(tmp_path):
+    """The fast tier's check of export.py: uint8 images in, softmax(logits / T) out, as the torch predictor gives."""
+    from chestxray.export import OnnxPredictor, export_onnx
+    from chestxray.model import ChestXrayClassifier, Probabilities
+
+    torch.manual_seed(0)
+    model = ChestXrayClassifier(["a", "b", "c"], 32, pretrained=False).eval()
+    with torch.no_grad():
+        model.net.classifier[-1].bias.copy_(torch.tensor([3.0, 0.0, -3.0]))  # probabilities far from uniform
+    model.temperature.fill_(2.0)
+    graph = export_onnx([model], tmp_path / "model.onnx")
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    by_onnx = OnnxPredictor(graph).probabilities(images)
+    with torch.no_grad():
+        by_torch = Probabilities([model])(images)
+        uncalibrated = model.logits(images).softmax(1)
+    assert by_onnx.shape == (5, 3) and torch.allclose(by_onnx, by_torch, atol=1e-5)
+    assert (by_onnx - uncalibrated).abs().max() > 0.05  # the temperature is inside the graph
