@@ -11,6 +11,9 @@ class _NoProductTips(logging.Filter):
         return "💡 Tip:" not in record.getMessage()
 
 
+REFUSED = ": error: "  # in every refusal line, "<program>: error: <Type>: <message>" (chestxray.summary finds them)
+
+
 def tidy_lightning_output() -> None:
     """Lightning's package logger has a console handler of its own and also passes every record on to the root
     logger, which Hydra prints (and writes to the run's log file): each INFO line came out twice. Keep Hydra's.
@@ -72,7 +75,7 @@ def run_entry_point(program: str, work, run_folder: str, stopped: str, fresh_fol
             claimed = True
             return run_until_signal(program, work, stopped)
     except UserError as err:
-        message = f"{program}: error: {type(err).__name__}: {err}"
+        message = f"{program}{REFUSED}{type(err).__name__}: {err}"
         print(message, file=sys.stderr, flush=True)
         to_log_files(message, logging.ERROR)
         if fresh_folder and claimed:  # never touch a folder this run was refused (another run's)

@@ -22,10 +22,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from scipy.stats import binomtest
 
+from chestxray.console import REFUSED
 from chestxray.files import atomic_write, atomic_writer
 
 RESULTS = "results.json"  # written by train() in each run folder
-REFUSED = ": error: "  # in the log line of a refused run (chestxray.console.run_entry_point)
 SIGNIFICANCE = 0.05
 
 
