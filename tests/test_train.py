@@ -33,6 +33,9 @@ SCALARS = {
     "test/loss_leak_free",
 }
 
+# The report without its slowest parts (intervals, galleries): for tests about something else.
+CHEAP_REPORT = ["report.bootstrap_resamples=0", "report.gallery_tiles=0", "report.gradcam_tiles=0"]
+
 
 def read_events(folder: Path) -> EventAccumulator:
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
@@ -76,7 +79,7 @@ def test_bf16_mixed_trains_in_bf16_and_tests_and_calibrates_in_fp32(tmp_path, sy
 
     monkeypatch.setattr(ChestXrayClassifier, "logits", recording)
     out = tmp_path / "bf16"
-    train(train_config(out, synthetic_dir, "trainer.precision=bf16-mixed", "trainer.max_epochs=1"))
+    train(train_config(out, synthetic_dir, "trainer.precision=bf16-mixed", "trainer.max_epochs=1", *CHEAP_REPORT))
     dtypes = {stage: {d for s, d in seen if s == stage} for stage in ("train", "test", "other")}
     assert dtypes["train"] == {torch.bfloat16}
     assert dtypes["test"] == {torch.float32} and dtypes["other"] == {torch.bfloat16, torch.float32}
@@ -165,7 +168,7 @@ def test_the_best_checkpoint_is_calibrated_on_the_validation_split(tiny_run):
 
 def test_calibrate_false_leaves_the_model_and_its_report_uncalibrated(tmp_path, synthetic_dir):
     out = tmp_path / "run"
-    train(train_config(out, synthetic_dir, "model.calibrate=false", "report.gradcam_tiles=0"))
+    train(train_config(out, synthetic_dir, "model.calibrate=false", "trainer.max_epochs=1", *CHEAP_REPORT))
     best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     assert float(best["temperature"]) == 1.0 and not bool(best["calibrated"])
     assert "calibration" not in json.loads((out / "metrics.json").read_text())
