@@ -20,7 +20,7 @@ from chestxray import duplicates
 from chestxray.distributed import world_size
 from chestxray.errors import DataError
 from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
-from chestxray.parallel import available_cpus
+from chestxray.parallel import available_cpus, cap_to_cores
 from chestxray.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
 from chestxray.splits import holdout, kfold
 from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
@@ -275,16 +275,14 @@ class ChestXrayDataModule(L.LightningDataModule):
     def _num_workers(self) -> int:
         """auto: none on CPU (the images are decoded already; workers would take cores from the model), 4 on CUDA.
         Never more than the cores this process may use: more workers only thrash."""
-        workers, cores = self.hparams.num_workers, available_cpus()
+        workers = self.hparams.num_workers
         if workers == "auto":
-            return min(4, cores) if self._on_cuda() else 0
-        if int(workers) > cores:
-            if not self._warned_workers:
-                self._warned_workers = True
-                message = f"data.num_workers={workers}: this machine has {cores} cores for this run; using {cores}"
-                warnings.warn(message, stacklevel=2)
-            return cores
-        return int(workers)
+            return min(4, available_cpus()) if self._on_cuda() else 0
+        count, capped = cap_to_cores("data.num_workers", int(workers))
+        if capped and not self._warned_workers:  # once, not per loader
+            self._warned_workers = True
+            warnings.warn(capped, stacklevel=2)
+        return count
 
     def _loader(self, dataset: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         sampler = None

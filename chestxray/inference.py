@@ -39,7 +39,7 @@ from chestxray.evaluation import (
 )
 from chestxray.images import BadImageError, ImageLimits, load_image
 from chestxray.model import ChestXrayClassifier, Ensemble, Predictor
-from chestxray.parallel import available_cpus
+from chestxray.parallel import available_cpus, cap_to_cores
 from chestxray.saliency import write_overlays
 from chestxray.sources import InputImage, find_inputs
 
@@ -233,11 +233,11 @@ def predict(cfg: DictConfig) -> dict:
 def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, trainer: L.Trainer) -> DataLoader:
     """Batches of decoded files, decoded in decode_workers processes (auto: one per core but one), in batches of
     data.eval_batch_size (null: 8 on CPU, 64 on CUDA, as training's evaluation)."""
-    cores = available_cpus()
-    workers = cores - 1 if cfg.decode_workers == "auto" else int(cfg.decode_workers)
-    if workers > cores:
-        log.warning("decode_workers=%d: this machine has %d cores for this run; using %d", workers, cores, cores)
-        workers = cores
+    workers, capped = cap_to_cores(
+        "decode_workers", available_cpus() - 1 if cfg.decode_workers == "auto" else int(cfg.decode_workers)
+    )
+    if capped:
+        log.warning(capped)
     on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
     batch_size = cfg.data.eval_batch_size or (64 if on_cuda else 8)
     dataset = FileDataset([i.path for i in inputs], image_size, limits_of(cfg))

@@ -12,6 +12,15 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cap_to_cores(setting: str, workers: int) -> tuple[int, str | None]:
+    """At most the cores this process may use (more worker processes only thrash: 1,000 of them once drove the load
+    past 400); with the message to give when the setting was capped, None when it was not."""
+    cores = available_cpus()
+    if workers <= cores:
+        return workers, None
+    return cores, f"{setting}={workers}: this machine has {cores} cores for this run; using {cores}"
+
+
 def bounded_map(fn: Callable, items: Iterable, workers: int, window: int | None = None) -> Iterator:
     """fn over items in threads, results in completion order, at most `window` items in flight (bounded memory).
 

@@ -93,7 +93,7 @@ def discard_if_empty(folder: str | Path, started: float) -> None:
     `started`), so that a folder given by hand (hydra.run.dir=.) loses nothing else. The log, which says why the run
     was refused, stays."""
     folder = Path(folder)
-    if rank_zero_only.rank != 0 or not folder.is_dir() or any((folder / m).exists() for m in RUN_MARKERS):
+    if rank_zero_only.rank != 0 or not folder.is_dir() or holds_a_run(folder):
         return
     for name in ARTEFACTS:
         entry = folder / name

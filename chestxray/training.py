@@ -24,7 +24,7 @@ from chestxray.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.console import shown, tidy_lightning_output
 from chestxray.distributed import gather_by_index
 from chestxray.errors import ConfigError, OutputDirError, UserError
-from chestxray.files import atomic_write, atomic_writer
+from chestxray.files import atomic_write
 from chestxray.loggers import instantiate_loggers, log_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: st
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
         checkpoint["state_dict"]["calibrated"] = torch.tensor(True)
-        with atomic_writer(best, "wb") as fh:
-            torch.save(checkpoint, fh)
+        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, best)  # as Lightning wrote it: whole or not at all
         log.info(
             "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
             len(labels),
