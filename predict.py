@@ -8,8 +8,9 @@ import chestxray  # noqa: F401 - registers the config resolvers
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from chestxray.console import run_entry_point, say, shown
-    from chestxray.inference import predict
+    from chestxray.inference.predict import predict
+    from chestxray.runtime.console import say, shown
+    from chestxray.runtime.entry import run_entry_point
 
     summary = run_entry_point(
         "predict.py", lambda: predict(cfg), cfg.paths.output_dir, stopped=f"the finished rows are in {cfg.output_dir}"

@@ -10,8 +10,8 @@ import chestxray  # noqa: F401 - registers the config resolvers (a new folder pe
 def main(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
-    from chestxray.console import run_entry_point
-    from chestxray.training import train
+    from chestxray.runtime.entry import run_entry_point
+    from chestxray.training.fit import train
 
     resumed = bool(cfg.get("resume")) and Path(cfg.resume).resolve() == Path(cfg.paths.output_dir).resolve()
     return run_entry_point(

@@ -88,7 +88,7 @@ def role_baseline_loader(args) -> dict:
 def role_baseline_epoch(args) -> dict:
     import torch
 
-    from chestxray.backbones import build_network
+    from chestxray.models.backbones import build_network
 
     torch.manual_seed(2022)
     device = torch.device(args.device)
@@ -179,7 +179,7 @@ def model_alone(args, batch: int, channels_last: bool, bf16: bool, steps: int | 
     """The floor: the model alone, input already on the device, an SGD step per batch; images/s."""
     import torch
 
-    from chestxray.model import ChestXrayClassifier
+    from chestxray.models.classifier import ChestXrayClassifier
 
     device = torch.device(args.device)
     model = ChestXrayClassifier(CLASSES, args.image_size, pretrained=False, channels_last=channels_last).to(device)
@@ -225,7 +225,7 @@ class PhaseTimer:
 
 
 def run_ours(args, *overrides: str) -> tuple[list[dict], object]:
-    from chestxray.training import build
+    from chestxray.training.fit import build
 
     cfg = compose_train(args, *overrides)
     datamodule, model, trainer = build(cfg)
@@ -294,7 +294,7 @@ def cpu_name() -> str:
 
 def role_accuracy(args) -> dict:
     """One training run at --precision and --seed (the recipe of experiment=quickstart on --data), its numbers."""
-    from chestxray.training import train
+    from chestxray.training.fit import train
 
     overrides = [
         "experiment=quickstart",

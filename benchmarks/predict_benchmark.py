@@ -46,7 +46,7 @@ def random_checkpoint(folder: Path, image_size: int) -> Path:
     """VGG19 with random weights (seeded, so that its accuracies and agreements repeat) saved as a checkpoint."""
     import torch
 
-    from chestxray.model import ChestXrayClassifier
+    from chestxray.models.classifier import ChestXrayClassifier
 
     torch.manual_seed(0)
     model = ChestXrayClassifier(["Normal", "Covid", "Viral Pneumonia"], image_size, pretrained=False)
@@ -64,7 +64,7 @@ def notebook_loop(ckpt: Path, files: list[Path]) -> list[int]:
     import torch
     from torchvision import transforms
 
-    from chestxray.checkpoints import load_model
+    from chestxray.models.checkpoints import load_model
 
     model = load_model(ckpt)
     model.net.to(memory_format=torch.contiguous_format)  # the notebook's plain NCHW model
@@ -84,7 +84,7 @@ def run_predict(ckpt: Path, inputs: Path, out: Path, extra: list[str]) -> dict[s
     """predict.py in this process; its CSV rows by file name."""
     from hydra import compose, initialize_config_dir
 
-    from chestxray.inference import predict
+    from chestxray.inference.predict import predict
 
     overrides = [f"ckpt={ckpt}", f"inputs={inputs}", f"paths.output_dir={out}", "trainer.accelerator=cpu"]
     overrides += ["print_limit=0", "report.bootstrap_resamples=0", *extra]
@@ -145,9 +145,9 @@ def ceiling_table(ckpt: Path, calibration: list[Path], batch: int, repeats: int)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from chestxray.checkpoints import load_model
-    from chestxray.export import OnnxPredictor, exported
-    from chestxray.model import Probabilities
+    from chestxray.inference.onnx import OnnxPredictor, exported
+    from chestxray.models.checkpoints import load_model
+    from chestxray.models.classifier import Probabilities
 
     model = load_model(ckpt).eval()
     size = model.hparams.image_size
@@ -197,8 +197,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from chestxray.images import list_images
-    from chestxray.sources import find_inputs
+    from chestxray.data.images import list_images
+    from chestxray.data.sources import find_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -58,7 +58,7 @@ def run_stage(stage: str, data: Path, out: Path, image_size: int, ckpt: Path) ->
         summary = json.loads((out / "audit.json").read_text())["summary"]
         result["near_duplicates"] = summary["near_duplicate_pairs"] + summary["exact_duplicate_pairs"]
     elif stage == "train":
-        from chestxray.training import train
+        from chestxray.training.fit import train
 
         cfg = compose(
             "train",
@@ -78,7 +78,7 @@ def run_stage(stage: str, data: Path, out: Path, image_size: int, ckpt: Path) ->
         )
         train(cfg)
     else:
-        from chestxray.inference import predict
+        from chestxray.inference.predict import predict
 
         cfg = compose(
             "predict",

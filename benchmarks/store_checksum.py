@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def datamodule(data: Path, size: int, cache: Path):
     import warnings
 
-    from chestxray.data import ChestXrayDataModule
+    from chestxray.data.datamodule import ChestXrayDataModule
 
     dm = ChestXrayDataModule(
         str(data),
@@ -69,7 +69,7 @@ def training_epochs(data: Path, size: int, cache: Path, precision: str) -> dict[
     import lightning as L
     from hydra import compose, initialize_config_dir
 
-    from chestxray.training import build
+    from chestxray.training.fit import build
 
     order = ["off", "on", "on", "off"]
     overrides = [

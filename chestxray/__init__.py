@@ -12,19 +12,19 @@ STARTED = time.time()
 
 
 def _run_dir(resume, base):
-    from chestxray.runs import run_dir
+    from chestxray.runtime.folders import run_dir
 
     return run_dir(resume, base)
 
 
 def _hydra_subdir(resume, output_dir):
-    from chestxray.runs import hydra_subdir
+    from chestxray.runtime.folders import hydra_subdir
 
     return hydra_subdir(resume, output_dir)
 
 
 def _new_folder(base):
-    from chestxray.runs import new_folder
+    from chestxray.runtime.folders import new_folder
 
     return new_folder(base)
 
@@ -48,7 +48,7 @@ def _mlflow_artifacts(tracking_uri):
 
 # Used by the configs, so registered on import. The run folders are created when Hydra resolves them (cached, so
 # once per run): python train.py resume=RUN_DIR runs in RUN_DIR itself and leaves its .hydra/ folder to
-# chestxray.resume (which writes the merged settings there).
+# chestxray.training.resume (which writes the merged settings there).
 OmegaConf.register_new_resolver("chestxray.run_dir", _run_dir, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("chestxray.new_folder", _new_folder, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("chestxray.hydra_subdir", _hydra_subdir, replace=True)

@@ -7,7 +7,7 @@ contrast-changed), within and across splits. Cross-split pairs are train/test le
 images the two datasets share. Writes audit.md and audit.json and prints a summary.
 
 Files are read and hashed in parallel threads and nothing but a 32-byte hash per file is kept, so memory stays
-flat from 300 files to 100,000; the near-duplicate search is the blocked XOR + popcount of chestxray.duplicates.
+flat from 300 files to 100,000; the near-duplicate search is the blocked XOR + popcount of chestxray.data.duplicates.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from chestxray.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
+from chestxray.data.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
+from chestxray.data.images import BadImageError, decode_raw, read_bytes, to_rgb8
+from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
 from chestxray.errors import DataError
-from chestxray.files import atomic_write
-from chestxray.images import BadImageError, decode_raw, read_bytes, to_rgb8
-from chestxray.parallel import available_cpus, bounded_map
-from chestxray.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
+from chestxray.runtime.files import atomic_write
+from chestxray.runtime.parallel import available_cpus, bounded_map
 
 WHOLE = "all"  # the split name of a dataset without train/test splits
 

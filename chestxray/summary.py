@@ -22,8 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from scipy.stats import binomtest
 
-from chestxray.console import REFUSED
-from chestxray.files import atomic_write, atomic_writer
+from chestxray.runtime.console import REFUSED
+from chestxray.runtime.files import atomic_write, atomic_writer
 
 RESULTS = "results.json"  # written by train() in each run folder
 SIGNIFICANCE = 0.05
@@ -80,8 +80,8 @@ def _acc(metrics: dict | None) -> tuple[float | None, str]:
 def summarise(sweep: Path, metric: str | None = None) -> tuple[list[dict], list[str]]:
     """The table's rows (best first) and the Markdown lines below it; nothing is written."""
     # imported here: the Hydra callback is built at every start, keep it light
-    from chestxray.evaluation import leak_free
-    from chestxray.metrics import ACC, BEST, metric_name, set_prefix
+    from chestxray.evaluation.metrics import ACC, BEST, metric_name, set_prefix
+    from chestxray.evaluation.report import leak_free
 
     metric = metric or BEST
     test, clean_acc = metric_name(set_prefix("test"), ACC), metric_name(set_prefix("test"), ACC, leak_free=True)

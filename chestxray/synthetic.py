@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestxray.parallel import available_cpus
-from chestxray.sources import DEFAULT_CLASSES
+from chestxray.data.sources import DEFAULT_CLASSES
+from chestxray.runtime.parallel import available_cpus
 
 _BASE = 160  # anatomy is drawn at this size, then resized: fast at any output size
 

@@ -151,7 +151,7 @@ def data_dir(synthetic_dir) -> Path:
 def tiny_run(tmp_path_factory, synthetic_dir) -> dict:
     """Two short epochs (debug=limit) on the generated data, with the leakage check: checkpoints and reports to
     test the plumbing on (the model has not learned much)."""
-    from chestxray.training import train
+    from chestxray.training.fit import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     cfg = train_config(out, synthetic_dir, "data.check_leakage=true", "data.store=disk")
@@ -162,7 +162,7 @@ def tiny_run(tmp_path_factory, synthetic_dir) -> dict:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synthetic_dir) -> dict:
     """One training run of a model that has learned (test accuracy well above chance), shared by the slow tests."""
-    from chestxray.training import train
+    from chestxray.training.fit import train
 
     out = tmp_path_factory.mktemp("run")
     overrides = [*LEARNS, f"data.data_dir={synthetic_dir}", f"paths.output_dir={out}", "data.store=disk"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chestxray.audit import main
-from chestxray.duplicates import DEFAULT_THRESHOLD, hamming_pairs, hash_files, near_pairs
+from chestxray.data.duplicates import DEFAULT_THRESHOLD, hamming_pairs, hash_files, near_pairs
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def brute_force(a: np.ndarray, b: np.ndarray | None, threshold: int) -> list[tup
 
 @pytest.mark.parametrize("threshold", [40, 110, 124])
 def test_blocked_search_equals_brute_force_on_random_hashes(threshold, monkeypatch):
-    from chestxray import duplicates
+    from chestxray.data import duplicates
 
     rng = np.random.default_rng(threshold)
     a = rng.integers(0, 256, (500, 32), dtype=np.uint8)
@@ -110,7 +110,7 @@ def test_audit_of_a_missing_folder_fails_clearly(tmp_path, capsys):
 
 @pytest.mark.real_data
 def test_training_start_flags_the_leaking_test_images_and_can_drop_their_train_copies(real_data_dir, tmp_path):
-    from chestxray.data import ChestXrayDataModule
+    from chestxray.data.datamodule import ChestXrayDataModule
 
     dm = ChestXrayDataModule(str(real_data_dir), image_size=32, download=False, report_dir=str(tmp_path))
     expected = r"11 near-duplicate pair\(s\) of 7 train image\(s\) and 9 test image\(s\) found"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.backbones import BACKBONES
-from chestxray.inference import predict
-from chestxray.training import train
+from chestxray.inference.predict import predict
+from chestxray.models.backbones import BACKBONES
+from chestxray.training.fit import train
 from tests.conftest import CLASSES, predict_config, train_config
 
 
@@ -70,7 +70,7 @@ def test_an_ensemble_of_different_backbones_averages_their_probabilities(backbon
 
 @pytest.mark.slow
 def test_a_frozen_backbone_with_cached_features_trains_only_the_head(tmp_path, synthetic_dir):
-    from chestxray.training import build
+    from chestxray.training.fit import build
 
     overrides = ["model.backbone=resnet50", "model.freeze=features", "model.cache_features=true", "test=false"]
     datamodule, model, trainer = build(train_config(tmp_path, synthetic_dir, *overrides))

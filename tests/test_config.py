@@ -15,10 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from chestxray import settings
 from chestxray.errors import ConfigError
-from chestxray.loggers import instantiate_loggers
-from chestxray.training import instantiate_callbacks
+from chestxray.runtime import settings
+from chestxray.training.fit import instantiate_callbacks
+from chestxray.training.loggers import instantiate_loggers
 from tests.conftest import CONF, ROOT, compose_config, run_script
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -37,7 +37,7 @@ COMBINATIONS = [(e, g, o) for e in EXPERIMENTS for g in GROUPS if g != "experime
 
 
 def test_the_configs_name_the_metrics_the_module_logs():
-    from chestxray import metrics
+    from chestxray.evaluation import metrics
 
     cfg = compose_config("train", ["paths.output_dir=/tmp/unused"])
     assert cfg.callbacks.model_checkpoint.monitor == metrics.VAL_ACC and cfg.optimized_metric == metrics.BEST
@@ -182,21 +182,30 @@ def test_the_defaults_and_every_predict_setting_pass():
         settings.check(bad, settings.PREDICT_RULES)
 
 
-def test_no_import_cycle_in_the_package():
-    """Module-level imports between chestxray modules form no cycle (imports inside functions are lazy on purpose)."""
+def _package_imports() -> dict[str, set[str]]:
+    """chestxray's modules and the chestxray modules each imports, at module level or inside a function."""
     package = ROOT / "chestxray"
+    names = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in package.rglob("*.py")
+    }
     graph = {}
-    for path in package.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        names = set()
-        for node in tree.body:  # module level only
+    for name, path in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("chestxray"):
-                names.add(node.module.split(".")[1] if "." in node.module else None)
-                if node.module == "chestxray":
-                    names.update(a.name for a in node.names)
+                for alias in node.names:  # from chestxray.evaluation import metrics: the module metrics
+                    deps.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in names else node.module)
             elif isinstance(node, ast.Import):
-                names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("chestxray."))
-        graph[path.stem] = {n for n in names if n and n != path.stem}
+                deps.update(a.name for a in node.names if a.name.startswith("chestxray"))
+        graph[name] = {d for d in deps if d in names and d not in (name, "chestxray")}
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    """No chestxray module imports, even lazily inside a function, a module that imports it back (directly or round
+    a longer loop): the layout's layers (runtime <- data <- models <- evaluation <- training, inference) hold."""
+    graph = _package_imports()
+    assert "chestxray.runtime.interrupt" in graph["chestxray.runtime.entry"]  # the walk sees the real imports
 
     def visit(node, stack):
         for nxt in graph.get(node, ()):
@@ -205,6 +214,17 @@ def test_no_import_cycle_in_the_package():
 
     for module in graph:
         visit(module, [module])
+
+
+def test_the_layout_follows_the_pipeline():
+    """Each stage is a subpackage; the commands (python -m chestxray.<tool>) stay at the top."""
+    graph = _package_imports()
+    stages = {name.split(".")[1] for name in graph if name.count(".") >= 2}
+    assert stages == {"data", "models", "evaluation", "training", "inference", "runtime"}
+    top = sorted(name.split(".")[1] for name in graph if name.count(".") == 1 and name.split(".")[1] not in stages)
+    assert top == ["audit", "errors", "export", "summary", "synthetic"]
+    later = ("chestxray.training", "chestxray.inference")
+    assert not any(d.startswith(later) for d in graph["chestxray.data.datamodule"])
 
 
 def test_each_entry_point_has_its_own_help():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray.data import ChestXrayDataModule, DataError
-from chestxray.sources import read_index
+from chestxray.data.datamodule import ChestXrayDataModule, DataError
+from chestxray.data.sources import read_index
 
 EXPECTED = {
     "train": {"Normal": 70, "Covid": 111, "Viral Pneumonia": 70},
@@ -239,7 +239,7 @@ def test_augmentation_changes_train_images_only(data_dir):
 
 def test_feature_cache_with_augmentation_is_refused(tmp_path, data_dir):
     from chestxray.errors import ConfigError
-    from chestxray.training import build
+    from chestxray.training.fit import build
     from tests.conftest import train_config
 
     cfg = train_config(tmp_path, data_dir, "model.freeze=features", "model.cache_features=true", "data.augment=true")
@@ -248,7 +248,7 @@ def test_feature_cache_with_augmentation_is_refused(tmp_path, data_dir):
 
 
 def test_more_loader_workers_than_cores_are_capped_with_a_warning(data_dir):
-    from chestxray.parallel import available_cpus
+    from chestxray.runtime.parallel import available_cpus
 
     dm = make_dm(data_dir, num_workers=1000)
     with pytest.warns(UserWarning, match=rf"data.num_workers=1000: this machine has {available_cpus()} cores"):

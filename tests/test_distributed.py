@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from chestxray.errors import NonFiniteLossError
-from chestxray.training import build, train
+from chestxray.training.fit import build, train
 from tests.conftest import ROOT, TINY, compose_config, run_script, signal_when, train_config
 
 
@@ -193,7 +193,7 @@ def test_sigterm_stops_the_work_with_143_and_says_how_to_go_on(capsys):
     import os
     import time
 
-    from chestxray.interrupt import run_until_signal
+    from chestxray.runtime.interrupt import run_until_signal
 
     before = signal.getsignal(signal.SIGTERM)
     reached = []

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from chestxray.errors import DataError
-from chestxray.training import train
+from chestxray.training.fit import train
 from tests.conftest import train_config
 from tests.test_train import read_events
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chestxray.data import BadFilesError, ChestXrayDataModule, DataError
-from chestxray.images import BadImageError, ImageLimits, list_images, load_image, read_image
+from chestxray.data.datamodule import BadFilesError, ChestXrayDataModule, DataError
+from chestxray.data.images import BadImageError, ImageLimits, list_images, load_image, read_image
 from tests.conftest import CLASSES
 
 BAD = {

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from chestxray.training import train
+from chestxray.training.fit import train
 from tests.conftest import TINY, run_script, train_config
 from tests.test_tensorboard import free_port
 from tests.test_train import read_events
@@ -44,7 +44,7 @@ def test_the_csv_logger_gets_every_scalar_and_the_parameters(tmp_path, synthetic
 def test_a_run_without_a_logger_builds_without_the_learning_rate_monitor(tmp_path, synthetic_dir):
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from chestxray.training import build
+    from chestxray.training.fit import build
 
     _, _, trainer = build(train_config(tmp_path, synthetic_dir, "~logger"))
     assert not trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)

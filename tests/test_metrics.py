@@ -8,9 +8,9 @@ import torch
 from scipy.stats import bootstrap
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 
-from chestxray import metrics
-from chestxray.calibration import T_MAX, T_MIN, fit_temperature, nll_at
-from chestxray.figures import pick_gallery
+from chestxray.evaluation import metrics
+from chestxray.evaluation.figures import pick_gallery
+from chestxray.models.calibration import T_MAX, T_MIN, fit_temperature, nll_at
 
 CLASSES = ["a", "b", "c"]
 
@@ -138,7 +138,7 @@ def test_gallery_shows_every_kind_of_mistake_and_every_class():
 
 
 def test_curves_show_whole_epochs_and_the_grad_cam_gallery_its_colour_scale():
-    from chestxray.figures import curves_figure, gallery_figure
+    from chestxray.evaluation.figures import curves_figure, gallery_figure
 
     history = [{"epoch": e, "train/loss": 1 - e / 10, "val/loss": 1 - e / 20} for e in range(3)]
     curves = curves_figure(history, best_epoch=1)
@@ -151,7 +151,7 @@ def test_curves_show_whole_epochs_and_the_grad_cam_gallery_its_colour_scale():
 
 
 def test_the_printout_of_a_handful_of_images_is_their_accuracy_not_per_class_rates():
-    from chestxray.evaluation import Evaluation, ReportSettings, summary_text
+    from chestxray.evaluation.report import Evaluation, ReportSettings, summary_text
 
     labels, probs, _ = example(n_per_class=1)
     ev = Evaluation("predict", CLASSES, ["x", "y", "z"], labels, probs, np.zeros(3, bool))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torchvision import models
 
-from chestxray.backbones import BACKBONES, build_network, freeze_stages, get_backbone
-from chestxray.checkpoints import load_model, load_models
 from chestxray.errors import CheckpointError, ConfigError, NonFiniteLossError, WeightsError
-from chestxray.model import ChestXrayClassifier, Ensemble, Probabilities
+from chestxray.models.backbones import BACKBONES, build_network, freeze_stages, get_backbone
+from chestxray.models.checkpoints import load_model, load_models
+from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Probabilities
 from tests.conftest import run_script
 
 

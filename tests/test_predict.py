@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from chestxray import model as model_module
-from chestxray.checkpoints import load_model
+from chestxray.data.sources import find_inputs
+from chestxray.data.store import DecodeSettings, decode_in_memory
 from chestxray.errors import CheckpointError, PredictError
-from chestxray.inference import PredictionWriter, csv_row, predict
-from chestxray.sources import find_inputs
-from chestxray.store import DecodeSettings, decode_in_memory
+from chestxray.inference.predict import PredictionWriter, csv_row, predict
+from chestxray.models import classifier as model_module
+from chestxray.models.checkpoints import load_model
 from tests.conftest import CLASSES, predict_config, run_script, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
 
@@ -182,7 +182,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
 
 
 def test_overlay_title_is_white_on_a_dark_band_that_fits_the_image():
-    from chestxray.saliency import put_title
+    from chestxray.evaluation.saliency import put_title
 
     image = np.zeros((256, 256, 3), np.uint8)
     image[..., 1] = 200  # green, so any pixel of the image left inside the title's box shows
@@ -326,7 +326,7 @@ def test_onnx_runtime_matches_torch_and_exports_once(trained_run, test_folder_pr
         for c in CLASSES:
             assert abs(float(a[f"prob_{c}"]) - float(b[f"prob_{c}"])) <= 1e-4
     stamp = exported[0].stat().st_mtime_ns
-    from chestxray.export import exported as export_of
+    from chestxray.inference.onnx import exported as export_of
 
     assert export_of([ckpt], [load_model(ckpt)]) == exported[0] and exported[0].stat().st_mtime_ns == stamp
 
@@ -354,7 +354,7 @@ def test_sigterm_stops_predict_with_143_leaving_the_finished_rows(trained_run, t
 
 
 def test_printed_paths_are_relative_inside_the_working_folder_and_absolute_outside(tmp_path, monkeypatch):
-    from chestxray.console import shown
+    from chestxray.runtime.console import shown
 
     (tmp_path / "work" / "outputs").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")
@@ -365,8 +365,8 @@ def test_printed_paths_are_relative_inside_the_working_folder_and_absolute_outsi
 
 def test_the_onnx_graph_is_the_calibrated_predictor(tmp_path):
     """The fast tier's check of export.py: uint8 images in, softmax(logits / T) out, as the torch predictor gives."""
-    from chestxray.export import OnnxPredictor, export_onnx
-    from chestxray.model import ChestXrayClassifier, Probabilities
+    from chestxray.inference.onnx import OnnxPredictor, export_onnx
+    from chestxray.models.classifier import ChestXrayClassifier, Probabilities
 
     torch.manual_seed(0)
     model = ChestXrayClassifier(["a", "b", "c"], 32, pretrained=False).eval()

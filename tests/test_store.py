@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chestxray import store as store_module
-from chestxray.images import ImageLimits, load_image
-from chestxray.store import DecodeSettings, choose_store, decode_in_memory, decode_to_store
+from chestxray.data import store as store_module
+from chestxray.data.images import ImageLimits, load_image
+from chestxray.data.store import DecodeSettings, choose_store, decode_in_memory, decode_to_store
 from tests.conftest import ROOT
 
 
@@ -92,7 +92,7 @@ def test_two_processes_building_one_store_at_once_read_the_same_bytes(files, tmp
     cache = tmp_path / "cache"  # empty: both processes decode, one store stays, both read it
     script = (
         "import sys, json, hashlib, pathlib\n"
-        "from chestxray.store import decode_to_store, DecodeSettings\n"
+        "from chestxray.data.store import decode_to_store, DecodeSettings\n"
         "paths = [pathlib.Path(p) for p in json.loads(sys.argv[1])]\n"
         "d = decode_to_store(paths, DecodeSettings(48), sys.argv[2])\n"
         "print(d.store, hashlib.sha256(b''.join(d.images[i].tobytes() for i in range(len(d.paths)))).hexdigest())\n"
@@ -250,7 +250,7 @@ def test_a_full_disk_during_allocation_is_a_clear_error_not_a_bus_error(files, t
         "import resource, signal, sys, json, pathlib\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
-        "from chestxray.store import decode_to_store, DecodeSettings\n"
+        "from chestxray.data.store import decode_to_store, DecodeSettings\n"
         "from chestxray.errors import CacheError\n"
         "paths = [pathlib.Path(p) for p in json.loads(sys.argv[1])]\n"
         "try:\n"
@@ -274,7 +274,7 @@ def test_a_build_killed_with_sigkill_leaves_a_folder_the_next_build_removes(file
     cache = tmp_path / "cache"
     script = (
         "import sys, json, pathlib, time\n"
-        "import chestxray.store as s\n"
+        "import chestxray.data.store as s\n"
         "slow = s.model_view\n"
         "s.model_view = lambda *a, **k: (time.sleep(0.5), slow(*a, **k))[1]\n"
         "paths = [pathlib.Path(p) for p in json.loads(sys.argv[1])]\n"
@@ -309,7 +309,7 @@ def test_a_cache_folder_that_cannot_be_written_is_one_clear_error(files, tmp_pat
 
 
 def test_cached_perceptual_hashes_are_proven_before_use(files, tmp_path):
-    from chestxray.duplicates import hash_decoded, hash_files
+    from chestxray.data.duplicates import hash_decoded, hash_files
 
     decoded = decode_to_store([p for p in files if p.name != "bad.jpg"], DecodeSettings(48), tmp_path / "cache")
     first, ok = hash_decoded(decoded)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from chestxray import metrics
-from chestxray.checkpoints import load_model
 from chestxray.errors import NonFiniteLossError, OutputDirError
-from chestxray.training import build, check_files, train
+from chestxray.evaluation import metrics
+from chestxray.models.checkpoints import load_model
+from chestxray.training.fit import build, check_files, train
 from tests.conftest import ROOT, TINY, run_script, signal_when, train_config
 
 SCALARS = {
@@ -66,7 +66,7 @@ def test_fast_dev_run_goes_through_train_test_and_report(tmp_path, data_dir):
 def test_bf16_mixed_trains_in_bf16_and_tests_and_calibrates_in_fp32(tmp_path, synthetic_dir, monkeypatch):
     """trainer=cpu's bf16 on AMX: the training forward passes run in bf16, but the test report and the temperature
     come from fp32 forward passes, the model predict.py runs."""
-    from chestxray.model import ChestXrayClassifier
+    from chestxray.models.classifier import ChestXrayClassifier
 
     seen = []
     logits = ChestXrayClassifier.logits
@@ -323,7 +323,7 @@ def test_bad_settings_are_refused_at_once_leaving_only_the_log(tmp_path, synthet
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
-    from chestxray.runs import new_folder
+    from chestxray.runtime.folders import new_folder
 
     base = str(tmp_path / "runs" / "2026-12-01_10-00-00")
     assert [Path(new_folder(base)).name for _ in range(3)] == [
@@ -397,7 +397,7 @@ def test_resume_continues_the_run_in_its_folder_with_its_settings(tmp_path, synt
 
 
 def test_resume_overrides_replace_saved_ones_of_the_same_key():
-    from chestxray.resume import merge_overrides
+    from chestxray.training.resume import merge_overrides
 
     saved = ["data.image_size=32", "trainer.max_epochs=2", "+eval_sets.b=/x"]
     assert merge_overrides(saved, ["trainer.max_epochs=5"]) == [
@@ -508,7 +508,7 @@ def test_checkpoints_are_written_beside_their_place_and_renamed_into_it(tmp_path
     """Not staged in $TMPDIR (another file system, often) and copied: a kill mid-copy would leave half a last.ckpt."""
     import tempfile
 
-    from chestxray.checkpoints import AtomicCheckpointIO
+    from chestxray.models.checkpoints import AtomicCheckpointIO
 
     elsewhere = tmp_path / "tmpdir"
     elsewhere.mkdir()

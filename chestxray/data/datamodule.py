@@ -16,14 +16,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from chestxray import duplicates
-from chestxray.distributed import world_size
+from chestxray.data import duplicates
+from chestxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
+from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
+from chestxray.data.splits import holdout, kfold
+from chestxray.data.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
 from chestxray.errors import DataError
-from chestxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
-from chestxray.parallel import available_cpus, cap_to_cores
-from chestxray.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
-from chestxray.splits import holdout, kfold
-from chestxray.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
+from chestxray.runtime.distributed import world_size
+from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
 log = logging.getLogger(__name__)
 

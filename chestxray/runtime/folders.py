@@ -51,7 +51,7 @@ def run_dir(resume: str | None, base: str) -> str:
 
 
 def hydra_subdir(resume: str | None, output_dir: str) -> str | None:
-    """hydra.output_subdir: none for a resumed run (chestxray.resume writes its merged settings) and none for a
+    """hydra.output_subdir: none for a resumed run (chestxray.training.resume writes its merged settings) and none for a
     folder that already holds a run (whose saved settings must stay as they are: the run is refused)."""
     return None if resume or holds_a_run(output_dir) else ".hydra"
 

@@ -1,10 +1,10 @@
 """The classifier (a torchvision backbone under the notebook's head) as a LightningModule, and the modules that
 predict with one or several trained classifiers.
 
-Metrics live here, one MetricCollection per stage (chestxray.metrics defines them): train and val log accuracy and
-loss every epoch; test keeps, per test dataloader, the full report collection on all images and on the leak-free
-ones (a mask from the batch), and the calibration metrics before temperature scaling. What the test sets' report
-files need beyond numbers (each image's probabilities) is kept in `test_results` for the report callback.
+Metrics live here, one MetricCollection per stage (chestxray.evaluation.metrics defines them): train and val log
+accuracy and loss every epoch; test keeps, per test dataloader, the full report collection on all images and on the
+leak-free ones (a mask from the batch), and the calibration metrics before temperature scaling. What the test sets'
+report files need beyond numbers (each image's probabilities) is kept in `test_results` for the report callback.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric
 
-from chestxray import metrics
-from chestxray.backbones import build_network, freeze_stages, get_backbone
-from chestxray.distributed import gather_by_index
 from chestxray.errors import ConfigError, NonFiniteLossError
+from chestxray.evaluation import metrics
+from chestxray.models.backbones import build_network, freeze_stages, get_backbone
+from chestxray.runtime.distributed import gather_by_index
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TestResult:
     index: np.ndarray  # positions in the set's dataset, sorted
     probs: np.ndarray  # calibrated (what the model answers)
     raw_probs: np.ndarray  # before temperature scaling
-    numbers: dict  # {"all": ..., "leak_free": ..., "uncalibrated": ...} (chestxray.metrics.summarise)
+    numbers: dict  # {"all": ..., "leak_free": ..., "uncalibrated": ...} (chestxray.evaluation.metrics.summarise)
 
 
 class ChestXrayClassifier(L.LightningModule):
@@ -81,7 +81,7 @@ class ChestXrayClassifier(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
-        # Temperature scaling (chestxray.calibration): fitted after training, saved in the checkpoint.
+        # Temperature scaling (chestxray.models.calibration): fitted after training, saved in the checkpoint.
         self.register_buffer("temperature", torch.ones(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         num_classes = len(classes)

@@ -9,11 +9,14 @@ Lightning then calls sys.exit(1); the entry points turn that into 128 + the sign
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
+
+from chestxray.runtime.console import to_log_files
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,10 +69,6 @@ def run_until_signal(program: str, work: Callable[[], object], stopped: str) -> 
 
 def exit_for_signal(program: str, signum: int, stopped: str) -> NoReturn:
     """Say what stopped the run and what to do next, on stderr and in the run's log; exit 128 + the signal."""
-    import logging
-
-    from chestxray.console import to_log_files
-
     message = f"{program}: stopped by {signal.Signals(signum).name}: {stopped}"
     print(message, file=sys.stderr, flush=True)
     to_log_files(message, logging.WARNING)

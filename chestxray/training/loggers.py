@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 from chestxray.errors import require
-from chestxray.files import atomic_write
+from chestxray.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
-from chestxray import metrics, settings
-from chestxray.calibration import fit_temperature, nll_at
-from chestxray.checkpoints import AtomicCheckpointIO, read_checkpoint
-from chestxray.console import shown, tidy_lightning_output
-from chestxray.distributed import gather_by_index
 from chestxray.errors import ConfigError, OutputDirError, UserError
-from chestxray.files import atomic_write
-from chestxray.loggers import instantiate_loggers, log_hyperparameters
+from chestxray.evaluation import metrics
+from chestxray.models.calibration import fit_temperature, nll_at
+from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
+from chestxray.runtime import settings
+from chestxray.runtime.console import shown, tidy_lightning_output
+from chestxray.runtime.distributed import gather_by_index
+from chestxray.runtime.files import atomic_write
+from chestxray.training.loggers import instantiate_loggers, log_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def check_files(cfg: DictConfig) -> None:
 
     model.weights_path needs no check here: building the model reads it, and that comes before any decoding too.
     """
-    from chestxray.resume import check_fits
+    from chestxray.training.resume import check_fits
 
     if cfg.get("ckpt_path"):
         check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg, f"ckpt_path={cfg.ckpt_path}")
@@ -89,7 +90,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 def train(cfg: DictConfig) -> float | None:
     """Fit, calibrate and test the best checkpoint, and return cfg.optimized_metric for sweepers."""
-    from chestxray.resume import resume_config
+    from chestxray.training.resume import resume_config
 
     tidy_lightning_output()
     choices, conf_dir = settings.hydra_choices()
@@ -127,7 +128,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: str) -> float | None:
     """Fit the temperature on the validation split's logits of the best checkpoint and save it in that checkpoint
-    (chestxray.calibration). Skipped when the test folder is the validation set (experiment=notebook): fitting on
+    (chestxray.models.calibration). Skipped when the test folder is the validation set (experiment=notebook): fitting on
     the images that are scored would flatter the calibration."""
     if datamodule.datasets["val"] is datamodule.test_sets.get("test"):
         log.info("not calibrated: the validation set is the test folder (data.val_fraction=0)")

@@ -17,10 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from chestxray.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
 from chestxray.errors import ResumeError
-from chestxray.files import atomic_write
-from chestxray.settings import check_choices, hydra_choices
+from chestxray.models.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
+from chestxray.runtime.files import atomic_write
+from chestxray.runtime.settings import check_choices, hydra_choices
 
 
 def _setting(cfg: DictConfig, key: str):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from chestxray.sources import DataError
+from chestxray.data.sources import DataError
 
 
 def holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,12 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 
-from chestxray import figures
-from chestxray.console import shown
-from chestxray.evaluation import Evaluation, ReportSettings, side_by_side, summary_text, write_report
-from chestxray.files import atomic_write
-from chestxray.loggers import log_figure
-from chestxray.metrics import HISTORY, VAL_ACC, set_prefix
+from chestxray.evaluation import figures
+from chestxray.evaluation.metrics import HISTORY, VAL_ACC, set_prefix
+from chestxray.evaluation.report import Evaluation, ReportSettings, side_by_side, summary_text, write_report
+from chestxray.runtime.console import shown
+from chestxray.runtime.files import atomic_write
+from chestxray.training.loggers import log_figure
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from chestxray.data.images import is_image_file, list_images
 from chestxray.errors import DataError, require
-from chestxray.images import is_image_file, list_images
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from chestxray.figures import gallery_figure, pick_gallery
-from chestxray.images import BadImageError, ImageLimits, display_image, load_image
-from chestxray.model import ChestXrayClassifier
+from chestxray.data.images import BadImageError, ImageLimits, display_image, load_image
+from chestxray.evaluation.figures import gallery_figure, pick_gallery
+from chestxray.models.classifier import ChestXrayClassifier
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def put_title(image: np.ndarray, text: str) -> np.ndarray:
 
 
 class _TrunkThenHead(torch.nn.Module):
-    """The network run as trunk then head (chestxray.backbones): torchvision's output, without the in-place ReLU
+    """The network run as trunk then head (chestxray.models.backbones): torchvision's output, without the in-place ReLU
     after DenseNet's last norm, which would rectify the activation Grad-CAM keeps for that layer."""
 
     def __init__(self, model: ChestXrayClassifier):

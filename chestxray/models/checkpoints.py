@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from chestxray.errors import CheckpointError
-from chestxray.files import atomic_writer
-from chestxray.model import ChestXrayClassifier
+from chestxray.models.classifier import ChestXrayClassifier
+from chestxray.runtime.files import atomic_writer
 
 # What members of an ensemble must share (each applies its own normalisation and backbone inside the graph).
 ENSEMBLE_KEYS = ("classes", "image_size")

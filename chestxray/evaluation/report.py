@@ -2,8 +2,8 @@
 
 An Evaluation holds per-image probabilities with paths and labels, and (from trainer.test) the numbers the module's
 metric collections computed; predict.py's numbers come from the same collections over its whole arrays
-(chestxray.metrics.evaluate). Figures re-read the few images they show, so a report costs the same memory for 66
-images or 100,000.
+(chestxray.evaluation.metrics.evaluate). Figures re-read the few images they show, so a report costs the same
+memory for 66 images or 100,000.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chestxray import figures, metrics
-from chestxray.files import atomic_write, atomic_writer
-from chestxray.images import DEFAULT_LIMITS, BadImageError, ImageLimits, display_image
+from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, display_image
+from chestxray.evaluation import figures, metrics
+from chestxray.runtime.files import atomic_write, atomic_writer
 
 SMALL_SET = 10  # below this many labelled images a report prints each answer and the accuracy, no per-class table
 
@@ -144,7 +144,7 @@ def report_figures(evaluation: Evaluation, report: dict, settings: ReportSetting
         ),
     }
     if models is not None and settings.gradcam_tiles:
-        from chestxray.saliency import gradcam_gallery
+        from chestxray.evaluation.saliency import gradcam_gallery
 
         result["gradcam_gallery"] = gradcam_gallery(
             paths, preds, labels, confidence, evaluation.classes, models, settings.limits, settings.gradcam_tiles

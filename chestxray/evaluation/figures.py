@@ -13,8 +13,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from chestxray.files import atomic_writer
-from chestxray.metrics import ACC, CALIBRATION_BINS, LOSS, metric_name, reliability_bins
+from chestxray.evaluation.metrics import ACC, CALIBRATION_BINS, LOSS, metric_name, reliability_bins
+from chestxray.runtime.files import atomic_writer
 
 
 def confusion_figure(metrics: dict, title: str = "") -> Figure:

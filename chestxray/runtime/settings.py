@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from chestxray.backbones import BACKBONES
 from chestxray.errors import ConfigError
+from chestxray.models.backbones import BACKBONES
 
 
 def _lightning_precisions() -> tuple[str, ...]:

@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from chestxray.data.images import DECODE_VERSION, DEFAULT_LIMITS, BadImageError, ImageLimits, model_view, read_bytes
 from chestxray.errors import CacheError
-from chestxray.files import atomic_write, default_cache_dir
-from chestxray.images import DECODE_VERSION, DEFAULT_LIMITS, BadImageError, ImageLimits, model_view, read_bytes
-from chestxray.parallel import available_cpus, bounded_map
+from chestxray.runtime.files import atomic_write, default_cache_dir
+from chestxray.runtime.parallel import available_cpus, bounded_map
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from chestxray.files import atomic_write, atomic_writer
-from chestxray.images import DEFAULT_LIMITS, BadImageError, ImageLimits, read_image
-from chestxray.parallel import available_cpus, bounded_map
-from chestxray.store import DecodedImages
+from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, read_image
+from chestxray.data.store import DecodedImages
+from chestxray.runtime.files import atomic_write, atomic_writer
+from chestxray.runtime.parallel import available_cpus, bounded_map
 
 HASH_SIZE = 16
 HASH_BYTES = HASH_SIZE * HASH_SIZE // 8

@@ -24,12 +24,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from chestxray import settings
-from chestxray.checkpoints import load_models
-from chestxray.console import say, tidy_lightning_output
-from chestxray.distributed import all_gather, gather_by_index
+from chestxray.data.images import BadImageError, ImageLimits, load_image
+from chestxray.data.sources import InputImage, find_inputs
 from chestxray.errors import PredictError
-from chestxray.evaluation import (
+from chestxray.evaluation.report import (
     Evaluation,
     ReportSettings,
     prediction_fields,
@@ -37,11 +35,13 @@ from chestxray.evaluation import (
     summary_text,
     write_report,
 )
-from chestxray.images import BadImageError, ImageLimits, load_image
-from chestxray.model import ChestXrayClassifier, Ensemble, Predictor
-from chestxray.parallel import available_cpus, cap_to_cores
-from chestxray.saliency import write_overlays
-from chestxray.sources import InputImage, find_inputs
+from chestxray.evaluation.saliency import write_overlays
+from chestxray.models.checkpoints import load_models
+from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
+from chestxray.runtime import settings
+from chestxray.runtime.console import say, tidy_lightning_output
+from chestxray.runtime.distributed import all_gather, gather_by_index
+from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def runtime_module(
     """The module Trainer.predict runs: the torch ensemble, or its ONNX Runtime session (runtime=onnx)."""
     if cfg.runtime == "torch":
         return Ensemble(models)
-    from chestxray.export import OnnxPredictor
+    from chestxray.inference.onnx import OnnxPredictor
 
     # int8 calibrates on the first images to predict (or calibration=FOLDER of python -m chestxray.export)
     return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, [i.path for i in inputs])
