@@ -2,8 +2,10 @@
 checkpoints (safe, old, foreign), ensembles, and the non-finite-loss stop."""
 
 import inspect
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -259,3 +261,21 @@ def test_a_non_finite_loss_in_any_accumulated_batch_stops_the_step():
     model._pending_losses = [(torch.tensor(0.9), 8), (torch.tensor(0.7), 9)]
     model.on_before_optimizer_step(None)  # finite: the step goes ahead
     assert model._pending_losses == []
+
+
+def test_a_checkpoint_written_by_0_3_0_loads_and_answers_as_it_did(tmp_path):
+    """Checkpoints of chestxray 0.3.0 (before the package's folders) still load, through the same reading and
+    Lightning's load_from_checkpoint, and give the probabilities 0.3.0 gave (tests/compat.py)."""
+    import json
+
+    from chestxray.models.checkpoints import load_model
+    from tests.compat import fill_checkpoint, probe_images
+
+    skeleton = json.loads((Path(__file__).parent / "fixtures" / "checkpoint-0.3.0.json").read_text())
+    path = tmp_path / "best.ckpt"
+    torch.save(fill_checkpoint(skeleton), path)
+    model = load_model(path)
+    with torch.no_grad():
+        probs = model(torch.from_numpy(probe_images(32))).softmax(1).numpy()
+    np.testing.assert_allclose(probs, np.array(skeleton["expected_probabilities"]), atol=1e-5)
+    assert model.classes == ["Normal", "Covid", "Viral Pneumonia"] and float(model.temperature) == 1.5
