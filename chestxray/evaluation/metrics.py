@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 from scipy.stats import binomtest, bootstrap
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -31,6 +31,7 @@ from torchmetrics.functional.classification.calibration_error import _binning_bu
 # What every stage logs, as <stage>/<name>: train/acc, val/loss, test/acc, eval/<set>/loss, ... Every logged name is
 # spelt by metric_name() from these; conf/ names VAL_ACC and BEST too, which tests/test_config.py checks.
 ACC, LOSS = "acc", "loss"
+CLASSES = "classes"  # train and val only: how many classes the model predicted in the epoch (1: a constant guess)
 STAGE_METRICS = (ACC, LOSS)
 LEAK_FREE = "_leak_free"
 
@@ -43,7 +44,8 @@ def metric_name(where: str, metric: str, leak_free: bool = False) -> str:
 
 VAL_ACC = metric_name("val", ACC)  # what best.ckpt is chosen by (conf/callbacks: model_checkpoint.monitor)
 BEST = f"{VAL_ACC}_best"  # the running best of val/acc: what train.py returns (conf/train.yaml: optimized_metric)
-HISTORY = tuple(metric_name(stage, m) for stage in ("train", "val") for m in (LOSS, ACC))  # curves.png, history.json
+# curves.png and history.json (which also keeps each epoch's val/classes: a run that learns nothing is told so)
+HISTORY = (*(metric_name(stage, m) for stage in ("train", "val") for m in (LOSS, ACC)), metric_name("val", CLASSES))
 CALIBRATION_BINS = 10
 CONFIDENCE = 0.95  # of every interval
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1")
@@ -65,7 +67,7 @@ def reported_metrics(set_names: Iterable[str]) -> list[str]:
 
 def logged_metrics(set_names: Iterable[str]) -> list[str]:
     """Every metric a run logs (what optimized_metric may name)."""
-    names = [metric_name(stage, m) for stage in ("train", "val") for m in STAGE_METRICS] + [BEST]
+    names = [metric_name(stage, m) for stage in ("train", "val") for m in (*STAGE_METRICS, CLASSES)] + [BEST]
     for set_name in set_names:
         prefix = set_prefix(set_name)
         names += [metric_name(prefix, m, leak_free) for m in STAGE_METRICS for leak_free in (False, True)]
@@ -77,7 +79,31 @@ def stage_metrics(num_classes: int) -> MetricCollection:
 
     Updated with keywords (preds=, target=, value=): each metric takes the ones its update() names.
     """
-    return MetricCollection({ACC: MulticlassAccuracy(num_classes, average="micro"), LOSS: MeanMetric()})
+    return MetricCollection(
+        {
+            ACC: MulticlassAccuracy(num_classes, average="micro"),
+            LOSS: MeanMetric(),
+            CLASSES: PredictedClasses(num_classes),
+        }
+    )
+
+
+class PredictedClasses(Metric):
+    """How many classes the model predicted at least once: 1 is a model that answers one class whatever the image
+    (VGG19 from scratch with SGD does, at a val/acc that is just that class's share). torchmetrics has no such count;
+    its state is summed across DDP ranks like theirs."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor) -> None:
+        self.counts += torch.bincount(preds.argmax(1), minlength=self.counts.numel()).to(self.counts)
+
+    def compute(self) -> torch.Tensor:
+        return (self.counts > 0).sum().float()
 
 
 def report_metrics(num_classes: int, sync: bool = True) -> MetricCollection:

@@ -10,6 +10,7 @@ report files need beyond numbers (each image's probabilities) is kept in `test_r
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -199,6 +200,27 @@ class ChestXrayClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         # The sanity check's few batches must not count towards the validation metrics.
         self.val_metrics.reset()
+        if self.trainer.ckpt_path:  # restored from a checkpoint (resume=, ckpt_path=): this run's settings win
+            self._apply_configured_optimization()
+
+    def _apply_configured_optimization(self) -> None:
+        """Lightning restores the optimizer's and the scheduler's saved state, their settings included: the old
+        learning rate, and a schedule as long as the old max_epochs (a cosine that reached 0 at the old end climbs
+        back). Here the settings of this run's config replace them after the restore, so a resumed run runs with what
+        its command line, saved config and logged hyper-parameters say: the optimizer's hyper-parameters are set
+        again (its state, e.g. momentum buffers, is kept) and the scheduler is built anew from its config, with its
+        new length, and stepped to this epoch, as if the run had had these settings from the start."""
+        optimizer = self.trainer.optimizers[0]
+        for group, configured in zip(optimizer.param_groups, self._configured_groups, strict=True):
+            group.update(configured)
+            group.pop("initial_lr", None)  # the scheduler built below sets it from the configured lr
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = self.scheduler_factory(optimizer=optimizer)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": a replay, on purpose
+                for _ in range(self.current_epoch):
+                    scheduler.step()
+            config.scheduler = scheduler
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels, index, _ = batch
@@ -292,6 +314,8 @@ class ChestXrayClassifier(L.LightningModule):
             raise ConfigError("no optimizer configured (pass optimizer=..., a partial torch.optim class)")
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
+        # as configured, before a scheduler changes the lr: what a restored optimizer is given back (on_train_start)
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         if self.scheduler_factory is None:
             return optimizer
         return {

@@ -10,16 +10,18 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
-from chestxray.errors import ConfigError, OutputDirError, UserError
+from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
+from chestxray.evaluation.callbacks import RunFigures
 from chestxray.models.calibration import fit_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.runtime import settings
@@ -61,7 +63,61 @@ def check_files(cfg: DictConfig) -> None:
     from chestxray.training.resume import check_fits
 
     if cfg.get("ckpt_path"):
-        check_fits(read_checkpoint(cfg.ckpt_path, "ckpt_path"), cfg, f"ckpt_path={cfg.ckpt_path}")
+        checkpoint = read_checkpoint(cfg.ckpt_path, "ckpt_path")
+        where = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
+        check_fits(checkpoint, cfg, where)
+        check_same_optimizer(checkpoint, cfg, where)
+
+
+def check_same_optimizer(checkpoint: dict, cfg: DictConfig, where: str) -> None:
+    """A checkpoint's optimizer state (momentum buffers, Adam's moments) continues only the same kind of optimizer:
+    its settings (optimizer.lr, ...) may change, its kind may not. Compared by the names of the settings each kind
+    has, so no optimizer class is imported from the checkpoint."""
+    saved = checkpoint.get("optimizer_states") or []
+    if not saved or not saved[0].get("param_groups"):
+        return
+    have = set(saved[0]["param_groups"][0]) - {"params", "initial_lr"}
+    probe = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    want = set(probe.param_groups[0]) - {"params"}
+    if have != want:
+        raise ResumeError(
+            f"{where}: optimizer={cfg.optimizer._target_} is not the kind of optimizer the checkpoint was trained with "
+            f"(its settings: {', '.join(sorted(have))}): its state cannot continue another kind; keep that optimizer "
+            "(its settings may change), or start a new run without the checkpoint"
+        )
+
+
+class StartFromAnotherRun(L.Callback):
+    """ckpt_path= in a new run: the checkpoint's weights, optimizer state and epoch, and none of its run's records.
+
+    Lightning also restores what the callbacks and the module kept about that run: ModelCheckpoint's best_model_path
+    (the other run's best.ckpt, which calibration would then rewrite and the test would score), the curves' history
+    and the running best of val/acc. Dropped here, before Lightning loads them, so that this run's val/acc_best,
+    best.ckpt, curves and optimized_metric describe its own epochs. (resume= continues the same run: all are kept.)
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint.get("callbacks", {}).clear()
+        pl_module.val_acc_best.reset()
+
+
+def best_checkpoint_callback(callbacks: list[L.Callback]) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that keeps the best epoch by what it monitors: the highest val/acc. Found by its monitor,
+    not by its place in the list (Lightning's trainer.checkpoint_callback is merely the first one). A checkpoint
+    callback that monitors anything else, or val/acc the wrong way round, is refused: train.py would calibrate and
+    test a checkpoint that is not the one whose val/acc_best it reports. None: no callback picks a best epoch, and
+    the weights at the end of training are tested (the run says so)."""
+    monitored = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    best = [c for c in monitored if c.monitor == metrics.VAL_ACC and c.mode == "max"]
+    wrong = [c for c in monitored if c not in best]
+    if wrong:
+        which = "; ".join(f"monitor={c.monitor} mode={c.mode}" for c in wrong)
+        raise ConfigError(
+            f"callbacks: a ModelCheckpoint with {which}: the best checkpoint is the one with the highest "
+            f"{metrics.VAL_ACC} (monitor: {metrics.VAL_ACC}, mode: max), which train.py calibrates and tests; "
+            "remove it, or set those"
+        )
+    return best[0] if best else None
 
 
 def instantiate_callbacks(cfg: DictConfig | None, with_logger: bool = True) -> list[L.Callback]:
@@ -82,6 +138,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model = _instantiate(cfg.model)
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
+    best_checkpoint_callback(callbacks)  # refused now, before any image is decoded
+    if cfg.get("ckpt_path") and not cfg.get("resume"):
+        callbacks.insert(0, StartFromAnotherRun())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
@@ -111,19 +170,61 @@ def train(cfg: DictConfig) -> float | None:
     log_hyperparameters(trainer.loggers, cfg, metrics.reported_metrics(set_names))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    keeper = best_checkpoint_callback(trainer.callbacks)
+    best = keeper.best_model_path if keeper else ""
+    if best:
+        check_inside(best, cfg.paths.output_dir)
     if best and cfg.model.get("calibrate", True):
         calibrate(trainer, model, datamodule, best)
     if cfg.get("test"):
         if not best:
-            rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
+            rank_zero_warn(
+                f"no checkpoint callback keeps the best epoch by {metrics.VAL_ACC}: testing the weights at the end "
+                "of training"
+            )
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if name and name not in results:
         raise ConfigError(f"optimized_metric={name}: not logged by this run; logged: {', '.join(sorted(results))}")
     if rank_zero_only.rank == 0:
         write_results(cfg, results, best, set_names)
+        warn_if_nothing_learned(trainer, datamodule)
     return results.get(name) if name else None
+
+
+def check_inside(path: str, run_folder: str) -> None:
+    """The best checkpoint is rewritten (calibration) and scored: it must be this run's own file."""
+    if not Path(path).resolve().is_relative_to(Path(run_folder).resolve()):
+        raise OutputDirError(f"the best checkpoint {path} is not inside this run's folder {run_folder}: not touched")
+
+
+def warn_if_nothing_learned(trainer: L.Trainer, datamodule) -> None:
+    """One line at the end of a run whose model predicted a single class for the validation images in every epoch,
+    or scored only the majority class's share in every epoch: its numbers are those of a constant guess."""
+    history = [h for h in getattr(run_figures(trainer), "history", []) if metrics.VAL_ACC in h]
+    val = datamodule.datasets.get("val") if hasattr(datamodule, "datasets") else None
+    if not history or val is None or not len(val):
+        return
+    labels = np.asarray(val.labels)
+    majority = np.bincount(labels).max() / len(labels)
+    classes = metrics.metric_name("val", metrics.CLASSES)
+    constant = all(h.get(classes) == 1 for h in history)
+    at_majority = all(abs(h[metrics.VAL_ACC] - majority) < 1e-6 for h in history)
+    if constant or at_majority:
+        what = "predicted one class for every validation image" if constant else "scored only the majority share"
+        log.warning(
+            "this run learned nothing: it %s in every epoch (val/acc %.3f; the largest class is %.3f of the "
+            "validation images). Usual causes: a learning rate too high or too low for the optimizer (from scratch, "
+            "VGG19 needs Adam at about 1e-4: experiment=quickstart, experiment=scratch224), too few epochs, or "
+            "labels that do not match the images",
+            what,
+            history[-1][metrics.VAL_ACC],
+            majority,
+        )
+
+
+def run_figures(trainer: L.Trainer) -> RunFigures | None:
+    return next((c for c in trainer.callbacks if isinstance(c, RunFigures)), None)
 
 
 def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: str) -> float | None:

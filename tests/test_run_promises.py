@@ -1,0 +1,137 @@
+"""What a run promises, it does: the best checkpoint by what it monitors, a run from another run's checkpoint that
+describes only its own epochs and changes nothing outside its folder, this command line's optimizer settings after a
+restore, and a run that learns nothing says so."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from chestxray.errors import ConfigError, ResumeError
+from chestxray.training.fit import best_checkpoint_callback, train
+from tests.conftest import train_config
+from tests.scripted import ScriptedClassifier
+
+CHEAP = ["report.bootstrap_resamples=0", "report.gallery_tiles=0", "report.gradcam_tiles=0", "logger=csv"]
+SCRIPTED = "model._target_=tests.scripted.ScriptedClassifier"
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() + str(p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_the_best_checkpoint_is_the_epoch_with_the_highest_val_acc(tmp_path, synthetic_dir, monkeypatch):
+    """val/acc 0.4, 0.8, 0.6: best.ckpt is epoch 1, val/acc_best 0.8, and that checkpoint is the one calibrated."""
+    monkeypatch.setattr(ScriptedClassifier, "VAL_ACC", [0.4, 0.8, 0.6])
+    out = tmp_path / "run"
+    value = train(train_config(out, synthetic_dir, SCRIPTED, "trainer.max_epochs=3", *CHEAP))
+    best = ckpt(out / "checkpoints" / "best.ckpt")
+    assert best["epoch"] == 1 and value == pytest.approx(0.8)
+    assert bool(best["state_dict"]["calibrated"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["val/acc_best"] == pytest.approx(0.8)
+
+
+def test_the_best_checkpoint_callback_is_found_by_its_monitor_not_its_place():
+    last = ModelCheckpoint(filename="last", monitor=None)
+    best = ModelCheckpoint(filename="best", monitor="val/acc", mode="max")
+    assert best_checkpoint_callback([last, best]) is best
+    assert best_checkpoint_callback([last]) is None
+    with pytest.raises(ConfigError, match=r"monitor=val/acc mode=min.*mode: max"):
+        best_checkpoint_callback([last, ModelCheckpoint(monitor="val/acc", mode="min")])
+    with pytest.raises(ConfigError, match=r"monitor=val/loss mode=min"):
+        best_checkpoint_callback([best, ModelCheckpoint(monitor="val/loss", mode="min")])
+
+
+def test_a_best_checkpoint_by_the_lowest_val_acc_is_refused_before_any_work(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"callbacks: a ModelCheckpoint with monitor=val/acc mode=min"):
+        train(train_config(out, synthetic_dir, "callbacks.model_checkpoint.mode=min", *CHEAP))
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_run_from_another_runs_checkpoint_reports_its_own_epochs_and_changes_nothing_there(
+    tmp_path, synthetic_dir, monkeypatch
+):
+    """Run A's best epoch scored 0.9; run B continues from A's last.ckpt and scores 0.5 then 0.6: B's val/acc_best,
+    best.ckpt, curves and calibration are B's own, and no file of A changes."""
+    monkeypatch.setattr(ScriptedClassifier, "VAL_ACC", [0.9, 0.9, 0.5, 0.6])
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(train_config(a, synthetic_dir, SCRIPTED, *CHEAP))
+    before = files_of(a)
+    value = train(
+        train_config(
+            b, synthetic_dir, SCRIPTED, f"ckpt_path={a / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=4", *CHEAP
+        )
+    )
+    assert files_of(a) == before
+    assert value == pytest.approx(0.6)
+    best = ckpt(b / "checkpoints" / "best.ckpt")
+    assert best["epoch"] == 3 and bool(best["state_dict"]["calibrated"])
+    results = json.loads((b / "results.json").read_text())
+    assert Path(results["best_checkpoint"]).resolve() == (b / "checkpoints" / "best.ckpt").resolve()
+    assert [h["epoch"] for h in json.loads((b / "history.json").read_text())] == [2, 3]
+
+
+def lr_per_epoch(run: Path) -> list[float]:
+    import csv
+
+    rows = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
+    return [float(r["lr-SGD"]) for r in rows if r.get("lr-SGD")]
+
+
+@pytest.mark.slow
+def test_a_restored_run_takes_this_command_lines_optimizer_and_schedule(tmp_path, synthetic_dir):
+    """Two epochs of cosine at lr 0.01, then four epochs in all at lr 1e-4: the last two epochs follow the new
+    cosine (1e-4 over 4 epochs), not the old one (0 at epoch 2, then climbing back)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(train_config(a, synthetic_dir, "scheduler=cosine", "optimizer.lr=0.01", *CHEAP))
+    assert lr_per_epoch(a) == pytest.approx([0.01, 0.005])
+    last = a / "checkpoints" / "last.ckpt"
+    train(
+        train_config(
+            b,
+            synthetic_dir,
+            "scheduler=cosine",
+            "optimizer.lr=0.0001",
+            "trainer.max_epochs=4",
+            f"ckpt_path={last}",
+            *CHEAP,
+        )
+    )
+    assert lr_per_epoch(b) == pytest.approx([5e-5, 1.4644660940672625e-05])
+    saved = ckpt(b / "checkpoints" / "last.ckpt")
+    assert saved["lr_schedulers"][0]["T_max"] == 4 and saved["lr_schedulers"][0]["base_lrs"] == [0.0001]
+
+
+def test_another_kind_of_optimizer_cannot_continue_a_checkpoint(tmp_path, tiny_run):
+    out = tmp_path / "run"
+    with pytest.raises(ResumeError, match=r"ckpt_path=.*optimizer=torch.optim.Adam is not the kind of optimizer"):
+        train(
+            train_config(
+                out, tiny_run["data"], "optimizer=adam", f"ckpt_path={tiny_run['dir'] / 'checkpoints' / 'last.ckpt'}"
+            )
+        )
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_run_that_learns_nothing_says_so(tmp_path, synthetic_dir, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="chestxray"):
+        train(train_config(out, synthetic_dir, "model._target_=tests.scripted.ConstantClassifier", *CHEAP))
+    lines = [r.getMessage() for r in caplog.records if "learned nothing" in r.getMessage()]
+    assert len(lines) == 1 and "predicted one class for every validation image in every epoch" in lines[0]
+    assert all(h["val/classes"] == 1 for h in json.loads((out / "history.json").read_text()))
