@@ -41,6 +41,19 @@ def cpu_precision(cpuinfo: str = "/proc/cpuinfo") -> str:
     return "bf16-mixed" if "amx_bf16" in flags else "32-true"
 
 
+def auto_precision(accelerator: str = "auto", cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The default trainer's precision: on the CPU (accelerator=cpu, or auto on a machine without a CUDA GPU) what
+    trainer=cpu uses (cpu_precision), so that plain `python train.py` gets the CPU's fast path; 32-true on a GPU
+    (trainer=gpu's fp32 with TF32; experiment=gpu_fast is the bf16 recipe)."""
+    if accelerator == "cpu":
+        return cpu_precision(cpuinfo)
+    if accelerator == "auto":
+        import torch
+
+        return "32-true" if torch.cuda.is_available() else cpu_precision(cpuinfo)
+    return "32-true"
+
+
 def _mlflow_artifacts(tracking_uri):
     """A local MLflow store keeps its artifacts in outputs/mlartifacts; a tracking server decides for itself."""
     return None if str(tracking_uri).startswith(("http://", "https://", "databricks")) else "outputs/mlartifacts"
@@ -54,3 +67,4 @@ OmegaConf.register_new_resolver("chestxray.new_folder", _new_folder, replace=Tru
 OmegaConf.register_new_resolver("chestxray.hydra_subdir", _hydra_subdir, replace=True)
 OmegaConf.register_new_resolver("chestxray.mlflow_artifacts", _mlflow_artifacts, replace=True)
 OmegaConf.register_new_resolver("chestxray.cpu_precision", cpu_precision, replace=True)
+OmegaConf.register_new_resolver("chestxray.auto_precision", auto_precision, replace=True)

@@ -242,18 +242,27 @@ def test_each_entry_point_has_its_own_help():
     assert re.search(r"format=\s+onnx", export.stdout)
 
 
-def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path):
-    from chestxray import cpu_precision
+def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch):
+    from chestxray import auto_precision, cpu_precision
 
     amx = tmp_path / "amx"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
     epyc = tmp_path / "epyc"
     epyc.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 fma\n")
+    bf16_without_amx = tmp_path / "cooper-lake"  # bf16 instructions but no AMX tiles: autocast only adds work
+    bf16_without_amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
     assert cpu_precision(str(amx)) == "bf16-mixed" and cpu_precision(str(epyc)) == "32-true"
+    assert cpu_precision(str(bf16_without_amx)) == "32-true"
     assert cpu_precision(str(tmp_path / "none")) == "32-true"
     cfg = compose_config("train", ["trainer=cpu", "paths.output_dir=/tmp/unused"])
     assert cfg.trainer.precision == cpu_precision() and cfg.trainer.accelerator == "cpu"
-    assert compose_config("train", ["paths.output_dir=/tmp/unused"]).trainer.precision == "32-true"  # the default
+    # the plain command: on a machine without a GPU, the CPU's fast path as trainer=cpu; on a GPU, fp32
+    assert compose_config("train", ["paths.output_dir=/tmp/unused"]).trainer.precision == cpu_precision()
+    assert auto_precision("cpu", str(amx)) == auto_precision("auto", str(amx)) == "bf16-mixed"
+    assert auto_precision("gpu", str(amx)) == "32-true" and auto_precision("auto", str(epyc)) == "32-true"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert auto_precision("auto", str(amx)) == "32-true"
+    assert compose_config("train", ["trainer=gpu", "paths.output_dir=/tmp/unused"]).trainer.precision == "32-true"
 
 
 def test_every_precision_lightning_takes_is_accepted():

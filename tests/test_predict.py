@@ -381,3 +381,28 @@ def test_the_onnx_graph_is_the_calibrated_predictor(tmp_path):
         uncalibrated = model.logits(images).softmax(1)
     assert by_onnx.shape == (5, 3) and torch.allclose(by_onnx, by_torch, atol=1e-5)
     assert (by_onnx - uncalibrated).abs().max() > 0.05  # the temperature is inside the graph
+
+
+def test_predict_is_fp32_whatever_the_trainer_group_and_bf16_only_when_asked(tiny_run, tmp_path, capsys):
+    """trainer=cpu resolves to bf16-mixed on AMX CPUs: predict.py still gives the test report's fp32 probabilities;
+    precision=bf16-mixed gives bf16 ones and says so; trainer.precision= is refused, naming precision=."""
+    from omegaconf import OmegaConf
+
+    from chestxray.errors import ConfigError
+    from chestxray.runtime.settings import check_predict_overrides
+
+    inputs = tiny_run["data"] / "test" / "Covid"
+    amx = predict_config(tmp_path / "amx", tiny_run["ckpt"], inputs, "trainer=cpu", "report.bootstrap_resamples=0")
+    OmegaConf.update(amx, "trainer.precision", "bf16-mixed")  # what trainer=cpu resolves to on an AMX CPU
+    predict(amx)
+    assert "autocast" not in capsys.readouterr().out
+    fp32 = {r["path"]: r for r in read_rows(tiny_run["dir"])}
+    for r in read_rows(tmp_path / "amx"):
+        assert all(abs(float(r[f"prob_{c}"]) - float(fp32[r["path"]][f"prob_{c}"])) < 2e-6 for c in CLASSES)
+    bf16 = tmp_path / "bf16"
+    predict(predict_config(bf16, tiny_run["ckpt"], inputs, "precision=bf16-mixed", "report.bootstrap_resamples=0"))
+    assert "precision=bf16-mixed: these probabilities come from bf16-mixed autocast" in capsys.readouterr().out
+    gaps = [abs(float(r[f"prob_{c}"]) - float(fp32[r["path"]][f"prob_{c}"])) for r in read_rows(bf16) for c in CLASSES]
+    assert max(gaps) > 1e-5  # bf16 really ran
+    with pytest.raises(ConfigError, match=r"trainer.precision=bf16-mixed: predict.py predicts in fp32.*precision="):
+        check_predict_overrides(["trainer.precision=bf16-mixed"])

@@ -214,7 +214,9 @@ def predict(cfg: DictConfig) -> dict:
     limits = limits_of(cfg)
     predictor = runtime_module(cfg, paths, models, inputs)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer], enable_progress_bar=False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, precision=cfg.precision, logger=False, callbacks=[writer], enable_progress_bar=False
+    )
     trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size, trainer), return_predictions=False)
     positions, probs, errors = writer.results()
     if not trainer.is_global_zero:
@@ -227,6 +229,11 @@ def predict(cfg: DictConfig) -> dict:
     report_settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits)
     report, _ = write_report(evaluation, out, report_settings, models)
     show(evaluation, report, cfg.print_limit)
+    if str(cfg.precision) not in ("32", "32-true") and cfg.runtime == "torch":
+        say(
+            f"precision={cfg.precision}: these probabilities come from {cfg.precision} autocast, not the fp32 of the "
+            "training run's test report (they differ in the second or third decimal)"
+        )
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": report}
 
 

@@ -158,7 +158,7 @@ PREDICT_RULES = [
     _int("print_limit", 0),
     _choice("runtime", ("torch", "onnx", "onnx-int8")),
     _bool("gradcam"),
-    _choice("trainer.precision", PRECISIONS, as_text=True),
+    _choice("precision", PRECISIONS, as_text=True),
     _int("report.bootstrap_resamples", 0),
     _int("report.seed", 0, 2**32 - 1),
     _int("report.gallery_tiles", 0),
@@ -216,6 +216,11 @@ def check_predict_overrides(overrides: Sequence[str]) -> None:
     not silently ignored."""
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
+        if key == "trainer.precision":
+            raise ConfigError(
+                f"{override}: predict.py predicts in fp32 (the probabilities of the test report) whatever the trainer "
+                "group says; precision=bf16-mixed asks for bf16 autocast"
+            )
         if key.startswith("data.") and key.removeprefix("data.") not in PREDICT_DATA_KEYS:
             raise ConfigError(
                 f"{override}: predict.py does not use {key} (the checkpoint gives the image size, classes and "
