@@ -406,3 +406,22 @@ def test_predict_is_fp32_whatever_the_trainer_group_and_bf16_only_when_asked(tin
     assert max(gaps) > 1e-5  # bf16 really ran
     with pytest.raises(ConfigError, match=r"trainer.precision=bf16-mixed: predict.py predicts in fp32.*precision="):
         check_predict_overrides(["trainer.precision=bf16-mixed"])
+
+
+def test_a_class_without_images_has_undefined_rates_not_zero(tiny_run, tmp_path, capsys):
+    """Predicting two of the three classes' folders: the missing class's sensitivity and F1 are null in metrics.json
+    and n/a in the printout (not 0.000); its precision is defined only if the model answered it."""
+    inputs = [tiny_run["data"] / "test" / "Covid", tiny_run["data"] / "test" / "Normal"]
+    out = tmp_path / "two"
+    predict(predict_config(out, tiny_run["ckpt"], inputs, "report.bootstrap_resamples=0", "print_limit=0"))
+    report = json.loads((out / "metrics.json").read_text())
+    missing = report["per_class"]["Viral Pneumonia"]
+    assert missing["support"] == 0 and missing["sensitivity"] is None and missing["f1"] is None
+    answered = sum(row[2] for row in report["confusion_matrix"])
+    assert (missing["precision"] is None) == (answered == 0)
+    assert missing["specificity"] is not None  # it has negatives: every image is one
+    for name in ("Covid", "Normal"):
+        assert all(report["per_class"][name][m] is not None for m in ("sensitivity", "specificity", "f1"))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Viral Pneumonia "))
+    assert row.split()[2] == "n/a" and "0.000" not in row.split()[2]
+    assert (out / "per_class.png").stat().st_size > 0

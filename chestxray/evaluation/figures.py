@@ -43,6 +43,10 @@ def confusion_figure(metrics: dict, title: str = "") -> Figure:
     return fig
 
 
+def _two(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def per_class_figure(metrics: dict) -> Figure:
     names = list(metrics["per_class"])
     x = np.arange(len(names))
@@ -50,7 +54,8 @@ def per_class_figure(metrics: dict) -> Figure:
     ax = fig.subplots()
     for offset, key in ((-0.2, "sensitivity"), (0.2, "specificity")):
         values = [metrics["per_class"][c][key] for c in names]
-        ax.bar(x + offset, values, width=0.4, label=key)
+        shown = [v is not None for v in values]  # an undefined rate gets no bar (not a bar at 0)
+        ax.bar((x + offset)[shown], [v for v in values if v is not None], width=0.4, label=key)
         if key == "sensitivity":
             cis = [metrics["per_class"][c].get("sensitivity_ci95") for c in names]
             if all(cis):
@@ -59,7 +64,7 @@ def per_class_figure(metrics: dict) -> Figure:
                 ax.errorbar(x + offset, values, yerr=[low, high], fmt="none", ecolor="k", capsize=3, lw=1)
     # the numbers go under each class name: over the bars the sensitivity's error bar would cross them
     labels = [
-        f"{c}\nsens {metrics['per_class'][c]['sensitivity']:.2f}\nspec {metrics['per_class'][c]['specificity']:.2f}"
+        f"{c}\nsens {_two(metrics['per_class'][c]['sensitivity'])}\nspec {_two(metrics['per_class'][c]['specificity'])}"
         for c in names
     ]
     ax.set(xticks=x, xticklabels=labels, ylim=(0, 1.05), ylabel="rate", title="per-class sensitivity / specificity")

@@ -147,9 +147,7 @@ def summarise(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict
     if n == 0:
         return {"n": 0}
     support = confusion.sum(1).tolist()
-    per_class = {
-        c: {**{m: float(computed[m][i]) for m in PER_CLASS}, "support": support[i]} for i, c in enumerate(classes)
-    }
+    per_class = {c: {**defined_per_class(computed, confusion, i), "support": support[i]} for i, c in enumerate(classes)}
     return {
         "n": n,
         "correct": int(confusion.trace()),
@@ -161,6 +159,20 @@ def summarise(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict
         "classes": list(classes),
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def defined_per_class(computed: dict[str, torch.Tensor], confusion: torch.Tensor, i: int) -> dict[str, float | None]:
+    """Class i's sensitivity, specificity, precision and F1, None where undefined (a zero denominator): sensitivity and
+    F1 without an image of the class, specificity without an image of another class, precision when the model never
+    answered the class. torchmetrics reports those as 0, which reads as a model that fails on the class, not as a set
+    that cannot say (a leak-free subset, an evaluation set from a label file without that class)."""
+    support, others, answered = (
+        int(confusion[i].sum()),
+        int(confusion.sum() - confusion[i].sum()),
+        int(confusion[:, i].sum()),
+    )
+    defined = {"sensitivity": support > 0, "specificity": others > 0, "precision": answered > 0, "f1": support > 0}
+    return {m: float(computed[m][i]) if defined[m] else None for m in PER_CLASS}
 
 
 def summarise_calibration(computed: dict[str, torch.Tensor]) -> dict:

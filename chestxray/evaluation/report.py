@@ -216,7 +216,7 @@ def summary_text(report: dict) -> str:
         row = f"{name:<18}"
         for _, m in columns:
             c = m["per_class"][name]
-            row += f"{c['sensitivity']:>7.3f}{_interval(c.get('sensitivity_ci95')):>14}{c['specificity']:>7.3f}"
+            row += f"{_rate(c['sensitivity']):>7}{_interval(c.get('sensitivity_ci95')):>14}{_rate(c['specificity']):>7}"
             row += f"{c['support']:>5}"
         lines.append(row)
     width = max(len(c) for c in report["classes"]) + 2
@@ -225,6 +225,11 @@ def summary_text(report: dict) -> str:
     for name, row in zip(report["classes"], report["confusion_matrix"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>12}" for v in row))
     return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    """A rate to three decimals, or n/a where it is undefined (chestxray.evaluation.metrics.defined_per_class)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _accuracy(m: dict | None) -> str:
