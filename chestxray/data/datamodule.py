@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from chestxray.data import duplicates
 from chestxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
-from chestxray.data.splits import holdout, kfold
+from chestxray.data.splits import group_ids, holdout, kfold
 from chestxray.data.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
 from chestxray.errors import DataError
 from chestxray.runtime.distributed import world_size
@@ -64,6 +64,13 @@ def train_transform() -> v2.Transform:
             v2.ColorJitter(brightness=0.15, contrast=0.15),
         ]
     )
+
+
+def split_size(positions: np.ndarray | None, groups: np.ndarray) -> dict[str, int]:
+    """The images and groups of one side of the split (none for val_fraction=0)."""
+    if positions is None:
+        return {"images": 0, "groups": 0}
+    return {"images": len(positions), "groups": len(np.unique(groups[positions]))}
 
 
 class ImageDataset(Dataset):
@@ -146,6 +153,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
         self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image
         self.shared_with_test: dict[str, int] = {}  # per evaluation set: images the test folder has too
+        self.split_groups: dict[str, dict[str, int]] = {}  # fit and val: images and groups (the test report says)
         self.skipped: list[BadImageError] = []
         self._warned_workers = False
         self._listed: dict[str, LabelledFiles] | None = None
@@ -201,15 +209,20 @@ class ChestXrayDataModule(L.LightningDataModule):
         sources = self._sources()
         mode = self._store_mode(sources)
         sets = {name: self._readable(name, files, mode) for name, files in sources.items()}
-        if self.hparams.check_leakage:
-            sets["train"] = self._check_leakage(sets)
+        dropped, pairs = self._check_leakage(sets) if self.hparams.check_leakage else (np.zeros(0, np.int64), [])
         for name, (decoded, labels) in sets.items():
             if name != "train":
                 self.leaking.setdefault(name, np.zeros(len(labels), bool))
                 self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels, leaking=self.leaking[name])
         decoded, labels = sets["train"]
         train = ImageDataset(decoded.paths, decoded.images, labels)
-        fit, val = self._split(labels)
+        patients = dict(zip(sources["train"].paths, sources["train"].patients, strict=False))
+        groups = group_ids(len(labels), [patients.get(p) for p in decoded.paths], pairs)
+        fit, val = self._split(labels, groups)
+        # data.drop_leaking: the split is drawn over every train image first, so the other images keep their side
+        # (and fold) whether the leaking copies are dropped or not: drop and no-drop runs validate on the same images
+        fit, val = np.setdiff1d(fit, dropped), None if val is None else np.setdiff1d(val, dropped)
+        self.split_groups = {"fit": split_size(fit, groups), "val": split_size(val, groups)}
         augment = train_transform() if self.hparams.augment else None
         self.datasets["train"] = train.subset(fit, augment)
         self.datasets["val"] = self.test_sets["test"] if val is None else train.subset(val)
@@ -229,19 +242,20 @@ class ChestXrayDataModule(L.LightningDataModule):
             raise DataError(f"eval_sets.{name}={files.where}: none of its {len(files)} image(s) could be read")
         return decoded, labels
 
-    def _split(self, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(fit, val) positions in train; val None means the test folder validates (val_fraction=0)."""
+    def _split(self, labels: Sequence[int], groups: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(fit, val) positions in train, whole groups on each side; val None: the test folder validates."""
         hp = self.hparams
         if hp.fold is not None:
-            return kfold(labels, hp.folds, hp.fold, hp.seed)
+            return kfold(labels, hp.folds, hp.fold, hp.seed, groups)
         if hp.val_fraction <= 0:
             # The original notebook's protocol: the test folder also picks the best epoch (optimistic).
             return np.arange(len(labels)), None
-        return holdout(labels, hp.val_fraction, hp.seed)
+        return holdout(labels, hp.val_fraction, hp.seed, groups)
 
-    def _check_leakage(self, sets: dict) -> tuple[DecodedImages, list[int]]:
-        """Mark test-set images that duplicate train images; warn; optionally drop those train images."""
-        train, train_labels = sets["train"]
+    def _check_leakage(self, sets: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Mark test-set images that duplicate train images and warn; (the positions in train of the train copies
+        data.drop_leaking=true drops, the near-duplicate pairs within train that the split keeps together)."""
+        train, _ = sets["train"]
         others = {name: decoded for name, (decoded, _) in sets.items() if name != "train"}
         leaks = duplicates.find_leaks(train, others, self.hparams.leakage_threshold, self.settings.limits)
         drop = self.hparams.drop_leaking
@@ -256,16 +270,15 @@ class ChestXrayDataModule(L.LightningDataModule):
                     stacklevel=2,
                 )
         if not leaks.train:
-            return train, train_labels
+            return np.zeros(0, np.int64), leaks.within_train
         report_dir = self.hparams.report_dir if rank_zero_only.rank == 0 else None
         report = duplicates.write_leakage_report(leaks.pairs, report_dir, self.hparams.leakage_threshold)
         warnings.warn(leaks.warning(report), stacklevel=2)
         if not drop:
-            return train, train_labels
-        keep = np.array([i for i, p in enumerate(train.paths) if p not in leaks.train], dtype=np.int64)
-        log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(train.paths) - len(keep))
-        kept = DecodedImages([train.paths[i] for i in keep], train.images.subset(keep), [], None)
-        return kept, [train_labels[i] for i in keep]
+            return np.zeros(0, np.int64), leaks.within_train
+        dropped = np.array([i for i, p in enumerate(train.paths) if p in leaks.train], dtype=np.int64)
+        log.warning("data.drop_leaking=true: dropping %d leaking train image(s)", len(dropped))
+        return dropped, leaks.within_train
 
     # --- loading -------------------------------------------------------------------------------------------------
 

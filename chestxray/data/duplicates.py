@@ -132,6 +132,7 @@ class Leaks:
     pairs: dict[str, list[NearPair]]
     train: set[Path]  # the train side of every pair
     shared_with_test: dict[str, int]  # per evaluation set: how many of its images the test folder has too
+    within_train: list[tuple[int, int]]  # positions in train of near-duplicate pairs inside it (kept together)
 
     def mask(self, name: str, paths: Sequence[Path]) -> np.ndarray:
         """Which of a set's images duplicate a train image."""
@@ -161,6 +162,10 @@ def find_leaks(
         return [p for p, good in zip(decoded.paths, ok, strict=True) if good], hashes[ok]
 
     train_paths, train_hashes = hashed(train)
+    position = {p: i for i, p in enumerate(train.paths)}
+    within = [
+        (position[train_paths[i]], position[train_paths[j]]) for i, j, _ in hamming_pairs(train_hashes, None, threshold)
+    ]
     sets = {name: hashed(decoded) for name, decoded in others.items()}
     pairs = {name: near_pairs(train_paths, train_hashes, *found, threshold) for name, found in sets.items()}
     shared = {  # an evaluation set that is the test folder, or a copy of it, is not another set
@@ -168,7 +173,7 @@ def find_leaks(
         for name, found in sets.items()
         if name != "test" and "test" in sets
     }
-    return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs}, shared)
+    return Leaks(pairs, {p.train for set_pairs in pairs.values() for p in set_pairs}, shared, within)
 
 
 def write_leakage_report(

@@ -18,7 +18,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chestxray.data.images import is_image_file, list_images
@@ -40,6 +40,9 @@ class LabelledFiles:
     paths: list[Path]
     labels: list[int]
     where: str
+    # a label file's optional patient column: images of one patient stay on one side of every split. Read for
+    # grouping only: never written to any output.
+    patients: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,8 +117,11 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
         raise DataError(f"{setting}={index}: file not found")
     columns, rows = _rows(index, setting)
     if not {"path", "label"} <= set(columns):
-        raise DataError(f"{setting}={index}: needs a header with the columns path,label[,split]; found {columns}")
+        raise DataError(
+            f"{setting}={index}: needs a header with the columns path,label[,split][,patient]; found {columns}"
+        )
     has_split = "split" in columns
+    has_patient = "patient" in columns
     class_index = {c: i for i, c in enumerate(classes)}
     unknown, missing, bad_split, outside, conflicts = [], [], [], [], []
     first: dict[str, tuple[int, str, str | None]] = {}  # real path -> (line, label, split) of its first row
@@ -148,6 +154,7 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
             group = groups.setdefault(split, LabelledFiles([], [], f"{index}" + (f" (split={split})" if split else "")))
             group.paths.append(path)
             group.labels.append(class_index[row["label"]])
+            group.patients.append((row.get("patient") or "").strip() or None if has_patient else None)
     if unknown:
         raise DataError(f"{setting}={index}: labels that are not one of {list(classes)}:\n{_listed(unknown)}")
     if bad_split:
@@ -170,6 +177,7 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
     for group in groups.values():  # the order of class folders: the split does not depend on the rows' order
         order = sorted(range(len(group)), key=lambda i: (group.labels[i], str(group.paths[i])))
         group.paths, group.labels = [group.paths[i] for i in order], [group.labels[i] for i in order]
+        group.patients = [group.patients[i] for i in order]
     return groups
 
 

@@ -114,6 +114,7 @@ class ReportWriter(L.Callback):
                 raw_probs=result.raw_probs,
                 temperature=float(pl_module.temperature) if calibrated else None,
                 shares_with_test=datamodule.shared_with_test.get(name),
+                splits=datamodule.split_groups if name == "test" else None,
             )
             folder = report_folder(self.output_dir, name)
             report, images = write_report(evaluation, folder, settings, pl_module, predictions=True)

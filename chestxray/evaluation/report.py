@@ -48,6 +48,7 @@ class Evaluation:
     raw_probs: np.ndarray | None = None  # before temperature scaling, when the model was calibrated
     temperature: float | None = None  # the fitted temperature, when the model was calibrated
     shares_with_test: int | None = None  # images this evaluation set shares with the test folder
+    splits: dict | None = None  # the test report of a training run: images and groups on each side of the hold-out
 
     @property
     def preds(self) -> np.ndarray:
@@ -79,6 +80,8 @@ class Evaluation:
             result["calibration"] = {"temperature": self.temperature, "before": numbers["uncalibrated"], "after": after}
         if self.shares_with_test is not None:
             result["shares_with_test"] = self.shares_with_test
+        if self.splits:
+            result["splits"] = self.splits
         return result
 
 
@@ -206,6 +209,13 @@ def summary_text(report: dict) -> str:
             f"{before['expected_calibration_error']:.3f} -> {after['expected_calibration_error']:.3f}, "
             f"loss {before['loss']:.3f} -> {after['loss']:.3f}"
         )
+    if report.get("splits"):
+        sides = [
+            f"{side} {s['images']} images in {s['groups']} groups"
+            for side, s in report["splits"].items()
+            if s["images"]
+        ]
+        lines.append("trained on the train split: " + "; ".join(sides) + " (a patient or a set of copies is one group)")
     if report.get("shares_with_test"):
         lines.append(
             f"shares {report['shares_with_test']} of its {report['n']} images with the test folder (identical or "
