@@ -19,8 +19,8 @@ class probabilities out, with the normalisation and the fitted temperature insid
 first checkpoint (what predict.py runtime=onnx loads); out= copies it elsewhere.
 
   ckpt=         a .ckpt written by train.py, or a list of them
-  format=       onnx (fp32, default) or onnx-int8 (static int8, calibrated on calibration= images)
-  calibration=  a folder of images like those the model will see (format=onnx-int8 only)
+  format=       onnx (fp32, default) or onnx-int8 (static int8, calibrated once, here)
+  calibration=  onnx-int8's calibration images: a folder (default: the checkpoint's own train images)
   out=          also write the graph to this file
 
 example: python -m chestxray.export ckpt=outputs/train/runs/<run>/checkpoints/best.ckpt out=model.onnx
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else [str(ckpt)]
         models = load_models(paths)
         calibration = (
-            [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else []
+            [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
         )
-        if fmt == "onnx-int8" and not calibration:
-            raise ValueError("format=onnx-int8 needs calibration=FOLDER (images like those it will predict)")
+        if cfg.get("calibration") and not calibration:
+            raise ValueError(f"calibration={cfg.calibration}: no image found there")
         path = exported(paths, models, fmt, calibration)
     except (UserError, ValueError) as err:
         print(f"export: error: {err}", file=sys.stderr)

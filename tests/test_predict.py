@@ -425,3 +425,28 @@ def test_a_class_without_images_has_undefined_rates_not_zero(tiny_run, tmp_path,
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Viral Pneumonia "))
     assert row.split()[2] == "n/a" and "0.000" not in row.split()[2]
     assert (out / "per_class.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_run, tmp_path):
+    """Two predictions of different inputs share one int8 export, calibrated on the checkpoint's train images: an
+    image gets the same answer alone or among others; a named calibration folder replaces it (one file still)."""
+    ckpt = tmp_path / "ckpts" / "best.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_run["ckpt"], ckpt)
+    test = tiny_run["data"] / "test"
+    one = sorted((test / "Covid").iterdir())[0]
+    predict(predict_config(tmp_path / "all", ckpt, test, "runtime=onnx-int8", "report.bootstrap_resamples=0"))
+    predict(predict_config(tmp_path / "one", ckpt, one, "runtime=onnx-int8", "report.bootstrap_resamples=0"))
+    exports = sorted(p.name for p in ckpt.parent.glob("*.int8.onnx"))
+    assert len(exports) == 1
+    record = json.loads((ckpt.parent / exports[0]).with_suffix(".json").read_text())
+    assert record["source"] == "the checkpoint's train images" and record["count"] == 63  # 21 of each class
+    alone = read_rows(tmp_path / "one")[0]
+    among = next(r for r in read_rows(tmp_path / "all") if Path(r["path"]).resolve() == one.resolve())
+    assert all(alone[f"prob_{c}"] == among[f"prob_{c}"] for c in CLASSES)
+    named = run_script("-m", "chestxray.export", f"ckpt={ckpt}", "format=onnx-int8", f"calibration={test / 'Normal'}")
+    assert "onnx-int8:" in named.stdout
+    exports = sorted(ckpt.parent.glob("*.int8.onnx"))
+    assert len(exports) == 1 and len(list(ckpt.parent.glob("*.onnx"))) == 2  # fp32 + int8
+    assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == "the named images"

@@ -9,6 +9,7 @@ sensitivity, with torchmetrics computing the statistic on each resample.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -140,6 +141,14 @@ def nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -torch.log(probs.gather(1, target[:, None]).squeeze(1).clamp_min(1e-12))
 
 
+def compute(collection: MetricCollection) -> dict[str, torch.Tensor]:
+    """collection.compute() without torchmetrics' warnings about a class with no (or only) images in the set: such a
+    class's rates are reported as undefined (defined_per_class), not as the zeros those warnings are about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
+        return collection.compute()
+
+
 def summarise(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict:
     """A report collection's compute() as plain numbers; {"n": 0} when it saw no image."""
     confusion = computed["confusion"].long()
@@ -186,7 +195,7 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> d
     collection = report_metrics(len(classes), sync=False)
     p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
     collection.update(preds=p, target=y, value=nll(p, y))
-    return summarise(collection.compute(), classes)
+    return summarise(compute(collection), classes)
 
 
 def wilson_interval(correct: int, n: int, level: float = CONFIDENCE) -> list[float]:

@@ -5,14 +5,16 @@ normalisation inside, and for several checkpoints their average. It is cached be
 `<name>.<key>.onnx` (int8: `<name>.<key>.int8.onnx`), where the key hashes the checkpoints' bytes and the export
 settings, so `predict.py runtime=onnx` exports once and later runs load the file (a checkpoint folder that cannot
 be written falls back to the cache folder). format=onnx-int8 quantises weights and activations to int8 (ONNX
-Runtime's static QDQ quantisation, calibrated on `calibration=` images): several times faster on CPUs with VNNI/AMX,
-at some cost in accuracy that the benchmark reports; it is never the default.
+Runtime's static QDQ quantisation), calibrated once at export on the checkpoint's own train images or on the images of
+`calibration=FOLDER`: several times faster on CPUs with VNNI/AMX, at some cost in accuracy that the benchmark reports;
+it is never the default.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chestxray.errors import require
+from chestxray.errors import UserError, require
 from chestxray.models.classifier import ChestXrayClassifier, Predictor, Probabilities
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
@@ -43,15 +45,63 @@ def _digest(paths: Sequence[str | Path], extra: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def onnx_path(ckpt_paths: Sequence[str | Path], fmt: str, calibration: Sequence[Path] = ()) -> Path:
-    """Where the export of these checkpoints lives: beside the first one, or in the cache folder if read-only."""
+def onnx_path(ckpt_paths: Sequence[str | Path], fmt: str, key: str | None = None) -> Path:
+    """Where the export of these checkpoints lives: beside the first one, or in the cache folder if read-only. The key
+    hashes the checkpoints' bytes (once: pass it on) and the export version: one file per checkpoint content and
+    runtime."""
     first = Path(ckpt_paths[0])
-    key = _digest([*ckpt_paths, *calibration], fmt)
-    kind = "" if fmt == "onnx" else f".{fmt.removeprefix('onnx-')}"  # best.<key>.onnx, best.<key>.int8.onnx
-    name = f"{first.stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}.{key}{kind}.onnx"
+    name = f"{_stem(ckpt_paths)}.{key or _digest(ckpt_paths, '')}{_kind(fmt)}.onnx"
     if os.access(first.parent, os.W_OK):
         return first.parent / name
     return default_cache_dir() / "onnx" / name
+
+
+def _stem(ckpt_paths: Sequence[str | Path]) -> str:
+    return f"{Path(ckpt_paths[0]).stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}"
+
+
+def _kind(fmt: str) -> str:
+    return "" if fmt == "onnx" else f".{fmt.removeprefix('onnx-')}"  # best.<key>.onnx, best.<key>.int8.onnx
+
+
+def _remove_stale(target: Path, ckpt_paths: Sequence[str | Path], fmt: str) -> None:
+    """Other exports of this checkpoint name and runtime (an older content of the file, a former calibration): at
+    most one cached export per checkpoint and runtime is kept."""
+    if target.parent != Path(ckpt_paths[0]).parent:
+        return  # the shared cache folder: other runs' checkpoints have the same names
+    pattern = f"{_stem(ckpt_paths)}.*{_kind(fmt)}.onnx"
+    for old in target.parent.glob(pattern):
+        if old != target and (fmt != "onnx" or not old.name.endswith(".int8.onnx")):
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def training_images(model: ChestXrayClassifier, checkpoint_path: str | Path) -> list[Path]:
+    """The checkpoint's own train images (from the data settings saved in it), up to CALIBRATION_IMAGES spread over
+    the classes with a fixed seed: int8's activation ranges come from images like those the model learnt on, chosen
+    once at export, not from whatever is being predicted."""
+    from chestxray.data.sources import load_splits
+
+    data = (
+        torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
+        or {}
+    )
+    if not data.get("data_dir") and not data.get("index"):
+        raise UserError(f"{checkpoint_path}: has no data settings to find its train images: give calibration=FOLDER")
+    try:
+        index = Path(data["index"]) if data.get("index") else None
+        train = load_splits(Path(data.get("data_dir") or "."), index, model.classes)["train"]
+    except UserError as err:
+        raise UserError(
+            f"int8 calibration: the checkpoint's train images cannot be listed ({err}): give calibration=FOLDER"
+        ) from None
+    rng = np.random.default_rng(0)
+    labels = np.asarray(train.labels)
+    per_class = max(1, CALIBRATION_IMAGES // len(model.classes))
+    chosen = [
+        int(i) for c in range(len(model.classes)) for i in rng.permutation(np.flatnonzero(labels == c))[:per_class]
+    ]
+    return [train.paths[i] for i in sorted(chosen)]
 
 
 def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
@@ -131,24 +181,41 @@ def exported(
     ckpt_paths: Sequence[str | Path],
     models: Sequence[ChestXrayClassifier],
     fmt: str = "onnx",
-    calibration: Sequence[Path] = (),
+    calibration: Sequence[Path] | None = None,
 ) -> Path:
-    """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed."""
+    """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed.
+
+    int8 is calibrated once, when it is exported: on `calibration` (a folder the user named) or else on the first
+    checkpoint's train images; the images used are recorded beside it (<name>.json), and a later call with other
+    named images quantises again, replacing it. A call without named images uses the export as it is.
+    """
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"format={fmt}: must be onnx or onnx-int8")
-    readable = (p for p in calibration if os.access(p, os.R_OK))
-    calibration = list(itertools.islice(readable, CALIBRATION_IMAGES)) if fmt == "onnx-int8" else []
-    target = onnx_path(ckpt_paths, fmt, calibration)
+    key = _digest(ckpt_paths, "")
+    target = onnx_path(ckpt_paths, fmt, key)
+    record = target.with_suffix(".json")
+    if fmt == "onnx-int8" and calibration:
+        calibration = list(itertools.islice((p for p in calibration if os.access(p, os.R_OK)), CALIBRATION_IMAGES))
+        wanted = _digest(calibration, "calibration") if calibration else None
+        if target.is_file() and record.is_file() and json.loads(record.read_text()).get("images") != wanted:
+            target.unlink()
     if target.is_file():
         return target
-    fp32 = target if fmt == "onnx" else onnx_path(ckpt_paths, "onnx")
+    fp32 = target if fmt == "onnx" else onnx_path(ckpt_paths, "onnx", key)
     if not fp32.is_file():
         log.info("exporting %s to ONNX: %s", ", ".join(map(str, ckpt_paths)), fp32)
         export_onnx(models, fp32)
+        _remove_stale(fp32, ckpt_paths, "onnx")
     if fmt == "onnx":
         return fp32
-    log.info("quantising %s to int8 (calibrated on %d images): %s", fp32, len(calibration), target)
-    return quantize_int8(fp32, target, load_calibration(calibration, models[0].hparams.image_size))
+    images = list(calibration) if calibration else training_images(models[0], ckpt_paths[0])
+    source = "the named images" if calibration else "the checkpoint's train images"
+    log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
+    quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size))
+    described = {"images": _digest(images, "calibration"), "count": len(images), "source": source}
+    atomic_write(record, json.dumps(described, indent=2))
+    _remove_stale(target, ckpt_paths, fmt)
+    return target
 
 
 class OnnxPredictor(Predictor):
@@ -163,7 +230,9 @@ class OnnxPredictor(Predictor):
         self.session = ort.InferenceSession(str(path), providers=providers)
 
     @classmethod
-    def from_checkpoints(cls, paths, models, fmt: str = "onnx", calibration: Sequence[Path] = ()) -> OnnxPredictor:
+    def from_checkpoints(
+        cls, paths, models, fmt: str = "onnx", calibration: Sequence[Path] | None = None
+    ) -> OnnxPredictor:
         return cls(exported(paths, models, fmt, calibration))
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

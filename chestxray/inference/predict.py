@@ -212,7 +212,7 @@ def predict(cfg: DictConfig) -> dict:
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
     limits = limits_of(cfg)
-    predictor = runtime_module(cfg, paths, models, inputs)
+    predictor = runtime_module(cfg, paths, models)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
     trainer: L.Trainer = instantiate(
         cfg.trainer, precision=cfg.precision, logger=False, callbacks=[writer], enable_progress_bar=False
@@ -251,16 +251,15 @@ def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, 
     return DataLoader(dataset, batch_size=batch_size, num_workers=max(0, workers))
 
 
-def runtime_module(
-    cfg: DictConfig, paths: Sequence[str], models: Sequence[ChestXrayClassifier], inputs: Sequence[InputImage]
-) -> Predictor:
+def runtime_module(cfg: DictConfig, paths: Sequence[str], models: Sequence[ChestXrayClassifier]) -> Predictor:
     """The module Trainer.predict runs: the torch ensemble, or its ONNX Runtime session (runtime=onnx)."""
     if cfg.runtime == "torch":
         return Ensemble(models)
     from chestxray.inference.onnx import OnnxPredictor
 
-    # int8 calibrates on the first images to predict (or calibration=FOLDER of python -m chestxray.export)
-    return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, [i.path for i in inputs])
+    # int8: calibrated once at export, on calibration=FOLDER or the checkpoint's own train images, never on the inputs
+    named = [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
+    return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, named)
 
 
 def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:

@@ -282,12 +282,12 @@ class ChestXrayClassifier(L.LightningModule):
         for i, name in enumerate(self.test_set_names):
             collections = self.test_metrics[str(i)]
             numbers = {
-                "all": metrics.summarise(collections["all"].compute(), self.classes),
+                "all": metrics.summarise(metrics.compute(collections["all"]), self.classes),
                 "uncalibrated": metrics.summarise_calibration(collections["uncalibrated"].compute()),
             }
             seen = int(collections["leak_free"]["confusion"].compute().sum())  # across ranks
             numbers["leak_free"] = (
-                metrics.summarise(collections["leak_free"].compute(), self.classes) if seen else {"n": 0}
+                metrics.summarise(metrics.compute(collections["leak_free"]), self.classes) if seen else {"n": 0}
             )
             for collection in collections.values():
                 collection.reset()
