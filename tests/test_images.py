@@ -177,6 +177,15 @@ def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path,
         read_image(bomb, limits=ImageLimits(max_pixels=1_000))
 
 
+def test_the_pixel_limit_is_inclusive_to_the_pixel(tmp_path):
+    """An image of exactly max_pixels is decoded; one pixel more is refused (the limit is a maximum, not a bound)."""
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(png_bytes(50, 40))  # 2,000 pixels
+    assert read_image(exact, limits=ImageLimits(max_pixels=2_000)).shape == (40, 50, 3)
+    with pytest.raises(BadImageError, match=r"50 x 40 = 2,000 pixels is above data.max_pixels=1,999"):
+        read_image(exact, limits=ImageLimits(max_pixels=1_999))
+
+
 def test_tiny_image_is_refused_with_the_setting(tmp_path):
     tiny = tmp_path / "one.png"
     tiny.write_bytes(png_bytes(1, 1))

@@ -36,12 +36,18 @@ def test_the_best_checkpoint_is_the_epoch_with_the_highest_val_acc(tmp_path, syn
     """val/acc 0.4, 0.8, 0.6: best.ckpt is epoch 1, val/acc_best 0.8, and that checkpoint is the one calibrated."""
     monkeypatch.setattr(ScriptedClassifier, "VAL_ACC", [0.4, 0.8, 0.6])
     out = tmp_path / "run"
-    value = train(train_config(out, synthetic_dir, SCRIPTED, "trainer.max_epochs=3", *CHEAP))
+    cfg = train_config(out, synthetic_dir, SCRIPTED, "trainer.max_epochs=3", *CHEAP)
+    callbacks = dict(cfg.callbacks)  # last.ckpt's callback first: Lightning's checkpoint_callback would be that one
+    cfg.callbacks = {"last_checkpoint": callbacks.pop("last_checkpoint"), **callbacks}
+    value = train(cfg)
     best = ckpt(out / "checkpoints" / "best.ckpt")
     assert best["epoch"] == 1 and value == pytest.approx(0.8)
-    assert bool(best["state_dict"]["calibrated"])
+    assert bool(best["state_dict"]["calibrated"]) and not bool(
+        ckpt(out / "checkpoints" / "last.ckpt")["state_dict"]["calibrated"]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["val/acc_best"] == pytest.approx(0.8)
+    assert Path(results["best_checkpoint"]).name == "best.ckpt"
 
 
 def test_the_best_checkpoint_callback_is_found_by_its_monitor_not_its_place():

@@ -164,6 +164,21 @@ def test_the_best_checkpoint_is_calibrated_on_the_validation_split(tiny_run):
     got = np.array([reported[str(test.paths[i])] for i in range(8)])
     assert np.abs(got - expected).max() < 1e-5 and np.abs(got - uncalibrated).max() > 1e-4
     assert (got.argmax(1) == uncalibrated.argmax(1)).all()
+    # fitted on the validation split's logits (not the test folder's): the same fit on them gives the same T
+    from chestxray.models.calibration import fit_temperature
+
+    def logits_of(dataset):
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    model.logits(torch.stack([dataset[i][0] for i in range(s, min(s + 16, len(dataset)))]))
+                    for s in range(0, len(dataset), 16)
+                ]
+            )
+
+    val = dm.datasets["val"]
+    assert fit_temperature(logits_of(val), val.labels) == pytest.approx(temperature, rel=1e-4)
+    assert fit_temperature(logits_of(test), test.labels) != pytest.approx(temperature, rel=1e-2)
 
 
 def test_calibrate_false_leaves_the_model_and_its_report_uncalibrated(tmp_path, synthetic_dir):
