@@ -230,7 +230,9 @@ def test_the_layout_follows_the_pipeline():
 def test_each_entry_point_has_its_own_help():
     train = run_script("train.py", "--help").stdout
     assert train.startswith("python train.py [group=option ...]") and "model.backbone" in train
-    assert "fdr, limit, overfit, profiler" in train and "experiment: gpu_fast, notebook, quickstart, scratch224" in train
+    assert (
+        "fdr, limit, overfit, profiler" in train and "experiment: gpu_fast, notebook, quickstart, scratch224" in train
+    )
     assert len(train.splitlines()) < 60 and "_target_" not in train  # a page, not the whole config
     predict = run_script("predict.py", "--help").stdout
     assert predict.startswith("python predict.py ckpt=CHECKPOINT inputs=IMAGES") and "runtime" in predict

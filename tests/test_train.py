@@ -411,6 +411,30 @@ def test_resume_continues_the_run_in_its_folder_with_its_settings(tmp_path, synt
     assert missing.returncode == 2 and "not the folder of a train.py run" in missing.stderr
 
 
+@pytest.mark.slow
+def test_resume_runs_with_the_new_learning_rate_and_a_schedule_stretched_to_the_new_length(tmp_path, synthetic_dir):
+    """The case that was wrong: 2 epochs of cosine at lr 0.01, resumed to 4 epochs at lr 1e-4. The learning rate
+    logged is the one that ran: 0.01, 0.005, then the new cosine over 4 epochs (5e-5, 1.46e-5), not 0 and back up;
+    the saved config says 1e-4. Another kind of optimizer is refused in one line."""
+    run = tmp_path / "run"
+    base = [o for o in TINY if "max_epochs" not in o]
+    run_script(
+        "train.py",
+        *base,
+        f"data.data_dir={synthetic_dir}",
+        "scheduler=cosine",
+        "optimizer.lr=0.01",
+        "test=false",
+        f"hydra.run.dir={run}",
+    )
+    run_script("train.py", f"resume={run}", "trainer.max_epochs=4", "optimizer.lr=0.0001")
+    lr = [e.value for e in read_events(run / "tensorboard").Scalars("lr-SGD")]
+    assert lr == pytest.approx([0.01, 0.005, 5e-5, 1.4644660940672625e-05], rel=1e-5)
+    assert "lr: 0.0001" in (run / ".hydra" / "config.yaml").read_text()
+    adam = run_script("train.py", f"resume={run}", "trainer.max_epochs=5", "optimizer=adam", ok=False)
+    assert adam.returncode == 2 and "optimizer=torch.optim.Adam is not the kind of optimizer" in adam.stderr
+
+
 def test_resume_overrides_replace_saved_ones_of_the_same_key():
     from chestxray.training.resume import merge_overrides
 
