@@ -5,7 +5,7 @@
 Every path starts from the image files on disk and ends with a class per image (predictions.csv for ours):
 the notebook's loop; predict.py with runtime=torch (fp32), with trainer.precision=bf16-mixed (torch autocast on
 the CPU), with runtime=onnx (ONNX Runtime, fp32) and with runtime=onnx-int8 (static int8, calibrated on the
-inputs). The ONNX exports are made before timing (predict.py caches them beside the checkpoint). The runs use a
+inputs). The ONNX exports are made before timing (predict.py caches them in the cache folder). The runs use a
 flat copy of the images (no class folders, so no report is drawn: only decoding, the model and the CSV); their
 labels are the ones predict.py gives the originals (the nearest folder named like a class). The repeats go round
 the paths in turn, so a slow spell of a shared machine hits every path alike; times are medians, ratios are
@@ -202,7 +202,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = tmp / "model.ckpt"  # a copy: the ONNX exports are cached beside it, not beside the original
+        ckpt = tmp / "model.ckpt"  # a copy
         shutil.copy(args.ckpt or random_checkpoint(tmp, args.image_size), ckpt)
         hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
         inputs = find_inputs(str(args.inputs), hparams["classes"])  # the labels predict.py would give them

@@ -1,5 +1,5 @@
 """python -m chestxray.export ckpt=PATH [format=onnx|onnx-int8] [out=FILE]: export trained checkpoints to one ONNX
-graph (chestxray.inference.onnx), cached beside the first checkpoint where predict.py runtime=onnx finds it."""
+graph (chestxray.inference.onnx), cached in the cache folder where predict.py runtime=onnx finds it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ USAGE = """usage: python -m chestxray.export ckpt=PATH|[A.ckpt,B.ckpt] [format=o
                                   [out=FILE]
 
 Export trained checkpoints (several: their averaged probabilities) to one ONNX graph: uint8 images N x 3 x S x S in,
-class probabilities out, with the normalisation and the fitted temperature inside. The file is cached beside the
-first checkpoint (what predict.py runtime=onnx loads); out= copies it elsewhere.
+class probabilities out, with the normalisation and the fitted temperature inside. The file is cached in the cache
+folder ($CHESTXRAY_CACHE/onnx, what predict.py runtime=onnx loads); out= copies it where you want it.
 
   ckpt=         a .ckpt written by train.py, or a list of them
   format=       onnx (fp32, default) or onnx-int8 (static int8, calibrated once, here)

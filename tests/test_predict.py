@@ -2,6 +2,7 @@
 training report, ONNX, ensembles, Grad-CAM, refusals and stops."""
 
 import csv
+import hashlib
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from chestxray.errors import CheckpointError, PredictError
 from chestxray.inference.predict import PredictionWriter, csv_row, predict
 from chestxray.models import classifier as model_module
 from chestxray.models.checkpoints import load_model
+from chestxray.runtime.files import default_cache_dir as cache_dir
 from tests.conftest import CLASSES, predict_config, run_script, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
 
@@ -317,8 +319,9 @@ def test_onnx_runtime_matches_torch_and_exports_once(trained_run, test_folder_pr
         f"ckpt={ckpt}", f"inputs={trained_run['data'] / 'test'}", "runtime=onnx", f"hydra.run.dir={out}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    exported = list(tmp_path.glob("model.*.onnx"))
-    assert len(exported) == 1 and exported[0].name.count(".") == 2  # beside the checkpoint: model.<key>.onnx
+    exported = list((cache_dir() / "onnx").glob("model-*.onnx"))
+    assert len(exported) == 1 and exported[0].name.count(".") == 2  # in the cache: model-<where>.<key>.onnx
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "onnx"]  # nothing beside the checkpoint
     torch_rows, onnx_rows = read_rows(test_folder_prediction["dir"]), read_rows(out)
     assert [r["path"] for r in onnx_rows] == [r["path"] for r in torch_rows]
     for a, b in zip(torch_rows, onnx_rows, strict=True):  # the temperature is inside the graph
@@ -329,6 +332,14 @@ def test_onnx_runtime_matches_torch_and_exports_once(trained_run, test_folder_pr
     from chestxray.inference.onnx import exported as export_of
 
     assert export_of([ckpt], [load_model(ckpt)]) == exported[0] and exported[0].stat().st_mtime_ns == stamp
+    with open(exported[0], "r+b") as fh:  # bytes that are not those written are never used: exported again
+        fh.seek(1000)
+        fh.write(b"\x00\x01\x02")
+    assert export_of([ckpt], [load_model(ckpt)]) == exported[0] and exported[0].stat().st_mtime_ns != stamp
+    assert (
+        json.loads(exported[0].with_suffix(".json").read_text())["sha256"]
+        == hashlib.sha256(exported[0].read_bytes()).hexdigest()
+    )
 
 
 @pytest.mark.slow
@@ -430,7 +441,8 @@ def test_a_class_without_images_has_undefined_rates_not_zero(tiny_run, tmp_path,
 @pytest.mark.slow
 def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_run, tmp_path):
     """Two predictions of different inputs share one int8 export, calibrated on the checkpoint's train images: an
-    image gets the same answer alone or among others; a named calibration folder replaces it (one file still)."""
+    image gets the same answer alone or among others; a named calibration folder replaces it (one file still); nothing
+    is written beside the checkpoint."""
     ckpt = tmp_path / "ckpts" / "best.ckpt"
     ckpt.parent.mkdir()
     shutil.copy(tiny_run["ckpt"], ckpt)
@@ -438,15 +450,17 @@ def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_
     one = sorted((test / "Covid").iterdir())[0]
     predict(predict_config(tmp_path / "all", ckpt, test, "runtime=onnx-int8", "report.bootstrap_resamples=0"))
     predict(predict_config(tmp_path / "one", ckpt, one, "runtime=onnx-int8", "report.bootstrap_resamples=0"))
-    exports = sorted(p.name for p in ckpt.parent.glob("*.int8.onnx"))
-    assert len(exports) == 1
-    record = json.loads((ckpt.parent / exports[0]).with_suffix(".json").read_text())
+    cache = cache_dir() / "onnx"
+    mine = f"best-{hashlib.sha256(os.path.realpath(ckpt).encode()).hexdigest()[:8]}."
+    exports = [p for p in cache.glob("*.int8.onnx") if p.name.startswith(mine)]
+    assert len(exports) == 1 and os.listdir(ckpt.parent) == ["best.ckpt"]
+    record = json.loads(exports[0].with_suffix(".json").read_text())
     assert record["source"] == "the checkpoint's train images" and record["count"] == 63  # 21 of each class
     alone = read_rows(tmp_path / "one")[0]
     among = next(r for r in read_rows(tmp_path / "all") if Path(r["path"]).resolve() == one.resolve())
     assert all(alone[f"prob_{c}"] == among[f"prob_{c}"] for c in CLASSES)
     named = run_script("-m", "chestxray.export", f"ckpt={ckpt}", "format=onnx-int8", f"calibration={test / 'Normal'}")
     assert "onnx-int8:" in named.stdout
-    exports = sorted(ckpt.parent.glob("*.int8.onnx"))
-    assert len(exports) == 1 and len(list(ckpt.parent.glob("*.onnx"))) == 2  # fp32 + int8
+    exports = [p for p in cache.glob("*.int8.onnx") if p.name.startswith(mine)]
+    assert len(exports) == 1 and len([p for p in cache.glob("*.onnx") if p.name.startswith(mine)]) == 2
     assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == "the named images"

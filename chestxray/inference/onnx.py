@@ -1,13 +1,16 @@
 """ONNX export and ONNX Runtime inference (the command line: python -m chestxray.export).
 
 The exported graph is the whole predictor: uint8 images (N x 3 x S x S) in, class probabilities out, with the
-normalisation inside, and for several checkpoints their average. It is cached beside the (first) checkpoint as
-`<name>.<key>.onnx` (int8: `<name>.<key>.int8.onnx`), where the key hashes the checkpoints' bytes and the export
-settings, so `predict.py runtime=onnx` exports once and later runs load the file (a checkpoint folder that cannot
-be written falls back to the cache folder). format=onnx-int8 quantises weights and activations to int8 (ONNX
-Runtime's static QDQ quantisation), calibrated once at export on the checkpoint's own train images or on the images of
-`calibration=FOLDER`: several times faster on CPUs with VNNI/AMX, at some cost in accuracy that the benchmark reports;
-it is never the default.
+normalisation inside, and for several checkpoints their average. It is cached in the cache folder
+(`$CHESTXRAY_CACHE/onnx`, like the decoded-image stores), never beside the checkpoint: predict.py writes only into its
+own run folder, and the checkpoint's run folder stays as its run left it. The file is `<name>-<where>.<key>.onnx`
+(int8: `.int8.onnx`), where <where> hashes the checkpoints' paths and <key> their bytes and the export version, so
+`predict.py runtime=onnx` exports once and later runs load the file; one export per checkpoint and runtime is kept
+(that of a checkpoint's older content is removed), and a record beside it (`.json`) holds the file's SHA-256, checked
+before the file is used: bytes that are not those written are exported again. format=onnx-int8 quantises weights and
+activations to int8 (ONNX Runtime's static QDQ quantisation), calibrated once at export on the checkpoint's own train
+images or on the images of `calibration=FOLDER`: several times faster on CPUs with VNNI/AMX, at some cost in accuracy
+that the benchmark reports; it is never the default.
 """
 
 from __future__ import annotations
@@ -46,34 +49,50 @@ def _digest(paths: Sequence[str | Path], extra: str) -> str:
 
 
 def onnx_path(ckpt_paths: Sequence[str | Path], fmt: str, key: str | None = None) -> Path:
-    """Where the export of these checkpoints lives: beside the first one, or in the cache folder if read-only. The key
-    hashes the checkpoints' bytes (once: pass it on) and the export version: one file per checkpoint content and
-    runtime."""
-    first = Path(ckpt_paths[0])
-    name = f"{_stem(ckpt_paths)}.{key or _digest(ckpt_paths, '')}{_kind(fmt)}.onnx"
-    if os.access(first.parent, os.W_OK):
-        return first.parent / name
+    """Where the export of these checkpoints lives in the cache folder. `key` hashes the checkpoints' bytes (hashed
+    once per export: pass it on)."""
+    name = f"{_prefix(ckpt_paths)}.{key or _digest(ckpt_paths, '')}{_kind(fmt)}.onnx"
     return default_cache_dir() / "onnx" / name
 
 
-def _stem(ckpt_paths: Sequence[str | Path]) -> str:
-    return f"{Path(ckpt_paths[0]).stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}"
+def _prefix(ckpt_paths: Sequence[str | Path]) -> str:
+    """<name of the first checkpoint>[-ensemble]-<hash of the checkpoints' real paths>: what names one checkpoint
+    (or ensemble) whatever its content, so an export of its older content can be found and removed."""
+    where = hashlib.sha256("\n".join(os.path.realpath(p) for p in ckpt_paths).encode()).hexdigest()[:8]
+    return f"{Path(ckpt_paths[0]).stem}{'-ensemble' if len(ckpt_paths) > 1 else ''}-{where}"
 
 
 def _kind(fmt: str) -> str:
-    return "" if fmt == "onnx" else f".{fmt.removeprefix('onnx-')}"  # best.<key>.onnx, best.<key>.int8.onnx
+    return "" if fmt == "onnx" else f".{fmt.removeprefix('onnx-')}"  # <name>.<key>.onnx, <name>.<key>.int8.onnx
 
 
 def _remove_stale(target: Path, ckpt_paths: Sequence[str | Path], fmt: str) -> None:
-    """Other exports of this checkpoint name and runtime (an older content of the file, a former calibration): at
-    most one cached export per checkpoint and runtime is kept."""
-    if target.parent != Path(ckpt_paths[0]).parent:
-        return  # the shared cache folder: other runs' checkpoints have the same names
-    pattern = f"{_stem(ckpt_paths)}.*{_kind(fmt)}.onnx"
-    for old in target.parent.glob(pattern):
+    """Other exports of these checkpoints in this runtime (of their older content): one is kept."""
+    for old in target.parent.glob(f"{_prefix(ckpt_paths)}.*{_kind(fmt)}.onnx"):
         if old != target and (fmt != "onnx" or not old.name.endswith(".int8.onnx")):
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(target: Path) -> dict | None:
+    """The record of an export whose bytes are those written (their SHA-256 as recorded), else None."""
+    try:
+        record = json.loads(target.with_suffix(".json").read_text())
+        return record if target.is_file() and record.get("sha256") == _sha256(target) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_record(target: Path, **fields) -> None:
+    atomic_write(target.with_suffix(".json"), json.dumps({"sha256": _sha256(target), **fields}, indent=2))
 
 
 def training_images(model: ChestXrayClassifier, checkpoint_path: str | Path) -> list[Path]:
@@ -185,35 +204,34 @@ def exported(
 ) -> Path:
     """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed.
 
-    int8 is calibrated once, when it is exported: on `calibration` (a folder the user named) or else on the first
-    checkpoint's train images; the images used are recorded beside it (<name>.json), and a later call with other
-    named images quantises again, replacing it. A call without named images uses the export as it is.
+    int8 is calibrated once, when it is exported: on `calibration` (images the user named) or else on the first
+    checkpoint's train images; the images used are recorded, and a later call with other named images quantises
+    again, replacing it. A call without named images uses the export as it is.
     """
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"format={fmt}: must be onnx or onnx-int8")
     key = _digest(ckpt_paths, "")
     target = onnx_path(ckpt_paths, fmt, key)
-    record = target.with_suffix(".json")
+    record = _record(target)
     if fmt == "onnx-int8" and calibration:
         calibration = list(itertools.islice((p for p in calibration if os.access(p, os.R_OK)), CALIBRATION_IMAGES))
-        wanted = _digest(calibration, "calibration") if calibration else None
-        if target.is_file() and record.is_file() and json.loads(record.read_text()).get("images") != wanted:
-            target.unlink()
-    if target.is_file():
+        if record and record.get("images") != _digest(calibration, "calibration"):
+            record = None  # other named images: quantised again
+    if record:
         return target
     fp32 = target if fmt == "onnx" else onnx_path(ckpt_paths, "onnx", key)
-    if not fp32.is_file():
+    if fmt == "onnx" or not _record(fp32):
         log.info("exporting %s to ONNX: %s", ", ".join(map(str, ckpt_paths)), fp32)
         export_onnx(models, fp32)
+        _write_record(fp32)
         _remove_stale(fp32, ckpt_paths, "onnx")
     if fmt == "onnx":
         return fp32
-    images = list(calibration) if calibration else training_images(models[0], ckpt_paths[0])
+    images = calibration or training_images(models[0], ckpt_paths[0])
     source = "the named images" if calibration else "the checkpoint's train images"
     log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
     quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size))
-    described = {"images": _digest(images, "calibration"), "count": len(images), "source": source}
-    atomic_write(record, json.dumps(described, indent=2))
+    _write_record(target, images=_digest(images, "calibration"), count=len(images), source=source)
     _remove_stale(target, ckpt_paths, fmt)
     return target
 
