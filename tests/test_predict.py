@@ -88,8 +88,8 @@ def test_unreadable_files_get_error_rows_and_never_reach_the_network(tiny_run, t
     for src in good:
         shutil.copy(src, folder / src.name)
     seen = []
-    original = model_module.Probabilities.forward
-    monkeypatch.setattr(model_module.Probabilities, "forward", lambda self, x: seen.append(len(x)) or original(self, x))
+    original = model_module.Probabilities.answers
+    monkeypatch.setattr(model_module.Probabilities, "answers", lambda self, x: seen.append(len(x)) or original(self, x))
     out = tmp_path / "out"
     summary = predict(predict_config(out, tiny_run["ckpt"], folder))
     assert sum(seen) == 3  # only the readable images went through the model
@@ -375,7 +375,7 @@ def test_the_onnx_graph_is_the_calibrated_predictor(tmp_path):
     model.temperature.fill_(2.0)
     graph = export_onnx([model], tmp_path / "model.onnx")
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    by_onnx = OnnxPredictor(graph).probabilities(images)
+    by_onnx = OnnxPredictor(graph).probabilities(images)[0]
     with torch.no_grad():
         by_torch = Probabilities([model])(images)
         uncalibrated = model.logits(images).softmax(1)

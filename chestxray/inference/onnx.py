@@ -1,7 +1,10 @@
 """ONNX export and ONNX Runtime inference (the command line: python -m chestxray.export).
 
 The exported graph is the whole predictor: uint8 images (N x 3 x S x S) in, class probabilities out, with the
-normalisation inside, and for several checkpoints their average. It is cached beside the (first) checkpoint as
+normalisation inside, and for several checkpoints their average; two more outputs give the out-of-distribution score
+(the detector's score minus its threshold) and the prediction sets, computed in the graph from the checkpoint's
+fitted buffers, so runtime=onnx writes the same columns as runtime=torch (chestxray.models.ood).
+It is cached beside the (first) checkpoint as
 `<name>.<key>.onnx` (int8: `<name>.<key>.int8.onnx`), where the key hashes the checkpoints' bytes and the export
 settings, so `predict.py runtime=onnx` exports once and later runs load the file (a checkpoint folder that cannot
 be written falls back to the cache folder). format=onnx-int8 quantises weights and activations to int8 (ONNX
@@ -24,13 +27,13 @@ import numpy as np
 import torch
 
 from chestxray.errors import require
-from chestxray.models.classifier import ChestXrayClassifier, Predictor, Probabilities
+from chestxray.models.classifier import Answers, ChestXrayClassifier, Predictor
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXPORT_VERSION = 1  # bump when the exported graph changes
+EXPORT_VERSION = 2  # bump when the exported graph changes
 CALIBRATION_IMAGES = 64
 
 
@@ -59,7 +62,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     require("onnx", "onnx", "runtime=onnx")
     require("onnxscript", "onnx", "runtime=onnx (torch.onnx.export with dynamo=True)")
     size = models[0].hparams.image_size
-    module = Probabilities([m.cpu().eval() for m in models]).eval()
+    module = Answers([m.cpu().eval() for m in models]).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
@@ -67,7 +70,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
             module,
             (example,),
             input_names=["images"],
-            output_names=["probs"],
+            output_names=["probs", "ood_score", "prediction_set"],
             dynamo=True,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
@@ -166,6 +169,7 @@ class OnnxPredictor(Predictor):
     def from_checkpoints(cls, paths, models, fmt: str = "onnx", calibration: Sequence[Path] = ()) -> OnnxPredictor:
         return cls(exported(paths, models, fmt, calibration))
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         array = np.ascontiguousarray(images.cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {"images": array})[0])
+        probs, ood_score, sets = self.session.run(None, {"images": array})
+        return torch.from_numpy(probs), torch.from_numpy(ood_score), torch.from_numpy(sets)

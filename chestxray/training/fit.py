@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from chestxray.errors import ConfigError, OutputDirError, UserError
 from chestxray.evaluation import metrics
+from chestxray.models import ood
 from chestxray.models.calibration import fit_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.runtime import settings
@@ -112,8 +113,8 @@ def train(cfg: DictConfig) -> float | None:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best and cfg.model.get("calibrate", True):
-        calibrate(trainer, model, datamodule, best)
+    if best:  # the temperature (model.calibrate), the out-of-distribution detector and the prediction sets
+        calibrate(trainer, model, datamodule, best, temperature=cfg.model.get("calibrate", True))
     if cfg.get("test"):
         if not best:
             rank_zero_warn("no best checkpoint was saved: testing the weights at the end of training")
@@ -126,26 +127,33 @@ def train(cfg: DictConfig) -> float | None:
     return results.get(name) if name else None
 
 
-def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: str) -> float | None:
-    """Fit the temperature on the validation split's logits of the best checkpoint and save it in that checkpoint
-    (chestxray.models.calibration). Skipped when the test folder is the validation set (experiment=notebook): fitting on
-    the images that are scored would flatter the calibration."""
+def calibrate(
+    trainer: L.Trainer, model: L.LightningModule, datamodule, best: str, temperature: bool = True
+) -> float | None:
+    """Fit the temperature (unless temperature=False), the out-of-distribution detector and the conformal threshold
+    on the validation split's outputs of the best checkpoint and save them in that checkpoint
+    (chestxray.models.calibration, chestxray.models.ood). Skipped when the test folder is the validation set
+    (experiment=notebook): fitting on the images that are scored would flatter the calibration."""
     if datamodule.datasets["val"] is datamodule.test_sets.get("test"):
         log.info("not calibrated: the validation set is the test folder (data.val_fraction=0)")
         return None
     outputs = trainer.predict(model, dataloaders=datamodule.val_dataloader(), ckpt_path=best, weights_only=True)
-    gathered = gather_by_index([(index.cpu(), logits.cpu()) for index, logits in outputs or []])
+    gathered = gather_by_index([tuple(t.cpu() for t in output) for output in outputs or []])
     if gathered is None:
         return None
-    index, logits = gathered
+    index, logits, features = gathered
     labels = datamodule.datasets["val"].labels[index]
-    temperature = fit_temperature(logits, labels)
+    fitted, temperature = temperature, fit_temperature(logits, labels) if temperature else 1.0
     before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
+    uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage)
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
-        checkpoint["state_dict"]["calibrated"] = torch.tensor(True)
+        checkpoint["state_dict"]["calibrated"] = torch.tensor(fitted)
+        checkpoint["state_dict"].update(uncertainty.state if uncertainty else {})
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, best)  # as Lightning wrote it: whole or not at all
+        ood.log_fit(uncertainty, model.ood_detector, best)
+    if trainer.is_global_zero and fitted:
         log.info(
             "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
             len(labels),
