@@ -225,7 +225,7 @@ def test_settings_out_of_range_are_one_line_naming_them(override, message):
 
 def read_rows(path: Path) -> dict[str, dict]:
     with open(path, newline="") as fh:
-        return {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+        return {r["path"]: r for r in csv.DictReader(fh)}
 
 
 def test_training_fits_and_reports_them_and_predict_writes_the_same_columns(tiny_run, tmp_path, capsys):

@@ -84,15 +84,16 @@ def unit(features: torch.Tensor) -> torch.Tensor:
 
 def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """0.5 * min over classes of (f - mu_c)' P (f - mu_c): pytorch-ood's Mahalanobis score."""
-    centred = features[:, None, :] - means[None, :, :]  # N x C x D
-    return 0.5 * ((centred @ precision) * centred).sum(-1).amin(1)
+    centred = features.double()[:, None, :] - means.double()[None, :, :]  # N x C x D, float64 as in knn
+    return (0.5 * ((centred @ precision.double()) * centred).sum(-1).amin(1)).float()
 
 
 def knn(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Distance of the unit-length features to the nearest row of `bank` (unit-length already)."""
-    # |a - b|^2 = 2 - 2 a.b for unit vectors: a matrix product (torch.cdist has no ONNX export)
-    nearest = (unit(features) @ bank.T).amax(1)
-    return (2.0 - 2.0 * nearest).clamp(min=0.0).sqrt()
+    # |a - b|^2 = 2 - 2 a.b for unit vectors: a matrix product (torch.cdist has no ONNX export), in float64 because
+    # near neighbours have a.b close to 1 and float32's cancellation would move the distance by about 1e-2
+    nearest = (unit(features.double()) @ bank.double().T).amax(1)
+    return (2.0 - 2.0 * nearest).clamp(min=0.0).sqrt().float()
 
 
 def all_scores(
