@@ -6,7 +6,7 @@ In-distribution: the test folder. Far out-of-distribution, built from what packa
 - photographs: scikit-image's sample images (those shipped with the package), each whole and as its four quarters;
 - documents: pages of text rendered with OpenCV's putText (and scikit-image's page and text samples);
 - noise and blank frames: uniform and Gaussian noise, black, white and grey frames;
-- CT and MR: pydicom's CT, MR and other test slices with pixel data, windowed to 8 bits.
+- CT and MR: pydicom's CT, MR and RT dose test slices with pixel data, windowed to 8 bits.
 Near out-of-distribution: the test images under strong acquisition shifts (low contrast, gamma, heavy noise, heavy
 blur, a quarter turn, an inverted negative, 8 px down-sampling, JPEG quality 5).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,11 +30,13 @@ import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from chestxray.data.images import list_images, load_image
-from chestxray.models import ood
-from chestxray.models.checkpoints import load_model
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
+
+from chestxray.data.images import list_images, load_image  # noqa: E402
+from chestxray.models import ood  # noqa: E402
+from chestxray.models.checkpoints import load_model  # noqa: E402
+
 DEFAULT_TEST = ROOT.parent / "shared" / "data" / "covid19-image-dataset" / "test"
 RNG = np.random.default_rng(0)
 
@@ -91,16 +94,17 @@ def ct_and_mr() -> list[np.ndarray]:
 
     slices = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        paths = get_testdata_files("*.dcm")
-    for path in sorted(paths):
-        try:
-            ds = pydicom.dcmread(path)
-            if getattr(ds, "SamplesPerPixel", 1) != 1 or ds.get("Modality") not in ("CT", "MR", "RTDOSE"):
+        warnings.simplefilter("ignore")  # pydicom's test files are deliberately odd (invalid values, no meta)
+        arrays = []
+        for path in sorted(get_testdata_files("*.dcm")):
+            try:
+                ds = pydicom.dcmread(path)
+                if getattr(ds, "SamplesPerPixel", 1) != 1 or ds.get("Modality") not in ("CT", "MR", "RTDOSE"):
+                    continue
+                arrays.append(ds.pixel_array.astype(np.float64))
+            except Exception:  # noqa: BLE001 - compressed without a decoder, no pixel data, broken on purpose
                 continue
-            array = ds.pixel_array.astype(np.float64)
-        except Exception:  # noqa: BLE001 - compressed without a decoder, no pixel data, deliberately broken files
-            continue
+    for array in arrays:
         for frame in array.reshape(-1, *array.shape[-2:])[:4]:
             if min(frame.shape) < 32 or frame.max() == frame.min():
                 continue
@@ -166,7 +170,7 @@ def main() -> None:
             "photographs": photographs(),
             "documents": documents(),
             "noise and blank": noise_and_blank(),
-            "CT and MR (pydicom)": ct_and_mr(),
+            "CT, MR, dose slices (pydicom)": ct_and_mr(),
         }
         sets = {name: model_view(images, size, tmp / f"far{k}") for k, (name, images) in enumerate(far.items())}
         sets["far OOD, all"] = np.concatenate([sets[name] for name in far])
