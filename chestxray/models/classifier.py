@@ -137,14 +137,13 @@ class ChestXrayClassifier(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         state.setdefault("temperature", torch.ones(()))
         state.setdefault("calibrated", torch.zeros((), dtype=torch.bool))
-        ood_lib.take_shapes(self.ood, state, "ood.")
-        ood_lib.take_shapes(self.conformal, state, "conformal.")
-        if not (bool(state["ood.fitted"]) and bool(state["conformal.fitted"])):
+        if "ood.fitted" not in state:  # not a checkpoint being fitted right now (fit.calibrate reads best.ckpt first)
             log.warning(
                 "this checkpoint carries no out-of-distribution detector or conformal fit (written before they "
-                "existed, or without a separate validation split): ood_score, in_distribution and prediction_set "
-                "stay empty"
+                "existed): ood_score, in_distribution and prediction_set stay empty"
             )
+        ood_lib.take_shapes(self.ood, state, "ood.")
+        ood_lib.take_shapes(self.conformal, state, "conformal.")
 
     def configure_model(self) -> None:
         """model.compile: torch.compile the network in place (its parameter names, and checkpoints, unchanged)."""
