@@ -95,9 +95,11 @@ def test_scores_are_pytorch_oods(tmp_path):
     assert torch.allclose(ood.knn(new, ood.unit(features)).double(), knn.predict_features(new), atol=1e-5)
 
 
-def test_thresholds_pass_the_pass_rate_of_new_in_distribution_images():
-    """Mahalanobis and KNN thresholds come from out-of-fold scores: on fresh in-distribution features about 95% pass
-    (in-sample scores would put the KNN threshold at 0, flagging everything new), and shifted features are caught."""
+@pytest.mark.parametrize("with_training_features", [True, False])
+def test_thresholds_pass_the_pass_rate_of_new_in_distribution_images(with_training_features):
+    """Statistics from the training features and thresholds from validation images scored against them, or (without
+    training features) out-of-fold validation scores: on fresh in-distribution features about 95% pass (in-sample
+    scores would put the KNN threshold at 0, flagging everything new), and shifted features are caught."""
     torch.manual_seed(0)
     centres = torch.randn(3, 32) * 3
 
@@ -107,7 +109,9 @@ def test_thresholds_pass_the_pass_rate_of_new_in_distribution_images():
 
     features, labels = draw(300)
     logits = torch.randn(300, 3)
-    result = ood.fit(logits, features, labels, 1.0, 0.95, 0.9)
+    reference = draw(600) if with_training_features else None
+    result = ood.fit(logits, features, labels, 1.0, 0.95, 0.9, reference)
+    assert result.n == 300 and result.n_reference == (600 if with_training_features else 300)
     detector = ood.OodDetector(3, 32)
     state = {k.removeprefix("ood."): v for k, v in result.state.items() if k.startswith("ood.")}
     ood.take_shapes(detector, state)
@@ -236,6 +240,7 @@ def test_training_fits_and_reports_them_and_predict_writes_the_same_columns(tiny
     model = load_model(tiny_run["ckpt"])
     n = int(model.ood.n_fit)
     assert bool(model.ood.fitted) and bool(model.conformal.fitted) and n >= 8
+    assert int(model.ood.n_reference) == len(model.ood.bank) > n  # the training images' features
     report = json.loads((tiny_run["dir"] / "metrics.json").read_text())["uncertainty"]
     assert report["validation_images"] == n
     assert report["out_of_distribution"]["detector"] == ood.DEFAULT_DETECTOR
@@ -258,7 +263,7 @@ def test_training_fits_and_reports_them_and_predict_writes_the_same_columns(tiny
     covered = np.mean([r["label"] in r["prediction_set"].split("|") for r in rows.values()])
     assert abs(sets["empirical_coverage"] - covered) < 1e-9
     printed = capsys.readouterr().out
-    assert printed.count(FLAG_TEXT) == flagged + (1 if flagged else 0)  # each flagged answer, and the report line
+    assert printed.count(FLAG_TEXT) == flagged + 1  # each flagged answer, and the report line
     assert f"guarantee from {n} validation images" in printed
 
 

@@ -280,7 +280,7 @@ class ChestXrayClassifier(L.LightningModule):
         the detectors and the prediction sets fit on."""
         images, _, index, _ = batch
         with self._fp32():
-            raw, features = self._logits_and_features(images, index, "calibration")
+            raw, features = self._logits_and_features(images, index, f"calibration{dataloader_idx}")
             return index, raw.float(), features.float()
 
     # --- test: one report collection per evaluated set -----------------------------------------------------------

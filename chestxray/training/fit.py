@@ -137,15 +137,18 @@ def calibrate(
     if datamodule.datasets["val"] is datamodule.test_sets.get("test"):
         log.info("not calibrated: the validation set is the test folder (data.val_fraction=0)")
         return None
-    outputs = trainer.predict(model, dataloaders=datamodule.val_dataloader(), ckpt_path=best, weights_only=True)
-    gathered = gather_by_index([tuple(t.cpu() for t in output) for output in outputs or []])
+    loaders = [datamodule.val_dataloader(), ood_reference_loader(datamodule)]
+    outputs = trainer.predict(model, dataloaders=loaders, ckpt_path=best, weights_only=True) or [[], []]
+    gathered = gather_by_index([tuple(t.cpu() for t in output) for output in outputs[0]])
     if gathered is None:
         return None
     index, logits, features = gathered
     labels = datamodule.datasets["val"].labels[index]
+    train = gather_by_index([tuple(t.cpu() for t in output) for output in outputs[1]])
+    reference = (train[2], datamodule.datasets["train"].labels[train[0]]) if train else None
     fitted, temperature = temperature, fit_temperature(logits, labels) if temperature else 1.0
     before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
-    uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage)
+    uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage, reference)
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
@@ -164,6 +167,15 @@ def calibrate(
         )
     trainer.strategy.barrier()
     return temperature
+
+
+def ood_reference_loader(datamodule):
+    """The training images, without augmentation, in order: what the detectors' statistics are fitted on."""
+    from chestxray.data.datamodule import ImageDataset
+
+    train = datamodule.datasets["train"]
+    plain = ImageDataset(train.paths, train.images, train.labels)
+    return datamodule._loader(plain, datamodule._eval_batch_size(), shuffle=False)
 
 
 def write_results(cfg: DictConfig, results: dict[str, float], best: str, set_names: list[str]) -> None:
