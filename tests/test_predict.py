@@ -20,9 +20,11 @@ import torch
 from chestxray.data.sources import find_inputs
 from chestxray.data.store import DecodeSettings, decode_in_memory
 from chestxray.errors import CheckpointError, PredictError
+from chestxray.evaluation.report import UNCERTAINTY_FIELDS
 from chestxray.inference.predict import PredictionWriter, csv_row, predict
 from chestxray.models import classifier as model_module
 from chestxray.models.checkpoints import load_model
+from chestxray.models.classifier import Probabilities
 from chestxray.runtime.files import default_cache_dir as cache_dir
 from tests.conftest import CLASSES, predict_config, run_script, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
@@ -90,8 +92,8 @@ def test_unreadable_files_get_error_rows_and_never_reach_the_network(tiny_run, t
     for src in good:
         shutil.copy(src, folder / src.name)
     seen = []
-    original = model_module.Probabilities.forward
-    monkeypatch.setattr(model_module.Probabilities, "forward", lambda self, x: seen.append(len(x)) or original(self, x))
+    original = model_module.Probabilities.answers
+    monkeypatch.setattr(model_module.Probabilities, "answers", lambda self, x: seen.append(len(x)) or original(self, x))
     out = tmp_path / "out"
     summary = predict(predict_config(out, tiny_run["ckpt"], folder))
     assert sum(seen) == 3  # only the readable images went through the model
@@ -113,7 +115,8 @@ def test_rows_are_on_disk_after_each_batch(tiny_run, tmp_path):
     writer.on_predict_start(Trainer(), None)
     for start in (0, 3):
         positions = torch.arange(start, start + 3)
-        prediction = (positions, torch.full((3, 3), 1 / 3), ["", "", ""])
+        answers = (torch.full((3, 3), 1 / 3), torch.full((3,), float("nan")), torch.ones(3, 3, dtype=torch.bool))
+        prediction = (positions, answers, ["", "", ""])
         writer.write_on_batch_end(None, None, prediction, None, (None, positions, ["", "", ""]), 0)
         on_disk = (tmp_path / "predictions.csv").read_text()
         assert on_disk.endswith("\n") and len(on_disk.splitlines()) == 1 + start + 3
@@ -130,10 +133,12 @@ def test_streamed_csv_equals_the_all_at_once_csv_row_for_row(tiny_run, tmp_path)
     assert decoded.paths == [i.path for i in inputs]
     with torch.inference_mode():  # the same batches of 8 (the evaluation batch on a CPU): the same arithmetic
         images = torch.from_numpy(np.stack([decoded.images[i] for i in range(len(inputs))]))
-        probs = np.concatenate([model(images[k : k + 8]).float().softmax(1).numpy() for k in range(0, len(images), 8)])
-    fields = ["path", "label", "pred", *[f"prob_{c}" for c in model.classes], "error"]
+        batches = [Probabilities([model]).answers(images[k : k + 8]) for k in range(0, len(images), 8)]
+        probs, scores, sets = (torch.cat(part).numpy() for part in zip(*batches, strict=True))
+    fields = ["path", "label", "pred", *[f"prob_{c}" for c in model.classes], *UNCERTAINTY_FIELDS, "error"]
     reference = [
-        {k: str(v) for k, v in csv_row(i, model.classes, p, "").items()} for i, p in zip(inputs, probs, strict=True)
+        {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set).items()}
+        for i, p, score, in_set in zip(inputs, probs, scores, sets, strict=True)
     ]
     streamed = read_rows(out)
     assert list(streamed[0]) == fields
@@ -386,7 +391,7 @@ def test_the_onnx_graph_is_the_calibrated_predictor(tmp_path):
     model.temperature.fill_(2.0)
     graph = export_onnx([model], tmp_path / "model.onnx")
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    by_onnx = OnnxPredictor(graph).probabilities(images)
+    by_onnx = OnnxPredictor(graph).probabilities(images)[0]
     with torch.no_grad():
         by_torch = Probabilities([model])(images)
         uncalibrated = model.logits(images).softmax(1)

@@ -69,15 +69,19 @@ def test_bf16_mixed_trains_in_bf16_and_tests_and_calibrates_in_fp32(tmp_path, sy
     from chestxray.models.classifier import ChestXrayClassifier
 
     seen = []
-    logits = ChestXrayClassifier.logits
 
-    def recording(self, images):
-        out = logits(self, images)
-        stage = "train" if self.training else ("test" if self.trainer.testing else "other")
-        seen.append((stage, out.dtype))
-        return out
+    def recorded(forward):
+        def recording(self, images):
+            out = forward(self, images)
+            stage = "train" if self.training else ("test" if self.trainer.testing else "other")
+            seen.append((stage, (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
 
-    monkeypatch.setattr(ChestXrayClassifier, "logits", recording)
+        return recording
+
+    # training and validation call logits; the test and the calibration also want the pooled features (detectors)
+    for name in ("logits", "logits_and_features"):
+        monkeypatch.setattr(ChestXrayClassifier, name, recorded(getattr(ChestXrayClassifier, name)))
     out = tmp_path / "bf16"
     train(train_config(out, synthetic_dir, "trainer.precision=bf16-mixed", "trainer.max_epochs=1", *CHEAP_REPORT))
     dtypes = {stage: {d for s, d in seen if s == stage} for stage in ("train", "test", "other")}

@@ -16,7 +16,14 @@ from matplotlib.figure import Figure
 
 from chestxray.evaluation import figures
 from chestxray.evaluation.metrics import HISTORY, VAL_ACC, set_prefix
-from chestxray.evaluation.report import Evaluation, ReportSettings, side_by_side, summary_text, write_report
+from chestxray.evaluation.report import (
+    Evaluation,
+    ReportSettings,
+    Uncertainty,
+    side_by_side,
+    summary_text,
+    write_report,
+)
 from chestxray.runtime.console import shown
 from chestxray.runtime.files import atomic_write
 from chestxray.training.loggers import log_figure
@@ -115,6 +122,7 @@ class ReportWriter(L.Callback):
                 temperature=float(pl_module.temperature) if calibrated else None,
                 shares_with_test=datamodule.shared_with_test.get(name),
                 splits=datamodule.split_groups if name == "test" else None,
+                uncertainty=Uncertainty.of(pl_module, result.ood_scores, result.sets),
             )
             folder = report_folder(self.output_dir, name)
             report, images = write_report(evaluation, folder, settings, pl_module, predictions=True)

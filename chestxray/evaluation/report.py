@@ -20,6 +20,8 @@ from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, di
 from chestxray.evaluation import figures, metrics
 from chestxray.runtime.files import atomic_write, atomic_writer
 
+UNCERTAINTY_FIELDS = ("ood_score", "in_distribution", "prediction_set")  # chestxray.models.ood
+FLAG_TEXT = "outside what the model was trained on"  # how a flagged answer is marked where it is printed
 SMALL_SET = 10  # below this many labelled images a report prints each answer and the accuracy, no per-class table
 
 
@@ -32,6 +34,79 @@ class ReportSettings:
     gallery_tiles: int = 24
     gradcam_tiles: int = 6
     limits: ImageLimits = DEFAULT_LIMITS  # the run's data.max_pixels / min_image_side, for re-reading images
+
+
+@dataclass
+class Uncertainty:
+    """Per image: the detector's score minus its threshold (above 0: flagged; NaN: no detector fitted) and the
+    prediction sets (None: no conformal fit); what they were fitted with (chestxray.models.ood)."""
+
+    ood_scores: np.ndarray
+    sets: np.ndarray | None
+    detector: str
+    pass_rate: float
+    coverage: float
+    validation_images: int  # what the threshold and the coverage guarantee rest on
+
+    @classmethod
+    def of(cls, model, ood_scores: np.ndarray, sets: np.ndarray | None) -> Uncertainty:
+        """From a loaded model (the first member of an ensemble) and its outputs."""
+        fitted = bool(model.conformal.fitted)
+        return cls(
+            ood_scores,
+            sets if fitted else None,
+            model.ood_detector,
+            model.pass_rate,
+            model.coverage,
+            int(model.ood.n_fit),
+        )
+
+    def numbers(self, labels: np.ndarray) -> dict:
+        """Share flagged; for labelled images, empirical coverage and set sizes (metrics.json's "uncertainty")."""
+        result: dict = {"validation_images": self.validation_images}
+        if not np.isnan(self.ood_scores).all():
+            flagged = self.ood_scores > 0
+            result["out_of_distribution"] = {
+                "detector": self.detector,
+                "pass_rate_target": self.pass_rate,
+                "flagged": int(flagged.sum()),
+                "share_flagged": float(flagged.mean()) if len(flagged) else None,
+            }
+        if self.sets is not None and len(labels):
+            sizes = self.sets.sum(1)
+            covered = self.sets[np.arange(len(labels)), labels]
+            single = sizes == 1
+            result["prediction_sets"] = {
+                "coverage_target": self.coverage,
+                "empirical_coverage": float(covered.mean()),
+                "mean_set_size": float(sizes.mean()),
+                "singletons": int(single.sum()),
+                "singleton_accuracy": float(covered[single].mean()) if single.any() else None,
+            }
+        return result
+
+
+def uncertainty_text(numbers: dict | None) -> list[str]:
+    """The printed lines of metrics.json's "uncertainty" (none when nothing was fitted)."""
+    if not numbers:
+        return []
+    lines, n = [], numbers["validation_images"]
+    ood = numbers.get("out_of_distribution")
+    if ood and ood["share_flagged"] is not None:
+        lines.append(
+            f"out of distribution ({ood['detector']}, threshold passing {100 * ood['pass_rate_target']:.0f}% of "
+            f"{n} validation images): {ood['flagged']} flagged ({100 * ood['share_flagged']:.1f}%) as "
+            f"{FLAG_TEXT}"
+        )
+    sets = numbers.get("prediction_sets")
+    if sets:
+        lines.append(
+            f"prediction sets (target coverage {100 * sets['coverage_target']:.0f}%, guarantee from {n} validation "
+            f"images): coverage {100 * sets['empirical_coverage']:.1f}%, mean size {sets['mean_set_size']:.2f}"
+        )
+    if not lines:
+        lines.append("no out-of-distribution detector or prediction sets: the checkpoint carries no fit")
+    return lines
 
 
 @dataclass
@@ -49,6 +124,7 @@ class Evaluation:
     temperature: float | None = None  # the fitted temperature, when the model was calibrated
     shares_with_test: int | None = None  # images this evaluation set shares with the test folder
     splits: dict | None = None  # the test report of a training run: images and groups on each side of the hold-out
+    uncertainty: Uncertainty | None = None  # the out-of-distribution flag and prediction sets, when fitted
 
     @property
     def preds(self) -> np.ndarray:
@@ -82,6 +158,15 @@ class Evaluation:
             result["shares_with_test"] = self.shares_with_test
         if self.splits:
             result["splits"] = self.splits
+        if self.uncertainty is not None:
+            labelled_only = Uncertainty(
+                **{
+                    **self.uncertainty.__dict__,
+                    "ood_scores": self.uncertainty.ood_scores[labelled],
+                    "sets": None if self.uncertainty.sets is None else self.uncertainty.sets[labelled],
+                }
+            )
+            result["uncertainty"] = labelled_only.numbers(y)
         return result
 
 
@@ -98,25 +183,42 @@ def leak_free(report: dict) -> dict | None:
 
 def prediction_fields(classes: Sequence[str]) -> list[str]:
     """predictions.csv's columns, the same in training's test reports and predict.py (which adds error)."""
-    return ["path", "label", "pred", *[f"prob_{c}" for c in classes]]
+    return ["path", "label", "pred", *[f"prob_{c}" for c in classes], *UNCERTAINTY_FIELDS]
 
 
-def prediction_row(path: str | Path, label: str, classes: Sequence[str], probs: np.ndarray) -> dict[str, str]:
-    """One image's row of predictions.csv: the predicted class and every class's probability."""
+def prediction_row(
+    path: str | Path,
+    label: str,
+    classes: Sequence[str],
+    probs: np.ndarray,
+    ood_score: float | None = None,
+    in_set: np.ndarray | None = None,
+) -> dict[str, str]:
+    """One image's row of predictions.csv: the predicted class and every class's probability; the detector's score
+    minus its threshold and whether that passes; the prediction set, classes joined by '|' (empty when not fitted)."""
     row = {"path": str(path), "label": label, "pred": classes[int(probs.argmax())]}
-    return row | {f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)}
+    row |= {f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)}
+    known = ood_score is not None and not np.isnan(ood_score)
+    row["ood_score"] = f"{ood_score:.6f}" if known else ""
+    row["in_distribution"] = str(int(ood_score <= 0)) if known else ""
+    row["prediction_set"] = "|".join(c for c, k in zip(classes, in_set, strict=True) if k) if in_set is not None else ""
+    return row
 
 
 def write_predictions(evaluation: Evaluation, path: Path) -> None:
     """Per image: path, label, pred, probabilities, leaking (what the sweep summary's paired test reads)."""
-    classes = evaluation.classes
+    classes, extra = evaluation.classes, evaluation.uncertainty
+    n = len(evaluation.paths)
+    scores = extra.ood_scores if extra else [None] * n
+    sets = extra.sets if extra and extra.sets is not None else [None] * n
     with atomic_writer(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*prediction_fields(classes), "leaking"])
         writer.writeheader()
-        for p, y, probs, leak in zip(
-            evaluation.paths, evaluation.labels, evaluation.probs, evaluation.leaking, strict=True
+        for p, y, probs, leak, score, in_set in zip(
+            evaluation.paths, evaluation.labels, evaluation.probs, evaluation.leaking, scores, sets, strict=True
         ):
-            writer.writerow(prediction_row(p, classes[y] if y >= 0 else "", classes, probs) | {"leaking": int(leak)})
+            row = prediction_row(p, classes[y] if y >= 0 else "", classes, probs, score, in_set)
+            writer.writerow(row | {"leaking": int(leak)})
 
 
 def report_figures(evaluation: Evaluation, report: dict, settings: ReportSettings, models=None) -> dict:
@@ -192,7 +294,12 @@ def summary_text(report: dict) -> str:
     columns = [("all", report)] + ([("leak-free", clean)] if clean and clean.get("n") else [])
     lines = ["leak-free: none (every image duplicates a train image)"] if clean and not clean.get("n") else []
     if report["n"] < SMALL_SET:
-        return f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} labelled images)"
+        return "\n".join(
+            [
+                f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} labelled images)",
+                *uncertainty_text(report.get("uncertainty")),
+            ]
+        )
     for label, m in columns:
         lo, hi = m["accuracy_ci95"]
         auc = m["macro_roc_auc_ovr"]
@@ -216,6 +323,7 @@ def summary_text(report: dict) -> str:
             if s["images"]
         ]
         lines.append("trained on the train split: " + "; ".join(sides) + " (a patient or a set of copies is one group)")
+    lines += uncertainty_text(report.get("uncertainty"))
     if report.get("shares_with_test"):
         lines.append(
             f"shares {report['shares_with_test']} of its {report['n']} images with the test folder (identical or "

@@ -1,16 +1,20 @@
 """ONNX export and ONNX Runtime inference (the command line: python -m chestxray.export).
 
 The exported graph is the whole predictor: uint8 images (N x 3 x S x S) in, class probabilities out, with the
-normalisation inside, and for several checkpoints their average. It is cached in the cache folder
-(`$CHESTXRAY_CACHE/onnx`, like the decoded-image stores), never beside the checkpoint: predict.py writes only into its
-own run folder, and the checkpoint's run folder stays as its run left it. The file is `<name>-<where>.<key>.onnx`
-(int8: `.int8.onnx`), where <where> hashes the checkpoints' paths and <key> their bytes and the export version, so
-`predict.py runtime=onnx` exports once and later runs load the file; one export per checkpoint and runtime is kept
-(that of a checkpoint's older content is removed), and a record beside it (`.json`) holds the file's SHA-256, checked
-before the file is used: bytes that are not those written are exported again. format=onnx-int8 quantises weights and
-activations to int8 (ONNX Runtime's static QDQ quantisation), calibrated once at export on the checkpoint's own train
-images or on the images of `calibration=FOLDER`: several times faster on CPUs with VNNI/AMX, at some cost in accuracy
-that the benchmark reports; it is never the default.
+normalisation inside, and for several checkpoints their average; two more outputs give the out-of-distribution score
+(the detector's score minus its threshold) and the prediction sets, computed in the graph from the checkpoint's
+fitted buffers, so runtime=onnx writes the same columns as runtime=torch (chestxray.models.ood). It is cached in the
+cache folder (`$CHESTXRAY_CACHE/onnx`, like the decoded-image stores), never beside the checkpoint: predict.py writes
+only into its own run folder, and the checkpoint's run folder stays as its run left it. The file is
+`<name>-<where>.<key>.onnx` (int8: `.int8.onnx`), where <where> hashes the checkpoints' paths and <key> their bytes
+and the export version, so `predict.py runtime=onnx` exports once and later runs load the file; one export per
+checkpoint and runtime is kept (that of a checkpoint's older content is removed), and a record beside it (`.json`)
+holds the file's SHA-256, checked before the file is used: bytes that are not those written are exported again.
+format=onnx-int8 quantises weights and activations to int8 (ONNX Runtime's static QDQ quantisation), calibrated once
+at export on the checkpoint's own train images or on the images of `calibration=FOLDER`: several times faster on CPUs
+with VNNI/AMX, at some cost in accuracy that the benchmark reports; it is never the default. Its ood_score is
+computed from quantised features and is not the fp32 graph's (on a small random model it came out the same for
+every image): with onnx-int8, read the flag with caution or predict with runtime=onnx.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import numpy as np
 import torch
 
 from chestxray.errors import UserError, require
-from chestxray.models.classifier import ChestXrayClassifier, Predictor, Probabilities
+from chestxray.models.classifier import Answers, ChestXrayClassifier, Predictor
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXPORT_VERSION = 1  # bump when the exported graph changes
+EXPORT_VERSION = 2  # bump when the exported graph changes
 CALIBRATION_IMAGES = 64
 
 
@@ -128,7 +132,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     require("onnx", "onnx", "runtime=onnx")
     require("onnxscript", "onnx", "runtime=onnx (torch.onnx.export with dynamo=True)")
     size = models[0].hparams.image_size
-    module = Probabilities([m.cpu().eval() for m in models]).eval()
+    module = Answers([m.cpu().eval() for m in models]).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
@@ -136,7 +140,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
             module,
             (example,),
             input_names=["images"],
-            output_names=["probs"],
+            output_names=["probs", "ood_score", "prediction_set"],
             dynamo=True,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
@@ -165,7 +169,9 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32), str(prepared))
+        # the symbolic shape pass fails on the out-of-distribution outputs (one_hot, float64); ONNX shape inference
+        # still runs
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         partial = Path(tmp) / "int8.onnx"
         quantize_static(
             str(prepared),
@@ -253,6 +259,7 @@ class OnnxPredictor(Predictor):
     ) -> OnnxPredictor:
         return cls(exported(paths, models, fmt, calibration))
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         array = np.ascontiguousarray(images.cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {"images": array})[0])
+        probs, ood_score, sets = self.session.run(None, {"images": array})
+        return torch.from_numpy(probs), torch.from_numpy(ood_score), torch.from_numpy(sets)

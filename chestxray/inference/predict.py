@@ -28,8 +28,10 @@ from chestxray.data.images import BadImageError, ImageLimits, load_image
 from chestxray.data.sources import InputImage, find_inputs
 from chestxray.errors import PredictError
 from chestxray.evaluation.report import (
+    FLAG_TEXT,
     Evaluation,
     ReportSettings,
+    Uncertainty,
     prediction_fields,
     prediction_row,
     summary_text,
@@ -63,10 +65,17 @@ class FileDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
 
-def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str) -> dict:
+def csv_row(
+    item: InputImage,
+    classes: Sequence[str],
+    probs: np.ndarray | None,
+    error: str,
+    ood_score: float | None = None,
+    in_set: np.ndarray | None = None,
+) -> dict:
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
-        return prediction_row(item.path, label, classes, probs)
+        return prediction_row(item.path, label, classes, probs, ood_score, in_set)
     return {"path": str(item.path), "label": label, "error": error or "not predicted"}
 
 
@@ -80,8 +89,15 @@ class PredictionWriter(BasePredictionWriter):
         classes: Sequence[str],
         limits: ImageLimits,
         gradcam_models=None,
+        models: Sequence[ChestXrayClassifier] = (),
     ):
         super().__init__("batch")
+        # the prediction sets of an ensemble exist when every member has a conformal fit
+        self.models = list(models)
+        self.with_sets = bool(self.models) and all(bool(m.conformal.fitted) for m in self.models)
+        self.ood_scores: list[float] = []
+        self.sets: list[np.ndarray] = []
+        self.uncertainty: Uncertainty | None = None  # set by results()
         self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
         self.gradcam_models, self.limits = gradcam_models, limits
         self.overlay_names: set[str] = set()
@@ -102,17 +118,23 @@ class PredictionWriter(BasePredictionWriter):
         self._fh.flush()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        good_positions, probs, errors = prediction
-        probs_of = dict(zip(good_positions.tolist(), probs.float().cpu().numpy(), strict=True))
+        good_positions, (probs, ood_scores, sets), errors = prediction
+        positions = good_positions.tolist()
+        probs_of = dict(zip(positions, probs.float().cpu().numpy(), strict=True))
+        ood_of = dict(zip(positions, ood_scores.double().cpu().numpy(), strict=True))
+        sets_of = dict(zip(positions, sets.bool().cpu().numpy(), strict=True))
         for position, error in zip(batch[1].tolist(), errors, strict=True):
-            p = probs_of.get(position)
-            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error))
+            p, score = probs_of.get(position), ood_of.get(position)
+            in_set = sets_of.get(position) if self.with_sets else None
+            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, score, in_set))
             if error:
                 self.errors[position] = error
                 log.warning("cannot predict %s: %s", self.inputs[position].path, error)
             else:
                 self.positions.append(position)
                 self.probs.append(p)
+                self.ood_scores.append(score)
+                self.sets.append(sets_of[position])
         self._fh.flush()  # every finished row on disk: a kill -9 or an out-of-memory kill loses none
         if self.gradcam_models is not None and probs_of:
             good = [k for k, e in enumerate(errors) if not e]
@@ -146,10 +168,18 @@ class PredictionWriter(BasePredictionWriter):
             self._fh.close()
 
     def results(self) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-        """(positions, probabilities, errors) of every rank, each image once: every rank must call it."""
-        probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, len(self.classes)))
-        gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs)])
-        positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), probs.numpy())
+        """(positions, probabilities, errors) of every rank, each image once: every rank must call it. The
+        out-of-distribution scores and prediction sets, in the same order, are kept in self.uncertainty."""
+        k = len(self.classes)
+        probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, k))
+        scores = torch.tensor(self.ood_scores, dtype=torch.float64)
+        sets = torch.from_numpy(np.array(self.sets, dtype=bool).reshape(-1, k))
+        gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs, scores, sets)])
+        if gathered:
+            positions, probs, scores, sets = (t.numpy() for t in gathered)
+        else:
+            positions, probs, scores, sets = np.zeros(0, int), probs.numpy(), scores.numpy(), sets.numpy()
+        self.uncertainty = Uncertainty.of(self.models[0], scores, sets) if self.models else None
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
         return positions, probs, errors
 
@@ -164,6 +194,7 @@ class PredictionWriter(BasePredictionWriter):
             labels,
             probs.astype(np.float64),
             np.zeros(len(chosen), bool),
+            uncertainty=self.uncertainty,
         )
 
 
@@ -213,7 +244,7 @@ def predict(cfg: DictConfig) -> dict:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
     limits = limits_of(cfg)
     predictor = runtime_module(cfg, paths, models)
-    writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
+    writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None, models)
     trainer: L.Trainer = instantiate(
         cfg.trainer, precision=cfg.precision, logger=False, callbacks=[writer], enable_progress_bar=False
     )
@@ -284,8 +315,15 @@ def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
 def show(evaluation: Evaluation, report: dict | None, limit: int) -> None:
     """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log."""
     if len(evaluation.paths) <= limit:
-        for path, p in zip(evaluation.paths, evaluation.probs, strict=True):
+        extra = evaluation.uncertainty
+        for k, (path, p) in enumerate(zip(evaluation.paths, evaluation.probs, strict=True)):
             ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
-            say(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
+            line = f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})"
+            if extra is not None and extra.sets is not None:
+                members = [c for c, s in zip(evaluation.classes, extra.sets[k], strict=True) if s]
+                line += "  set {" + ", ".join(members) + "}"
+            if extra is not None and extra.ood_scores[k] > 0:
+                line += f"  [{FLAG_TEXT}]"
+            say(line)
     if report:
         say(summary_text(report))

@@ -23,6 +23,7 @@ from torchmetrics import MaxMetric
 
 from chestxray.errors import ConfigError, NonFiniteLossError
 from chestxray.evaluation import metrics
+from chestxray.models import ood as ood_lib
 from chestxray.models.backbones import build_network, freeze_stages, get_backbone
 from chestxray.runtime.distributed import gather_by_index
 
@@ -39,6 +40,8 @@ class TestResult:
     probs: np.ndarray  # calibrated (what the model answers)
     raw_probs: np.ndarray  # before temperature scaling
     numbers: dict  # {"all": ..., "leak_free": ..., "uncalibrated": ...} (chestxray.evaluation.metrics.summarise)
+    ood_scores: np.ndarray | None = None  # the detector's score minus its threshold (NaN: no detector fitted)
+    sets: np.ndarray | None = None  # N x K bool prediction sets (None: no conformal fit)
 
 
 class ChestXrayClassifier(L.LightningModule):
@@ -59,6 +62,8 @@ class ChestXrayClassifier(L.LightningModule):
         compile: bool | str = False,
         dropout: float = 0.1,
         calibrate: bool = True,
+        ood: dict | None = None,
+        conformal: dict | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
     ):
@@ -69,6 +74,7 @@ class ChestXrayClassifier(L.LightningModule):
         self.hparams.mean, self.hparams.std = list(mean), list(std)
         if compile not in COMPILE_MODES:
             raise ConfigError(f"model.compile={compile}: must be false, true, reduce-overhead or max-autotune")
+        ood_lib.check_settings(dict(ood or {}), dict(conformal or {}))
         if cache_features and freeze != "features":
             raise ConfigError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
         self.optimizer_factory = optimizer
@@ -86,6 +92,9 @@ class ChestXrayClassifier(L.LightningModule):
         self.register_buffer("temperature", torch.ones(()))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         num_classes = len(classes)
+        # The out-of-distribution detector and the conformal threshold (chestxray.models.ood), fitted with T.
+        self.ood = ood_lib.OodDetector(num_classes, self.backbone.width)
+        self.conformal = ood_lib.ConformalSets()
         self.train_metrics = metrics.stage_metrics(num_classes).clone(prefix="train/")
         self.val_metrics = metrics.stage_metrics(num_classes).clone(prefix="val/")
         # In the checkpoint, so that a resumed run's best covers the epochs before the interruption too.
@@ -103,6 +112,18 @@ class ChestXrayClassifier(L.LightningModule):
     def classes(self) -> list[str]:
         return list(self.hparams.classes)
 
+    @property
+    def ood_detector(self) -> str:
+        return ood_lib.check_settings(dict(self.hparams.get("ood") or {}), {})[0]
+
+    @property
+    def coverage(self) -> float:
+        return ood_lib.check_settings({}, dict(self.hparams.get("conformal") or {}))[2]
+
+    @property
+    def pass_rate(self) -> float:
+        return ood_lib.check_settings(dict(self.hparams.get("ood") or {}), {})[1]
+
     def train(self, mode: bool = True) -> ChestXrayClassifier:
         """Frozen stages stay in eval mode, so their BatchNorm statistics stay those they were trained with."""
         super().train(mode)
@@ -111,10 +132,19 @@ class ChestXrayClassifier(L.LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Checkpoints written before temperature scaling existed load as uncalibrated (T = 1)."""
+        """Checkpoints written before temperature scaling existed load as uncalibrated (T = 1); before detectors and
+        prediction sets existed, with none fitted (one line says so). The fitted statistics' shapes follow the
+        validation split (the KNN bank has a row per image), so the buffers take the checkpoint's shapes first."""
         state = checkpoint.get("state_dict", {})
         state.setdefault("temperature", torch.ones(()))
         state.setdefault("calibrated", torch.zeros((), dtype=torch.bool))
+        if "ood.fitted" not in state:  # not a checkpoint being fitted right now (fit.calibrate reads best.ckpt first)
+            log.warning(
+                "this checkpoint carries no out-of-distribution detector or conformal fit (written before they "
+                "existed): ood_score, in_distribution and prediction_set stay empty"
+            )
+        ood_lib.take_shapes(self.ood, state, "ood.")
+        ood_lib.take_shapes(self.conformal, state, "conformal.")
 
     def configure_model(self) -> None:
         """model.compile: torch.compile the network in place (its parameter names, and checkpoints, unchanged)."""
@@ -137,6 +167,24 @@ class ChestXrayClassifier(L.LightningModule):
         """Calibrated logits (divided by the fitted temperature; T = 1 until calibrated): what predictions use."""
         return self.logits(images) / self.temperature
 
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits before temperature scaling, pooled features): one pass, head(trunk(x)) being the network."""
+        features = self.backbone.trunk(self.net, self.preprocess(images))
+        return self.backbone.head(self.net)(features), features.flatten(1)
+
+    def answers_of(
+        self, raw_logits: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities, the detector's score minus its threshold, prediction sets N x K bool)."""
+        probs = (raw_logits.float() / self.temperature).softmax(1)
+        scores = ood_lib.all_scores(raw_logits, self.temperature, features, self.ood)
+        k = ood_lib.DETECTORS.index(self.ood_detector)
+        margin = scores[:, k] - self.ood.thresholds[k]
+        return probs, margin, ood_lib.prediction_sets(probs, self.conformal.min_prob)
+
+    def answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.answers_of(*self.logits_and_features(images))
+
     def _features(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
         """Pooled features of a frozen backbone (cache_features), computed once per image."""
         keys = [(stage, int(i)) for i in index]
@@ -157,6 +205,14 @@ class ChestXrayClassifier(L.LightningModule):
         if self.hparams.cache_features:
             return self.backbone.head(self.net)(self._features(images, index, stage))
         return self.logits(images)
+
+    def _logits_and_features(
+        self, images: torch.Tensor, index: torch.Tensor, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hparams.cache_features:
+            features = self._features(images, index, stage)
+            return self.backbone.head(self.net)(features), features.flatten(1)
+        return self.logits_and_features(images)
 
     # --- fit -----------------------------------------------------------------------------------------------------
 
@@ -193,9 +249,13 @@ class ChestXrayClassifier(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        """A model being trained is not calibrated (fine-tuning from a calibrated best.ckpt starts again at T = 1)."""
+        """A model being trained is not calibrated (fine-tuning from a calibrated best.ckpt starts again at T = 1),
+        and has no detector or prediction sets fitted: its features and probabilities are about to change."""
         self.temperature.fill_(1.0)
         self.calibrated.fill_(False)
+        self.ood.fitted.fill_(False)
+        self.ood.thresholds.fill_(float("nan"))
+        self.conformal.fitted.fill_(False)
 
     def on_train_start(self) -> None:
         # The sanity check's few batches must not count towards the validation metrics.
@@ -235,11 +295,15 @@ class ChestXrayClassifier(L.LightningModule):
         self.val_acc_best(self.val_metrics[metrics.ACC].compute())
         self.log(metrics.BEST, self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions, logits before temperature scaling) of a labelled loader: what calibration fits on."""
+    def predict_step(
+        self, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, logits before temperature scaling, pooled features) of a labelled loader: what calibration,
+        the detectors and the prediction sets fit on."""
         images, _, index, _ = batch
         with self._fp32():
-            return index, self._raw_logits(images, index, "calibration").float()
+            raw, features = self._logits_and_features(images, index, f"calibration{dataloader_idx}")
+            return index, raw.float(), features.float()
 
     # --- test: one report collection per evaluated set -----------------------------------------------------------
 
@@ -265,7 +329,9 @@ class ChestXrayClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels, index, leaking = batch
         with self._fp32():
-            raw = self._raw_logits(images, index, f"test{dataloader_idx}").float()
+            raw, features = self._logits_and_features(images, index, f"test{dataloader_idx}")
+            raw = raw.float()
+            _, margin, sets = self.answers_of(raw, features.float())
         logits = raw / self.temperature
         probs, raw_probs = logits.softmax(1), raw.softmax(1)
         loss = F.cross_entropy(logits, labels, reduction="none")
@@ -276,7 +342,7 @@ class ChestXrayClassifier(L.LightningModule):
             collections["leak_free"].update(preds=probs[keep], target=labels[keep], value=loss[keep])
         raw_loss = F.cross_entropy(raw, labels, reduction="none")
         collections["uncalibrated"].update(preds=raw_probs, target=labels, value=raw_loss)
-        self._test_outputs[dataloader_idx].append((index.cpu(), probs.cpu(), raw_probs.cpu()))
+        self._test_outputs[dataloader_idx].append((index.cpu(), probs.cpu(), raw_probs.cpu(), margin.cpu(), sets.cpu()))
 
     def on_test_epoch_end(self) -> None:
         for i, name in enumerate(self.test_set_names):
@@ -301,9 +367,14 @@ class ChestXrayClassifier(L.LightningModule):
                     self.log(logged, value, add_dataloader_idx=False, sync_dist=True)
             gathered = gather_by_index(self._test_outputs[i])  # every rank takes part
             if gathered is not None:
-                index, probs, raw_probs = (t.numpy() for t in gathered)
+                index, probs, raw_probs, margin, sets = (t.numpy() for t in gathered)
                 self.test_results[name] = TestResult(
-                    index, probs.astype(np.float64), raw_probs.astype(np.float64), numbers
+                    index,
+                    probs.astype(np.float64),
+                    raw_probs.astype(np.float64),
+                    numbers,
+                    margin.astype(np.float64),
+                    sets if bool(self.conformal.fitted) else None,
                 )
         self._test_outputs = {}
 
@@ -335,19 +406,45 @@ class Probabilities(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
 
+    def answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(averaged probabilities, out-of-distribution score, prediction sets): each member's own detector and
+        conformal threshold; an ensemble flags an image when any member does (the largest score minus threshold)
+        and its set is the union of the members' sets (at least each member's coverage)."""
+        each = [m.answers(images) for m in self.members]
+        probs = torch.stack([p for p, _, _ in each]).mean(0)
+        margin = torch.stack([s for _, s, _ in each]).amax(0)
+        sets = torch.stack([k for _, _, k in each]).any(0)
+        return probs, margin, sets
+
+
+class Answers(nn.Module):
+    """Probabilities.answers as a module's forward: the ONNX graph's three outputs (probs, ood_score, sets)."""
+
+    def __init__(self, members: Sequence[ChestXrayClassifier]):
+        super().__init__()
+        self.net = Probabilities(members)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.net.answers(images)
+
 
 class Predictor(L.LightningModule):
     """Trainer.predict's module: probabilities of the readable images of a batch; unreadable ones never reach the
     network (their rows are errors)."""
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities N x K, out-of-distribution score N, prediction sets N x K bool)."""
         raise NotImplementedError
 
-    def predict_step(self, batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def predict_step(self, batch, batch_idx: int) -> tuple[torch.Tensor, tuple, list[str]]:
+        """(positions of the readable images, their (probs, ood score, sets), every image's error or "")."""
         images, positions, errors = batch
         good = torch.tensor([not e for e in errors], dtype=torch.bool)
-        probs = self.probabilities(images[good]) if good.any() else images.new_zeros((0, 0), dtype=torch.float32)
-        return positions[good.to(positions.device)], probs, list(errors)
+        if good.any():
+            answers = self.probabilities(images[good])
+        else:
+            answers = (images.new_zeros((0, 0), dtype=torch.float32), images.new_zeros(0), images.new_zeros((0, 0)))
+        return positions[good.to(positions.device)], answers, list(errors)
 
 
 class Ensemble(Predictor):
@@ -360,5 +457,5 @@ class Ensemble(Predictor):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        return self(images)
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.net.answers(images)

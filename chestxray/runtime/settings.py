@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chestxray.errors import ConfigError
 from chestxray.models.backbones import BACKBONES
+from chestxray.models.ood import DETECTORS
 
 
 def _lightning_precisions() -> tuple[str, ...]:
@@ -130,6 +131,9 @@ TRAIN_RULES = [
     _bool("model.channels_last"),
     _choice("model.compile", (False, True, "default", "reduce-overhead", "max-autotune")),
     _bool("model.calibrate"),
+    _choice("model.ood.detector", DETECTORS),
+    _number("model.ood.pass_rate", 0, 1, low_open=True, high_open=True),
+    _number("model.conformal.coverage", 0, 1, low_open=True, high_open=True),
     _number("optimizer.lr", 0, low_open=True),
     _number("optimizer.weight_decay", 0),
     _number("optimizer.momentum", 0, 1, high_open=True),

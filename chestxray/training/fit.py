@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
 from chestxray.evaluation.callbacks import RunFigures
+from chestxray.models import ood
 from chestxray.models.calibration import fit_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.runtime import settings
@@ -172,10 +173,9 @@ def train(cfg: DictConfig) -> float | None:
     results = {k: float(v) for k, v in trainer.callback_metrics.items()}
     keeper = best_checkpoint_callback(trainer.callbacks)
     best = keeper.best_model_path if keeper else ""
-    if best:
+    if best:  # the temperature (model.calibrate), the out-of-distribution detector and the prediction sets
         check_inside(best, cfg.paths.output_dir)
-    if best and cfg.model.get("calibrate", True):
-        calibrate(trainer, model, datamodule, best)
+        calibrate(trainer, model, datamodule, best, temperature=cfg.model.get("calibrate", True))
     if cfg.get("test"):
         if not best:
             rank_zero_warn(
@@ -227,26 +227,36 @@ def run_figures(trainer: L.Trainer) -> RunFigures | None:
     return next((c for c in trainer.callbacks if isinstance(c, RunFigures)), None)
 
 
-def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: str) -> float | None:
-    """Fit the temperature on the validation split's logits of the best checkpoint and save it in that checkpoint
-    (chestxray.models.calibration). Skipped when the test folder is the validation set (experiment=notebook): fitting on
-    the images that are scored would flatter the calibration."""
+def calibrate(
+    trainer: L.Trainer, model: L.LightningModule, datamodule, best: str, temperature: bool = True
+) -> float | None:
+    """Fit the temperature (unless temperature=False), the out-of-distribution detector and the conformal threshold
+    on the validation split's outputs of the best checkpoint and save them in that checkpoint
+    (chestxray.models.calibration, chestxray.models.ood). Skipped when the test folder is the validation set
+    (experiment=notebook): fitting on the images that are scored would flatter the calibration."""
     if datamodule.datasets["val"] is datamodule.test_sets.get("test"):
         log.info("not calibrated: the validation set is the test folder (data.val_fraction=0)")
         return None
-    outputs = trainer.predict(model, dataloaders=datamodule.val_dataloader(), ckpt_path=best, weights_only=True)
-    gathered = gather_by_index([(index.cpu(), logits.cpu()) for index, logits in outputs or []])
+    loaders = [datamodule.val_dataloader(), ood_reference_loader(datamodule)]
+    outputs = trainer.predict(model, dataloaders=loaders, ckpt_path=best, weights_only=True) or [[], []]
+    gathered = gather_by_index([tuple(t.cpu() for t in output) for output in outputs[0]])
     if gathered is None:
         return None
-    index, logits = gathered
+    index, logits, features = gathered
     labels = datamodule.datasets["val"].labels[index]
-    temperature = fit_temperature(logits, labels)
+    train = gather_by_index([tuple(t.cpu() for t in output) for output in outputs[1]])
+    reference = (train[2], datamodule.datasets["train"].labels[train[0]]) if train else None
+    fitted, temperature = temperature, fit_temperature(logits, labels) if temperature else 1.0
     before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
+    uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage, reference)
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
-        checkpoint["state_dict"]["calibrated"] = torch.tensor(True)
+        checkpoint["state_dict"]["calibrated"] = torch.tensor(fitted)
+        checkpoint["state_dict"].update(uncertainty.state if uncertainty else {})
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, best)  # as Lightning wrote it: whole or not at all
+        ood.log_fit(uncertainty, model.ood_detector, best)
+    if trainer.is_global_zero and fitted:
         log.info(
             "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
             len(labels),
@@ -257,6 +267,15 @@ def calibrate(trainer: L.Trainer, model: L.LightningModule, datamodule, best: st
         )
     trainer.strategy.barrier()
     return temperature
+
+
+def ood_reference_loader(datamodule):
+    """The training images, without augmentation, in order: what the detectors' statistics are fitted on."""
+    from chestxray.data.datamodule import ImageDataset
+
+    train = datamodule.datasets["train"]
+    plain = ImageDataset(train.paths, train.images, train.labels)
+    return datamodule._loader(plain, datamodule._eval_batch_size(), shuffle=False)
 
 
 def write_results(cfg: DictConfig, results: dict[str, float], best: str, set_names: list[str]) -> None:

@@ -1,0 +1,270 @@
+"""The out-of-distribution flag and the split-conformal prediction sets (chestxray.models.ood): their guarantees on
+synthetic outputs, their formulas against pytorch-ood's, their life in the checkpoint and the ONNX graph, and the
+columns and report lines of predict.py and of training's test report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from chestxray.errors import ConfigError
+from chestxray.evaluation.report import FLAG_TEXT, UNCERTAINTY_FIELDS, prediction_row
+from chestxray.models import ood
+from chestxray.models.checkpoints import load_model
+from chestxray.models.classifier import ChestXrayClassifier, Probabilities
+
+CLASSES = ["a", "b", "c"]
+
+
+def synthetic_outputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fair but imperfect 3-class model: about 75% accurate, probabilities spread out."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1.0, (n, 3))
+    logits[np.arange(n), labels] += 1.5
+    return torch.from_numpy(logits), torch.from_numpy(labels)
+
+
+def split_coverage(logits, labels, n_cal: int, coverage: float, rng) -> tuple[float, float, float, int]:
+    """One random calibration/test split: (coverage, mean set size, singleton accuracy, singletons) on the test part."""
+    order = torch.from_numpy(rng.permutation(len(labels)))
+    cal, test = order[:n_cal], order[n_cal:]
+    probs = logits.softmax(1)
+    min_prob = ood.conformal_min_prob(probs[cal], labels[cal], coverage)
+    sets = ood.prediction_sets(probs[test], torch.tensor(min_prob))
+    covered = sets[torch.arange(len(test)), labels[test]]
+    single = sets.sum(1) == 1
+    return float(covered.double().mean()), float(sets.sum(1).double().mean()), covered[single].sum(), int(single.sum())
+
+
+@pytest.mark.parametrize("n_cal", [38, 300])
+def test_mean_coverage_over_random_splits_is_the_nominal_level(n_cal):
+    """Split conformal: over splits, E[coverage] is in [1 - alpha, 1 - alpha + 1/(n+1)] (continuous scores); the
+    argmax always in the set can only add a little. 400 splits of 3000 outputs: the mean's standard error is < 0.003."""
+    logits, labels = synthetic_outputs(3000)
+    rng = np.random.default_rng(1)
+    results = [split_coverage(logits, labels, n_cal, 0.9, rng) for _ in range(400)]
+    coverage, size = np.mean([r[0] for r in results]), np.mean([r[1] for r in results])
+    assert 0.9 - 0.01 <= coverage <= 0.9 + 1 / (n_cal + 1) + 0.01, coverage
+    assert 1.2 < size < 2.6, size  # informative sets: neither all classes nor always one (the model is 75% right)
+    accuracy = float((logits.argmax(1) == labels).double().mean())
+    assert accuracy < 0.85  # so 90% coverage needs sets larger than one class, and the check above means something
+
+
+def test_singleton_sets_are_right_as_often_as_marginal_coverage_implies():
+    """What marginal coverage says of singletons: with a share s of singleton sets, they are right at least
+    1 - alpha / s of the time (larger sets cover at most always), and more often than the model's top-1 answer.
+    "At least the stated coverage" does not follow: with coverage exactly 90% and larger sets covering more, singletons
+    are right less than 90% of the time (here about 87%), whatever the method (LAC or APS)."""
+    logits, labels = synthetic_outputs(3000, seed=2)
+    rng = np.random.default_rng(3)
+    results = [split_coverage(logits, labels, 300, 0.9, rng) for _ in range(200)]
+    right, singles = sum(float(r[2]) for r in results), sum(r[3] for r in results)
+    share = singles / (200 * 2700)
+    accuracy = float((logits.argmax(1) == labels).double().mean())
+    assert 0.2 < share < 0.9 and right / singles >= 1 - 0.1 / share - 0.005
+    assert right / singles > accuracy + 0.05
+
+
+def test_too_few_calibration_images_give_every_class():
+    probs = torch.tensor([[0.8, 0.1, 0.1]] * 5)
+    assert ood.conformal_min_prob(probs, torch.zeros(5, dtype=torch.long), 0.9) == 0.0  # rank 6 of 5 does not exist
+    assert ood.prediction_sets(probs, torch.tensor(0.0)).all()
+
+
+def test_scores_are_pytorch_oods(tmp_path):
+    """msp, energy, Mahalanobis and KNN give pytorch-ood's scores on the same logits, features and statistics."""
+    detector = pytest.importorskip("pytorch_ood.detector")
+    torch.manual_seed(0)
+    logits, features, labels = torch.randn(50, 3), torch.randn(50, 16), torch.arange(50) % 3
+    assert torch.allclose(ood.msp(logits), detector.MaxSoftmax(None).predict_logits(logits))
+    assert torch.allclose(ood.energy(logits), detector.EnergyBased(None).predict_logits(logits))
+    means, precision = ood.fit_gaussian(features, labels)
+    reference = detector.Mahalanobis(None)
+    reference.mu, reference.precision = means, precision
+    new = torch.randn(20, 16)
+    assert torch.allclose(ood.mahalanobis(new, means, precision), reference.predict_features(new), rtol=1e-4)
+    knn = detector.KNN(None, k=1).fit_features(features, labels)
+    assert torch.allclose(ood.knn(new, ood.unit(features)).double(), knn.predict_features(new), atol=1e-5)
+
+
+@pytest.mark.parametrize("with_training_features", [True, False])
+def test_thresholds_pass_the_pass_rate_of_new_in_distribution_images(with_training_features):
+    """Statistics from the training features and thresholds from validation images scored against them, or (without
+    training features) out-of-fold validation scores: on fresh in-distribution features about 95% pass (in-sample
+    scores would put the KNN threshold at 0, flagging everything new), and shifted features are caught."""
+    torch.manual_seed(0)
+    centres = torch.randn(3, 32) * 3
+
+    def draw(n):
+        labels = torch.arange(n) % 3
+        return centres[labels] + torch.randn(n, 32), labels
+
+    features, labels = draw(300)
+    logits = torch.randn(300, 3)
+    reference = draw(600) if with_training_features else None
+    result = ood.fit(logits, features, labels, 1.0, 0.95, 0.9, reference)
+    assert result.n == 300 and result.n_reference == (600 if with_training_features else 300)
+    detector = ood.OodDetector(3, 32)
+    state = {k.removeprefix("ood."): v for k, v in result.state.items() if k.startswith("ood.")}
+    ood.take_shapes(detector, state)
+    detector.load_state_dict(state)
+    fresh, _ = draw(3000)
+    shifted = fresh + 4.0
+    for k, name in ((2, "mahalanobis"), (3, "knn")):
+        thresholds = detector.thresholds[k]
+        passed = float(
+            (ood.all_scores(torch.randn(3000, 3), torch.tensor(1.0), fresh, detector)[:, k] <= thresholds)
+            .double()
+            .mean()
+        )
+        caught = float(
+            (ood.all_scores(torch.randn(3000, 3), torch.tensor(1.0), shifted, detector)[:, k] > thresholds)
+            .double()
+            .mean()
+        )
+        assert 0.9 <= passed <= 0.99, (name, passed)
+        assert caught > 0.9, (name, caught)
+
+
+def tiny_model(**kwargs) -> ChestXrayClassifier:
+    torch.manual_seed(0)
+    return ChestXrayClassifier(CLASSES, 32, pretrained=False, **kwargs).eval()
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def fitted_checkpoint(tmp_path: Path, **kwargs) -> tuple[ChestXrayClassifier, Path]:
+    """A tiny model, fitted on 24 random 'validation' images as fit.calibrate does, saved as Lightning would."""
+    model = tiny_model(**kwargs)
+    with torch.no_grad():
+        raw, features = model.logits_and_features(images(24))
+    result = ood.fit(raw, features, torch.arange(24) % 3, 1.3, model.pass_rate, model.coverage)
+    state = model.state_dict() | result.state | {"temperature": torch.tensor(1.3), "calibrated": torch.tensor(True)}
+    path = tmp_path / "fitted.ckpt"
+    saved = {"state_dict": state, "hyper_parameters": dict(model.hparams), "epoch": 0}
+    torch.save({**saved, "pytorch-lightning_version": L.__version__}, path)
+    return model, path
+
+
+def test_detector_and_sets_are_saved_in_the_checkpoint_and_reload_with_the_same_scores(tmp_path, caplog):
+    model, path = fitted_checkpoint(tmp_path, ood={"detector": "mahalanobis", "pass_rate": 0.9})
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(path)
+    assert "no out-of-distribution detector" not in caplog.text
+    assert bool(loaded.ood.fitted) and bool(loaded.conformal.fitted) and int(loaded.ood.n_fit) == 24
+    assert loaded.ood.bank.shape == (24, 512) and loaded.ood_detector == "mahalanobis" and loaded.pass_rate == 0.9
+    x = images(8, seed=5)
+    first, again = ood.score_images(loaded, x), ood.score_images(load_model(path), x)
+    assert np.isfinite(first.scores).all() and np.array_equal(first.scores, again.scores)
+    assert np.array_equal(first.in_distribution, first.margin <= 0) and first.detector == "mahalanobis"
+    with torch.no_grad():
+        probs, margin, sets = Probabilities([loaded]).answers(x)
+    assert np.allclose(margin.numpy(), first.margin, atol=1e-5)
+    assert sets[torch.arange(8), probs.argmax(1)].all()  # the answer is always in its set
+
+
+def test_an_old_checkpoint_loads_with_one_line_and_empty_columns(tmp_path, caplog):
+    model = tiny_model()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("ood.", "conformal."))}
+    hparams = {k: v for k, v in model.hparams.items() if k not in ("ood", "conformal")}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": L.__version__}, path)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(path)
+    lines = [r.getMessage() for r in caplog.records if "out-of-distribution" in r.getMessage()]
+    assert len(lines) == 1 and "carries no out-of-distribution detector or conformal fit" in lines[0]
+    with torch.no_grad():
+        probs, margin, _ = Probabilities([loaded]).answers(images(3))
+    assert torch.isnan(margin).all()
+    row = prediction_row("x.png", "", CLASSES, probs[0].numpy(), float(margin[0]), None)
+    assert all(row[f] == "" for f in UNCERTAINTY_FIELDS)
+    with pytest.raises(ValueError, match="no out-of-distribution fit"):
+        ood.score_images(loaded, images(2))
+
+
+def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from chestxray.inference.onnx import OnnxPredictor, export_onnx
+
+    _, path = fitted_checkpoint(tmp_path)  # the default detector (knn)
+    model = load_model(path)
+    graph = export_onnx([model], tmp_path / "model.onnx")
+    x = images(6, seed=9)
+    probs, margin, sets = OnnxPredictor(graph).probabilities(x)
+    with torch.no_grad():
+        t_probs, t_margin, t_sets = Probabilities([model]).answers(x)
+    assert torch.allclose(probs, t_probs, atol=1e-5) and torch.allclose(margin, t_margin, atol=1e-4)
+    assert torch.equal(sets, t_sets) and torch.isfinite(margin).all()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.ood.detector=odin", "model.ood.detector=odin: must be one of msp, energy, mahalanobis, knn"),
+        ("model.ood.pass_rate=1", "model.ood.pass_rate=1: must be a number greater than 0 and less than 1"),
+        ("model.conformal.coverage=0", "model.conformal.coverage=0: must be a number greater than 0 and less than 1"),
+    ],
+)
+def test_settings_out_of_range_are_one_line_naming_them(override, message):
+    from chestxray.runtime import settings
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", ["paths.output_dir=/tmp/unused", override])
+    with pytest.raises(ConfigError) as err:
+        settings.check(cfg, settings.TRAIN_RULES)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match="model.ood.detector=odin"):
+        tiny_model(ood={"detector": "odin"})
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as fh:
+        return {r["path"]: r for r in csv.DictReader(fh)}
+
+
+def test_training_fits_and_reports_them_and_predict_writes_the_same_columns(tiny_run, tmp_path, capsys):
+    """The run's best.ckpt carries the fit; its test report and predict.py's rows agree, image by image."""
+    from chestxray.inference.predict import predict
+    from tests.conftest import predict_config
+
+    model = load_model(tiny_run["ckpt"])
+    n = int(model.ood.n_fit)
+    assert bool(model.ood.fitted) and bool(model.conformal.fitted) and n >= 8
+    assert int(model.ood.n_reference) == len(model.ood.bank) > n  # the training images' features
+    report = json.loads((tiny_run["dir"] / "metrics.json").read_text())["uncertainty"]
+    assert report["validation_images"] == n
+    assert report["out_of_distribution"]["detector"] == ood.DEFAULT_DETECTOR
+    assert report["prediction_sets"]["coverage_target"] == 0.9 and 1 <= report["prediction_sets"]["mean_set_size"] <= 3
+    trained = read_rows(tiny_run["dir"] / "predictions.csv")
+    out = tmp_path / "predict"
+    summary = predict(predict_config(out, tiny_run["ckpt"], tiny_run["data"] / "test", "print_limit=1000"))
+    rows = read_rows(out / "predictions.csv")
+    assert set(rows) == set(trained) and all(f in next(iter(rows.values())) for f in UNCERTAINTY_FIELDS)
+    flagged = 0
+    for name, row in rows.items():
+        score, members = float(row["ood_score"]), row["prediction_set"].split("|")
+        assert row["in_distribution"] == str(int(score <= 0)) and row["pred"] in members
+        assert set(members) <= set(CLASSES_OF_RUN) and abs(score - float(trained[name]["ood_score"])) < 1e-4
+        assert row["prediction_set"] == trained[name]["prediction_set"]
+        flagged += score > 0
+    predicted = summary["metrics"]["uncertainty"]
+    assert predicted["out_of_distribution"]["flagged"] == flagged
+    sets = predicted["prediction_sets"]
+    covered = np.mean([r["label"] in r["prediction_set"].split("|") for r in rows.values()])
+    assert abs(sets["empirical_coverage"] - covered) < 1e-9
+    printed = capsys.readouterr().out
+    assert printed.count(FLAG_TEXT) == flagged + 1  # each flagged answer, and the report line
+    assert f"guarantee from {n} validation images" in printed
+
+
+CLASSES_OF_RUN = ["Normal", "Covid", "Viral Pneumonia"]
