@@ -164,6 +164,13 @@ PREDICT_RULES = [
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
 ]
+ROBUSTNESS_RULES = [
+    _int("max_pixels", 1),
+    _int("min_image_side", 1),
+    _int("batch_size", 1),
+    _choice("device", ("auto", "cpu", "cuda")),
+    _bool("leak_free"),
+]
 
 
 def check(cfg: DictConfig, rules: Sequence[Rule]) -> None:
