@@ -22,7 +22,7 @@ from torchmetrics import MaxMetric
 
 from chestxray.errors import ConfigError, NonFiniteLossError
 from chestxray.evaluation import metrics
-from chestxray.models.backbones import build_network, freeze_stages, get_backbone
+from chestxray.models.backbones import XRV, XRV_WEIGHTS, build_network, freeze_stages, get_backbone
 from chestxray.runtime.distributed import gather_by_index
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class ChestXrayClassifier(L.LightningModule):
         compile: bool | str = False,
         dropout: float = 0.1,
         calibrate: bool = True,
+        xrv_weights: str = XRV_WEIGHTS[0],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
     ):
@@ -70,10 +71,15 @@ class ChestXrayClassifier(L.LightningModule):
             raise ConfigError(f"model.compile={compile}: must be false, true, reduce-overhead or max-autotune")
         if cache_features and freeze != "features":
             raise ConfigError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
+        if backbone == XRV and (list(mean) != [0.5] * 3 or list(std) != [0.5] * 3):
+            raise ConfigError(
+                f"model.backbone={XRV} needs model.mean and model.std of [0.5, 0.5, 0.5] (it converts [-1, 1] to "
+                f"torchxrayvision's [-1024, 1024] inside the network), not {list(mean)} and {list(std)}"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone = get_backbone(backbone)
-        self.net = build_network(backbone, len(classes), pretrained, weights_path, dropout)
+        self.net = build_network(backbone, len(classes), pretrained, weights_path, dropout, xrv_weights)
         self.frozen = freeze_stages(self.net, backbone, freeze)
         self.train()  # frozen stages in eval mode from the start (Lightning keeps each module's mode as it finds it)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from chestxray.errors import ConfigError
-from chestxray.models.backbones import BACKBONES
+from chestxray.models.backbones import BACKBONES, XRV_WEIGHTS
 
 
 def _lightning_precisions() -> tuple[str, ...]:
@@ -124,6 +124,7 @@ TRAIN_RULES = [
     _int("data.leakage_threshold", 0, 256),
     _choice("model.backbone", tuple(BACKBONES)),
     _bool("model.pretrained"),
+    _choice("model.xrv_weights", XRV_WEIGHTS),
     _number("model.dropout", 0, 1, high_open=True),
     _int("model.freeze", 0, special=("none", "features")),
     _bool("model.cache_features"),
