@@ -28,6 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 from chestxray.data.images import BadImageError, ImageLimits, read_image, resize_square
+from chestxray.data.preprocess import preprocess_image
 from chestxray.evaluation.metrics import wilson_interval
 from chestxray.runtime.files import atomic_write
 
@@ -187,8 +188,11 @@ def image_seed(path: Path) -> int:
     return int.from_bytes(hashlib.sha256(str(path).encode()).digest()[:4], "little")
 
 
-def shifted_views(image: np.ndarray, image_size: int, shifts: Sequence[Shift], seed: int) -> np.ndarray:
-    """The model's views (K x 3 x S x S uint8) of one decoded image: clean first, then each shift at 1..5."""
+def shifted_views(
+    image: np.ndarray, image_size: int, shifts: Sequence[Shift], seed: int, preprocess: str = "none"
+) -> np.ndarray:
+    """The model's views (K x 3 x S x S uint8) of one decoded image: clean first, then each shift at 1..5; each
+    resized and then preprocessed (the checkpoint's data.preprocess) as `model_view` does for a file."""
     clean = resize_square(image, image_size)
     views = [clean]
     for shift in shifts:
@@ -197,6 +201,7 @@ def shifted_views(image: np.ndarray, image_size: int, shifts: Sequence[Shift], s
                 views.append(shift.apply(clean, k, image_size, seed))
             else:
                 views.append(resize_square(shift.apply(image, k, image_size, seed), image_size))
+    views = [preprocess_image(v, preprocess) for v in views]
     return np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))
 
 
@@ -246,7 +251,7 @@ def run_bench(
             unreadable[str(path)] = err.reason
             log.warning("cannot read %s: %s", path, err.reason)
             continue
-        views = torch.from_numpy(shifted_views(image, image_size, shifts, image_seed(path)))
+        views = torch.from_numpy(shifted_views(image, image_size, shifts, image_seed(path), limits.preprocess))
         preds, flags = [], []
         with torch.no_grad():
             for start in range(0, len(views), batch_size):
@@ -466,7 +471,7 @@ def robustness(cfg) -> dict:
     from chestxray.data.sources import find_inputs
     from chestxray.errors import PredictError
     from chestxray.evaluation.figures import render
-    from chestxray.models.checkpoints import load_models
+    from chestxray.models.checkpoints import load_models, preprocess_of
     from chestxray.models.classifier import Ensemble
     from chestxray.runtime import settings
 
@@ -486,7 +491,7 @@ def robustness(cfg) -> dict:
     items = [(i.path, i.label) for i in find_inputs(inputs, classes) if i.label is not None]
     if not items:
         raise PredictError(f"inputs={cfg.inputs}: no image in a folder named like a class ({', '.join(classes)})")
-    limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, prefix="")
+    limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess_of(models[0]), prefix="")
     predictor = Ensemble(models).to(device).eval()
     ood_model = models[0] if len(models) == 1 and hasattr(models[0], "ood_scores") else None
     result = run_bench(predictor, ood_model, items, image_size, shifts, limits, device, cfg.batch_size)
@@ -505,7 +510,8 @@ def robustness(cfg) -> dict:
     write_csv(rows, out / "robustness.csv")
     where = machine()
     title = f"{Path(ckpts[0]).name}: {len(result.paths)} images of {cfg.inputs} at {image_size} px"
-    header = [f"# Robustness: {title}", "", f"Machine: {where}; device {device.type}.", ""]
+    header = [f"# Robustness: {title}", "", f"Machine: {where}; device {device.type}."]
+    header += [f"Checkpoint's data.preprocess: {limits.preprocess}.", ""]
     atomic_write(out / "robustness.md", "\n".join(header) + markdown_table(rows, shifts, leak_note, ood_note))
     figure = render(severity_figure(rows, shifts, title), out / "robustness.png")
     write_tensorboard(out / "tensorboard", rows, figure)
@@ -521,6 +527,7 @@ def robustness(cfg) -> dict:
         "out_of_distribution": ood_note,
         "machine": where,
         "device": device.type,
+        "preprocess": limits.preprocess,
         "seconds": round(time.perf_counter() - start, 1),
         "output_dir": str(out),
     }

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from chestxray.errors import require
+from chestxray.models.checkpoints import preprocess_of
 from chestxray.models.classifier import ChestXrayClassifier, Predictor, Probabilities
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
@@ -111,13 +112,14 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     return out
 
 
-def load_calibration(paths: Sequence[Path], image_size: int) -> np.ndarray:
-    from chestxray.data.images import BadImageError, load_image
+def load_calibration(paths: Sequence[Path], image_size: int, preprocess: str = "none") -> np.ndarray:
+    """The first images that decode, as the model sees them (with the checkpoint's data.preprocess)."""
+    from chestxray.data.images import BadImageError, ImageLimits, load_image
 
     images = []
     for path in paths:
         try:
-            images.append(load_image(path, image_size))
+            images.append(load_image(path, image_size, ImageLimits(preprocess=preprocess)))
         except BadImageError:
             continue
         if len(images) == CALIBRATION_IMAGES:
@@ -148,7 +150,8 @@ def exported(
     if fmt == "onnx":
         return fp32
     log.info("quantising %s to int8 (calibrated on %d images): %s", fp32, len(calibration), target)
-    return quantize_int8(fp32, target, load_calibration(calibration, models[0].hparams.image_size))
+    images = load_calibration(calibration, models[0].hparams.image_size, preprocess_of(models[0]))
+    return quantize_int8(fp32, target, images)
 
 
 class OnnxPredictor(Predictor):

@@ -47,6 +47,7 @@ class ChestXrayClassifier(L.LightningModule):
         self,
         classes: Sequence[str],
         image_size: int = 224,
+        preprocess: str = "none",
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         backbone: str = "vgg19",

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from chestxray.data.preprocess import PREPROCESS
 from chestxray.errors import ConfigError
 from chestxray.models.backbones import BACKBONES, XRV_WEIGHTS
 
@@ -118,6 +119,7 @@ TRAIN_RULES = [
     _bool("data.augment"),
     _choice("data.on_bad_file", ("skip", "error")),
     _choice("data.store", ("auto", "memory", "disk")),
+    _choice("data.preprocess", PREPROCESS),
     _bool("data.download"),
     _bool("data.check_leakage"),
     _bool("data.drop_leaking"),
