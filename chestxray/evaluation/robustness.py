@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from chestxray.data.images import BadImageError, ImageLimits, read_image, resize_square
 from chestxray.data.preprocess import preprocess_image
@@ -244,7 +246,8 @@ def run_bench(
 ) -> BenchResult:
     """Predict every labelled image under every shift and severity; `predictor` maps uint8 images to probabilities."""
     correct, flagged, kept, labels, unreadable = [], [], [], [], {}
-    for path, label in items:
+    per_image = 1 + SEVERITIES * len(shifts)
+    for path, label in tqdm(items, desc=f"{per_image} views per image", unit="img", file=sys.stderr):
         try:
             image = read_image(path, None, limits)
         except BadImageError as err:
