@@ -109,9 +109,11 @@ def test_leak_free_is_n_a_without_the_runs_settings(tiny_run, tmp_path):
     out = tmp_path / "bench"
     cfg = compose_config(
         "robustness",
-        [f"ckpt={ckpt}", f"inputs={tiny_run['data'] / 'test'}", f"paths.output_dir={out}", "shifts=[blur]"],
+        [f"ckpt={ckpt}", f"inputs={tiny_run['data'] / 'test'}", f"paths.output_dir={out}", "shifts=[blur]"]
+        + ["work_side=48"],
     )
     summary = robustness(cfg)
+    assert summary["work_side"] == 48 and "at most 48 px" in (out / "robustness.md").read_text()
     assert summary["clean_leak_free_accuracy"] is None and summary["leak_free"].startswith("n/a (no ")
     assert all(r["leak_free_accuracy"] == "" for r in _table(out))
     assert "Leak-free: n/a" in (out / "robustness.md").read_text()

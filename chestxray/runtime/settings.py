@@ -172,6 +172,7 @@ ROBUSTNESS_RULES = [
     _int("min_image_side", 1),
     _int("batch_size", 1),
     _choice("device", ("auto", "cpu", "cuda")),
+    _int("work_side", 32, special=(None,)),
     _bool("leak_free"),
 ]
 
