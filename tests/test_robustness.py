@@ -126,3 +126,27 @@ def test_a_setting_out_of_range_is_one_line(tiny_run, tmp_path):
     )
     with pytest.raises(ConfigError, match="batch_size=0: must be an integer at least 1"):
         robustness(cfg)
+
+
+def test_severity_0_is_exactly_what_predict_sees_whatever_the_working_resolution(synthetic_dir):
+    """The clean view is the pipeline's own (its reduced JPEG decode, resized, preprocessed), so the bench's clean
+    accuracy is the test accuracy of training and predict.py, also with work_side."""
+    import torch
+
+    from chestxray.data.images import ImageLimits, load_image
+    from chestxray.evaluation.robustness import run_bench
+
+    seen = []
+
+    def recorder(batch):
+        seen.append(batch.clone())
+        return torch.zeros(len(batch), 3)
+
+    path = sorted((synthetic_dir / "test" / "Covid").glob("*.jp*g"))[0]
+    for preprocess in ("none", "clahe"):
+        for work_side in (None, 40):
+            seen.clear()
+            limits = ImageLimits(preprocess=preprocess)
+            result = run_bench(recorder, None, [(path, 1)], 32, [SHIFTS["noise"]], limits, "cpu", 64, work_side)
+            assert result.correct.shape == (1, 1 + SEVERITIES)
+            assert np.array_equal(seen[0][0].numpy(), load_image(path, 32, limits)), (preprocess, work_side)

@@ -29,7 +29,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from chestxray.data.images import BadImageError, ImageLimits, read_image, resize_square
+from chestxray.data.images import BadImageError, ImageLimits, decode_bytes, read_bytes, resize_square
 from chestxray.data.preprocess import preprocess_image
 from chestxray.evaluation.metrics import wilson_interval
 from chestxray.runtime.files import atomic_write
@@ -196,11 +196,17 @@ def image_seed(path: Path) -> int:
 
 
 def shifted_views(
-    image: np.ndarray, image_size: int, shifts: Sequence[Shift], seed: int, preprocess: str = "none"
+    image: np.ndarray,
+    image_size: int,
+    shifts: Sequence[Shift],
+    seed: int,
+    preprocess: str = "none",
+    clean: np.ndarray | None = None,
 ) -> np.ndarray:
     """The model's views (K x 3 x S x S uint8) of one decoded image: clean first, then each shift at 1..5; each
-    resized and then preprocessed (the checkpoint's data.preprocess) as `model_view` does for a file."""
-    clean = resize_square(image, image_size)
+    resized and then preprocessed (the checkpoint's data.preprocess) as `model_view` does for a file. `clean` (S x S
+    x 3, not preprocessed) is the pipeline's own resized view, when the image was decoded otherwise."""
+    clean = resize_square(image, image_size) if clean is None else clean
     views = [clean]
     for shift in shifts:
         for k in range(1, SEVERITIES + 1):
@@ -259,12 +265,16 @@ def run_bench(
     per_image = 1 + SEVERITIES * len(shifts)
     for path, label in tqdm(items, desc=f"{per_image} views per image", unit="img", file=sys.stderr):
         try:
-            image = working_image(read_image(path, work_side, limits), work_side)
+            data = read_bytes(path)
+            image = working_image(decode_bytes(data, path, work_side, limits), work_side)
+            # severity 0 is exactly what training and predict.py see: their reduced decode, resized
+            clean = resize_square(decode_bytes(data, path, image_size, limits), image_size)
         except BadImageError as err:
             unreadable[str(path)] = err.reason
             log.warning("cannot read %s: %s", path, err.reason)
             continue
-        views = torch.from_numpy(shifted_views(image, image_size, shifts, image_seed(path), limits.preprocess))
+        views = shifted_views(image, image_size, shifts, image_seed(path), limits.preprocess, clean)
+        views = torch.from_numpy(views)
         preds, flags = [], []
         with torch.no_grad():
             for start in range(0, len(views), batch_size):
@@ -406,6 +416,8 @@ def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str]:
     if not saved.is_file():
         return None, DEFAULT_THRESHOLD, f"n/a (no {saved}: the checkpoint's run settings, so no train folder known)"
     data = OmegaConf.load(saved).get("data", {})
+    raw = OmegaConf.to_container(data, resolve=False).get("data_dir") if data else None
+    # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
     threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
     data_dir, index = data.get("data_dir"), data.get("index")
     if data.get("drop_leaking"):
@@ -413,7 +425,8 @@ def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str]:
     try:
         files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, list(data.get("classes")))
     except (DataError, OSError, TypeError) as err:
-        return None, threshold, f"n/a (the run's train images, data.data_dir={data_dir}, cannot be listed: {err})"
+        how = f" (saved as {raw}: set it as for training)" if raw != data_dir else ""
+        return None, threshold, f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
     return files["train"].paths, threshold, f"compared with the {len(files['train'])} train images of {data_dir}"
 
 
@@ -527,7 +540,7 @@ def robustness(cfg) -> dict:
     header = [f"# Robustness: {title}", "", f"Machine: {where}; device {device.type}."]
     resolution = "full resolution" if work_side is None else f"a short side of at most {work_side} px"
     header += [f"Checkpoint's data.preprocess: {limits.preprocess}. Shifts applied at {resolution}.", ""]
-    atomic_write(out / "robustness.md", "\n".join(header) + markdown_table(rows, shifts, leak_note, ood_note))
+    atomic_write(out / "robustness.md", "\n".join(header) + "\n" + markdown_table(rows, shifts, leak_note, ood_note))
     figure = render(severity_figure(rows, shifts, title), out / "robustness.png")
     write_tensorboard(out / "tensorboard", rows, figure)
     clean = rows[0]
