@@ -30,7 +30,7 @@ def side_by_side(a: dict, b: dict, names: tuple[str, str]) -> str:
         for k in severities:
             x, y = cell(a[(shift, k)], "accuracy"), cell(b[(shift, k)], "accuracy")
             one = 1 / int(a[(shift, k)]["n"])
-            mark = " **worse**" if y < x - one else ""
+            mark = " **worse**" if y < x - one - 1e-6 else ""
             cells.append(f"{x:.3f} / {y:.3f} ({y - x:+.3f}){mark}")
         lines.append(f"| {shift} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
