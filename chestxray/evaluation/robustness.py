@@ -8,8 +8,8 @@ files' sizes differ tenfold and noise added at full resolution would be averaged
 and not on small ones; at the model's resolution one severity means the same noise for every image.
 
 Every shift at severity 0 is the identity, and each severity changes the image more than the one before it (the
-tests check both). Images are streamed: each file is decoded once, its shifted versions are resized and predicted,
-and only per-image correctness is kept.
+tests check both). Severity 0 is the pipeline's own view of the file. Images are streamed: each file is read once,
+its shifted versions are resized and predicted, and only per-image correctness is kept.
 """
 
 from __future__ import annotations
