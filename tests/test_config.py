@@ -222,7 +222,7 @@ def test_the_layout_follows_the_pipeline():
     stages = {name.split(".")[1] for name in graph if name.count(".") >= 2}
     assert stages == {"data", "models", "evaluation", "training", "inference", "runtime"}
     top = sorted(name.split(".")[1] for name in graph if name.count(".") == 1 and name.split(".")[1] not in stages)
-    assert top == ["audit", "errors", "export", "summary", "synthetic"]
+    assert top == ["audit", "errors", "export", "robustness", "summary", "synthetic"]
     later = ("chestxray.training", "chestxray.inference")
     assert not any(d.startswith(later) for d in graph["chestxray.data.datamodule"])
 
@@ -242,6 +242,8 @@ def test_each_entry_point_has_its_own_help():
     )
     assert export.returncode == 0 and export.stdout.startswith("usage: python -m chestxray.export ckpt=")
     assert re.search(r"format=\s+onnx", export.stdout)
+    bench = run_script("-m", "chestxray.robustness", "--help").stdout
+    assert bench.startswith("python -m chestxray.robustness ckpt=CHECKPOINT inputs=") and "shifts" in bench
 
 
 def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch):

@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 from PIL import JpegImagePlugin, PngImagePlugin
 
+from chestxray.data.preprocess import preprocess_image
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 # Bump when decoding or resizing changes, so on-disk stores made by older code are not reused.
 DECODE_VERSION = 2
@@ -53,6 +55,7 @@ class ImageLimits:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    preprocess: str = "none"  # data.preprocess, applied to the model's view (chestxray.data.preprocess)
     prefix: str = field(default="data.", compare=False)
 
 
@@ -261,7 +264,7 @@ def model_view(
     data: bytes, path: str | os.PathLike, image_size: int, limits: ImageLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
     """The model's view of a file's bytes: 3 x S x S uint8 (CHW), decoded, upright, RGB, resized."""
-    image = resize_square(decode_bytes(data, path, image_size, limits), image_size)
+    image = preprocess_image(resize_square(decode_bytes(data, path, image_size, limits), image_size), limits.preprocess)
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chestxray.errors import UserError, require
+from chestxray.models.checkpoints import preprocess_of
 from chestxray.models.classifier import Answers, ChestXrayClassifier, Predictor
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
@@ -186,13 +187,14 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     return out
 
 
-def load_calibration(paths: Sequence[Path], image_size: int) -> np.ndarray:
-    from chestxray.data.images import BadImageError, load_image
+def load_calibration(paths: Sequence[Path], image_size: int, preprocess: str = "none") -> np.ndarray:
+    """The first images that decode, as the model sees them (with the checkpoint's data.preprocess)."""
+    from chestxray.data.images import BadImageError, ImageLimits, load_image
 
     images = []
     for path in paths:
         try:
-            images.append(load_image(path, image_size))
+            images.append(load_image(path, image_size, ImageLimits(preprocess=preprocess)))
         except BadImageError:
             continue
         if len(images) == CALIBRATION_IMAGES:
@@ -236,7 +238,7 @@ def exported(
     images = calibration or training_images(models[0], ckpt_paths[0])
     source = "the named images" if calibration else "the checkpoint's train images"
     log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
-    quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size))
+    quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size, preprocess_of(models[0])))
     _write_record(target, images=_digest(images, "calibration"), count=len(images), source=source)
     _remove_stale(target, ckpt_paths, fmt)
     return target

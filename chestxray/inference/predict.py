@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -38,7 +39,7 @@ from chestxray.evaluation.report import (
     write_report,
 )
 from chestxray.evaluation.saliency import write_overlays
-from chestxray.models.checkpoints import load_models
+from chestxray.models.checkpoints import load_models, preprocess_of
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
 from chestxray.runtime import settings
 from chestxray.runtime.console import say, tidy_lightning_output
@@ -242,13 +243,14 @@ def predict(cfg: DictConfig) -> dict:
     inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
         raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
-    limits = limits_of(cfg)
+    limits = replace(limits_of(cfg), preprocess=preprocess_of(models[0]))  # the checkpoint's, as in training
     predictor = runtime_module(cfg, paths, models)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None, models)
     trainer: L.Trainer = instantiate(
         cfg.trainer, precision=cfg.precision, logger=False, callbacks=[writer], enable_progress_bar=False
     )
-    trainer.predict(predictor, dataloaders=file_loader(cfg, inputs, image_size, trainer), return_predictions=False)
+    loader = file_loader(cfg, inputs, image_size, trainer, limits)
+    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
     positions, probs, errors = writer.results()
     if not trainer.is_global_zero:
         return {}
@@ -268,7 +270,9 @@ def predict(cfg: DictConfig) -> dict:
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": report}
 
 
-def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, trainer: L.Trainer) -> DataLoader:
+def file_loader(
+    cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, trainer: L.Trainer, limits: ImageLimits
+) -> DataLoader:
     """Batches of decoded files, decoded in decode_workers processes (auto: one per core but one), in batches of
     data.eval_batch_size (null: 8 on CPU, 64 on CUDA, as training's evaluation)."""
     workers, capped = cap_to_cores(
@@ -278,7 +282,7 @@ def file_loader(cfg: DictConfig, inputs: Sequence[InputImage], image_size: int, 
         log.warning(capped)
     on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
     batch_size = cfg.data.eval_batch_size or (64 if on_cuda else 8)
-    dataset = FileDataset([i.path for i in inputs], image_size, limits_of(cfg))
+    dataset = FileDataset([i.path for i in inputs], image_size, limits)
     return DataLoader(dataset, batch_size=batch_size, num_workers=max(0, workers))
 
 

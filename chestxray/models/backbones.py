@@ -9,10 +9,16 @@ The network is run as `head(trunk(x))`: the trunk is everything up to the pooled
 part. That split is what `model.cache_features` caches and what `model.freeze=features` freezes; `blocks` are the
 stages `model.freeze=N` freezes from the input side; `gradcam_layer` is the last convolutional stage, where Grad-CAM
 looks (pytorch-grad-cam's choice for each family).
+
+`xrv_densenet121` is torchxrayvision's DenseNet-121, pretrained on chest radiographs (the `xrv` extra): the same
+DenseNet under the same head, with torchxrayvision's input conversion in front of it inside the network (see
+XrvDenseNet), so that the store, predict, ONNX and Grad-CAM treat it as any other backbone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +86,48 @@ def _densenet_blocks(net: nn.Module) -> list[list[nn.Module]]:
     ]
 
 
+XRV = "xrv_densenet121"
+XRV_RESOLUTION = 224  # torchxrayvision's DenseNet weights were all trained at 224 x 224
+# torchxrayvision's DenseNet-121 weights (model.xrv_weights): all datasets, or one of them
+XRV_WEIGHTS = (
+    "densenet121-res224-all",
+    "densenet121-res224-rsna",
+    "densenet121-res224-nih",
+    "densenet121-res224-pc",
+    "densenet121-res224-chex",
+    "densenet121-res224-mimic_nb",
+    "densenet121-res224-mimic_ch",
+)
+
+
+class XrvDenseNet(nn.Module):
+    """torchxrayvision's DenseNet-121 (`features`, `classifier`: its parameter names) taking the classifier's input.
+
+    The classifier hands every network (x / 255 - mean) / std, which with this backbone's required mean = std = 0.5 is
+    2 x / 255 - 1 in [-1, 1]. torchxrayvision expects one channel, (2 x / maxval - 1) * 1024 in [-1024, 1024], at
+    224 x 224: so the channels are averaged, multiplied by 1024 and resized (bilinear, as torchxrayvision's own
+    fix_resolution) to 224 here. Its centre crop to a square is not needed: the pipeline's resize is already square.
+    """
+
+    def __init__(self, densenet: nn.Module):
+        super().__init__()
+        self.features = densenet.features
+        self.classifier = densenet.classifier
+
+    def to_xrv(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean(1, keepdim=True) * 1024.0
+        if x.shape[-2:] != (XRV_RESOLUTION, XRV_RESOLUTION):
+            x = F.interpolate(x, size=(XRV_RESOLUTION, XRV_RESOLUTION), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(_xrv_trunk(self, x))
+
+
+def _xrv_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _densenet_trunk(net, net.to_xrv(x))
+
+
 def _pooled_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(net.avgpool(net.features(x)), 1)
 
@@ -101,6 +149,7 @@ BACKBONES: dict[str, Backbone] = {
             lambda net: net.layer4[-1],
         ),
         Backbone("densenet121", 1024, "classifier", _densenet_trunk, _densenet_blocks, lambda net: net.features.norm5),
+        Backbone(XRV, 1024, "classifier", _xrv_trunk, _densenet_blocks, lambda net: net.features.norm5),
         Backbone(
             "efficientnet_b0",
             1280,
@@ -133,10 +182,22 @@ def imagenet_weights(name: str) -> models.WeightsEnum:
     return models.get_model_weights(name).DEFAULT
 
 
+def _xrv_densenet() -> nn.Module:
+    """torchxrayvision's DenseNet-121 architecture with random weights (its 18 pathology outputs)."""
+    from chestxray.errors import require
+
+    xrv = require("torchxrayvision", "xrv", f"model.backbone={XRV}")
+    return xrv.models.DenseNet(num_classes=18)
+
+
 def _reference_state(name: str) -> dict[str, torch.Tensor]:
-    """torchvision's parameter names and shapes for `name` (built on the meta device: no memory, no time)."""
+    """torchvision's (or torchxrayvision's) parameter names and shapes for `name` (built on the meta device: no
+    memory, no time)."""
     with torch.device("meta"):
-        return models.get_model(name, weights=None).state_dict()
+        net = _xrv_densenet() if name == XRV else models.get_model(name, weights=None)
+        state = net.state_dict()
+    state.pop("op_threshs", None)  # torchxrayvision's per-pathology thresholds: its head's, not the network's
+    return state
 
 
 def read_weights(weights_path: str | Path, name: str) -> dict[str, torch.Tensor]:
@@ -152,6 +213,8 @@ def read_weights(weights_path: str | Path, name: str) -> dict[str, torch.Tensor]
         raise WeightsError(f"{setting}: not a PyTorch weights file ({detail})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if isinstance(state, dict) and name == XRV:
+        state.pop("op_threshs", None)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{setting}: not a state dict (a mapping of parameter names to tensors)")
     expected = _reference_state(name)
@@ -164,7 +227,8 @@ def read_weights(weights_path: str | Path, name: str) -> dict[str, torch.Tensor]
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         ]
-        raise WeightsError(f"{setting}: not torchvision {name} weights: keys {'; '.join(parts)}")
+        library = "torchxrayvision" if name == XRV else "torchvision"
+        raise WeightsError(f"{setting}: not {library} {name} weights: keys {'; '.join(parts)}")
     return state
 
 
@@ -183,13 +247,49 @@ def imagenet_state(name: str, weights_path: str | None) -> dict[str, torch.Tenso
         ) from err
 
 
+def xrv_state(xrv_weights: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+    """torchxrayvision's `xrv_weights`: from model.weights_path (a state dict), else downloaded by torchxrayvision
+    (cached in ~/.torchxrayvision); offline, one line saying both ways out."""
+    if weights_path:
+        return read_weights(weights_path, XRV)
+    if xrv_weights not in XRV_WEIGHTS:
+        raise ConfigError(f"model.xrv_weights={xrv_weights}: not one of {', '.join(XRV_WEIGHTS)}")
+    _xrv_densenet()  # the extra, or one line naming it
+    import torchxrayvision as xrv
+
+    url = xrv.models.model_urls[xrv_weights]["weights_url"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Downloading weights..." lines: the error says it all
+            return xrv.models.DenseNet(weights=xrv_weights).state_dict()
+    except Exception as err:  # noqa: BLE001 - offline, proxy, corrupt download: same advice
+        raise WeightsError(
+            f"model.xrv_weights={xrv_weights}: torchxrayvision could not download {url} ({type(err).__name__}); "
+            "without internet, save xrv.models.DenseNet(weights=...).state_dict() to a file elsewhere and pass "
+            "model.weights_path=FILE, or train from scratch with model.pretrained=false"
+        ) from None
+
+
 def build_network(
-    name: str, num_classes: int, pretrained: bool = True, weights_path: str | None = None, dropout: float = 0.1
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights_path: str | None = None,
+    dropout: float = 0.1,
+    xrv_weights: str = XRV_WEIGHTS[0],
 ) -> nn.Module:
-    """torchvision's `name` (ImageNet weights when pretrained) with the notebook's head on its pooled features."""
+    """torchvision's `name` (ImageNet weights when pretrained; torchxrayvision's DenseNet and its `xrv_weights` for
+    xrv_densenet121) with the notebook's head on its pooled features."""
     spec = get_backbone(name)
-    state = imagenet_state(name, weights_path) if pretrained or weights_path else None
-    if name == "vgg19":
+    if name == XRV:
+        state = xrv_state(xrv_weights, weights_path) if pretrained or weights_path else None
+    else:
+        state = imagenet_state(name, weights_path) if pretrained or weights_path else None
+    if name == XRV:
+        net = XrvDenseNet(_xrv_densenet())
+        if state is not None:
+            state.pop("op_threshs", None)
+            net.load_state_dict(state)
+    elif name == "vgg19":
         # torchvision would allocate and draw 120M random numbers for VGG's ImageNet classifier, replaced below (a
         # second per model): build it on the meta device without it, then initialise the convolutions as
         # torchvision's VGG does (or load the ImageNet ones).

@@ -18,11 +18,12 @@ from chestxray.models.classifier import ChestXrayClassifier
 from chestxray.runtime.files import atomic_writer
 
 # What members of an ensemble must share (each applies its own normalisation and backbone inside the graph).
-ENSEMBLE_KEYS = ("classes", "image_size")
+ENSEMBLE_KEYS = ("classes", "image_size", "preprocess")  # preprocess: on the uint8 views, before any graph
 # What a run continued from a checkpoint must share with it (hyper-parameter: the config key that sets it).
 RESUME_KEYS = {
     "classes": "data.classes",
     "image_size": "data.image_size",
+    "preprocess": "data.preprocess",
     "mean": "model.mean",
     "std": "model.std",
     "backbone": "model.backbone",
@@ -120,6 +121,11 @@ def _plain(value):
     if isinstance(value, list | tuple):
         return [float(v) if isinstance(v, int | float) else v for v in value]
     return value
+
+
+def preprocess_of(model: ChestXrayClassifier) -> str:
+    """The data.preprocess a checkpoint was trained with ("none" for checkpoints older than the setting)."""
+    return str(model.hparams.get("preprocess", "none"))
 
 
 def load_models(paths: Sequence[str | Path], setting: str = "ckpt") -> list[ChestXrayClassifier]:

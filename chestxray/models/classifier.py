@@ -24,7 +24,7 @@ from torchmetrics import MaxMetric
 from chestxray.errors import ConfigError, NonFiniteLossError
 from chestxray.evaluation import metrics
 from chestxray.models import ood as ood_lib
-from chestxray.models.backbones import build_network, freeze_stages, get_backbone
+from chestxray.models.backbones import XRV, XRV_WEIGHTS, build_network, freeze_stages, get_backbone
 from chestxray.runtime.distributed import gather_by_index
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class ChestXrayClassifier(L.LightningModule):
         self,
         classes: Sequence[str],
         image_size: int = 224,
+        preprocess: str = "none",
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         backbone: str = "vgg19",
@@ -64,6 +65,7 @@ class ChestXrayClassifier(L.LightningModule):
         calibrate: bool = True,
         ood: dict | None = None,
         conformal: dict | None = None,
+        xrv_weights: str = XRV_WEIGHTS[0],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
     ):
@@ -77,10 +79,15 @@ class ChestXrayClassifier(L.LightningModule):
         ood_lib.check_settings(dict(ood or {}), dict(conformal or {}))
         if cache_features and freeze != "features":
             raise ConfigError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
+        if backbone == XRV and (list(mean) != [0.5] * 3 or list(std) != [0.5] * 3):
+            raise ConfigError(
+                f"model.backbone={XRV} needs model.mean and model.std of [0.5, 0.5, 0.5] (it converts [-1, 1] to "
+                f"torchxrayvision's [-1024, 1024] inside the network), not {list(mean)} and {list(std)}"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone = get_backbone(backbone)
-        self.net = build_network(backbone, len(classes), pretrained, weights_path, dropout)
+        self.net = build_network(backbone, len(classes), pretrained, weights_path, dropout, xrv_weights)
         self.frozen = freeze_stages(self.net, backbone, freeze)
         self.train()  # frozen stages in eval mode from the start (Lightning keeps each module's mode as it finds it)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from chestxray.data.preprocess import PREPROCESS
 from chestxray.errors import ConfigError
-from chestxray.models.backbones import BACKBONES
+from chestxray.models.backbones import BACKBONES, XRV_WEIGHTS
 from chestxray.models.ood import DETECTORS
 
 
@@ -119,12 +120,14 @@ TRAIN_RULES = [
     _bool("data.augment"),
     _choice("data.on_bad_file", ("skip", "error")),
     _choice("data.store", ("auto", "memory", "disk")),
+    _choice("data.preprocess", PREPROCESS),
     _bool("data.download"),
     _bool("data.check_leakage"),
     _bool("data.drop_leaking"),
     _int("data.leakage_threshold", 0, 256),
     _choice("model.backbone", tuple(BACKBONES)),
     _bool("model.pretrained"),
+    _choice("model.xrv_weights", XRV_WEIGHTS),
     _number("model.dropout", 0, 1, high_open=True),
     _int("model.freeze", 0, special=("none", "features")),
     _bool("model.cache_features"),
@@ -167,6 +170,14 @@ PREDICT_RULES = [
     _int("report.seed", 0, 2**32 - 1),
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
+]
+ROBUSTNESS_RULES = [
+    _int("max_pixels", 1),
+    _int("min_image_side", 1),
+    _int("batch_size", 1),
+    _choice("device", ("auto", "cpu", "cuda")),
+    _int("work_side", 32, special=(None,)),
+    _bool("leak_free"),
 ]
 
 

@@ -1,0 +1,49 @@
+"""Two robustness benches side by side: python benchmarks/robustness_compare.py A_DIR B_DIR [--names a b].
+
+Reads each run folder's robustness.csv (python -m chestxray.robustness) and prints a Markdown table: per shift and
+severity, the accuracy of each and the difference B - A, marked where B is worse by more than one image's worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+
+def read(folder: Path) -> dict[tuple[str, int], dict]:
+    with open(folder / "robustness.csv", newline="") as fh:
+        return {(r["shift"], int(r["severity"])): r for r in csv.DictReader(fh)}
+
+
+def cell(row: dict, key: str) -> float | None:
+    return float(row[key]) if row.get(key) else None
+
+
+def side_by_side(a: dict, b: dict, names: tuple[str, str]) -> str:
+    shifts = list(dict.fromkeys(s for s, _ in a))
+    severities = sorted({k for _, k in a})
+    head = "| shift | " + " | ".join(f"{k}: {names[0]} / {names[1]} (diff)" for k in severities) + " |"
+    lines = [head, "|---|" + "---|" * len(severities)]
+    for shift in shifts:
+        cells = []
+        for k in severities:
+            x, y = cell(a[(shift, k)], "accuracy"), cell(b[(shift, k)], "accuracy")
+            one = 1 / int(a[(shift, k)]["n"])
+            mark = " **worse**" if y < x - one - 1e-6 else ""
+            cells.append(f"{x:.3f} / {y:.3f} ({y - x:+.3f}){mark}")
+        lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    parser.add_argument("--names", nargs=2, default=["A", "B"])
+    args = parser.parse_args()
+    print(side_by_side(read(args.a), read(args.b), tuple(args.names)), end="")
+
+
+if __name__ == "__main__":
+    main()

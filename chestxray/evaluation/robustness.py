@@ -1,0 +1,558 @@
+"""The robustness bench: accuracy under acquisition shifts at 5 severities each (python -m chestxray.robustness).
+
+Each shift is an OpenCV operation on the decoded image. Where a shift happens in the physical chain before the file
+is written (contrast, gamma, brightness, blur, resolution, JPEG compression, rotation, cropping or padding, a burnt-in
+marker) it is applied to the full-resolution decode, and the image then goes through the model's own resize
+(`resize_square`) like any file. Gaussian noise is the exception: it is added at the model's resolution, because the
+files' sizes differ tenfold and noise added at full resolution would be averaged away by the resize on large files
+and not on small ones; at the model's resolution one severity means the same noise for every image.
+
+Every shift at severity 0 is the identity, and each severity changes the image more than the one before it (the
+tests check both). Severity 0 is the pipeline's own view of the file. Images are streamed: each file is read once,
+its shifted versions are resized and predicted, and only per-image correctness is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from chestxray.data.images import BadImageError, ImageLimits, decode_bytes, read_bytes, resize_square
+from chestxray.data.preprocess import preprocess_image
+from chestxray.evaluation.metrics import wilson_interval
+from chestxray.runtime.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+SEVERITIES = 5
+
+
+def _contrast(image: np.ndarray, k: int) -> np.ndarray:
+    """Contrast towards the image's mean grey: x 0.8, 0.65, 0.5, 0.35, 0.2 (an under-exposed, flat radiograph)."""
+    alpha = (1.0, 0.8, 0.65, 0.5, 0.35, 0.2)[k]
+    mean = float(image.mean())
+    return cv2.convertScaleAbs(image, alpha=alpha, beta=mean * (1 - alpha))
+
+
+def _gamma(image: np.ndarray, k: int) -> np.ndarray:
+    """A different detector response curve: gamma 1.3, 1.6, 2.0, 2.5, 3.0 (darker mid-tones)."""
+    gamma = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0)[k]
+    table = np.clip(np.round(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
+    return cv2.LUT(image, table)
+
+
+def _brightness(image: np.ndarray, k: int) -> np.ndarray:
+    """A brighter exposure: +20, +40, +60, +80, +100 grey levels, clipped at white."""
+    return cv2.add(image, np.full_like(image, 20 * k)) if k else image
+
+
+def _noise(image: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Gaussian noise of 4, 8, 16, 24, 32 grey levels (one draw per image, the same pattern at every severity),
+    the same on the three channels (a radiograph is grey)."""
+    sigma = (0, 4, 8, 16, 24, 32)[k]
+    if not sigma:
+        return image
+    pattern = np.random.default_rng(seed).standard_normal(image.shape[:2], dtype=np.float32)
+    noisy = image.astype(np.float32) + sigma * pattern[:, :, None]
+    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+
+
+def _blur(image: np.ndarray, k: int) -> np.ndarray:
+    """Gaussian blur (focal spot, motion): sigma 0.25%, 0.5%, 1%, 1.5%, 2% of the short side, so the same at every
+    file size (at 224 px: 0.6 to 4.5 px)."""
+    fraction = (0, 0.0025, 0.005, 0.01, 0.015, 0.02)[k]
+    if not fraction:
+        return image
+    return cv2.GaussianBlur(image, (0, 0), sigmaX=fraction * min(image.shape[:2]))
+
+
+def _shrunk(image: np.ndarray, short_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = short_side / min(h, w)
+    if scale >= 1:
+        return image
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _downsample(image: np.ndarray, k: int, image_size: int) -> np.ndarray:
+    """A source of lower resolution than the model's input: short side 1/1.5, 1/2, 1/3, 1/4, 1/6 of it (the model's
+    resize then interpolates up)."""
+    divisor = (1, 1.5, 2, 3, 4, 6)[k]
+    return image if k == 0 else _shrunk(image, max(2, round(image_size / divisor)))
+
+
+def _upsample(image: np.ndarray, k: int, image_size: int) -> np.ndarray:
+    """A small source enlarged by a viewer or export (bicubic, with its overshoot at edges) back to the file's size:
+    from 1/1.5, 1/2, 1/3, 1/4, 1/6 of the model's input side. (Nearest-neighbour enlargement was tried: its blocks
+    alias against the model's pixel grid, so a stronger severity could change the model's view less.)"""
+    if k == 0:
+        return image
+    small = _downsample(image, k, image_size)
+    return cv2.resize(small, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def _jpeg(image: np.ndarray, k: int) -> np.ndarray:
+    """The file saved again as JPEG at quality 60, 40, 25, 15, 8 (lossy PACS export)."""
+    quality = (100, 60, 40, 25, 15, 8)[k]
+    if k == 0:
+        return image
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, "OpenCV could not encode a JPEG"
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _rotation(image: np.ndarray, k: int) -> np.ndarray:
+    """A patient not square to the detector: 3, 6, 9, 12, 15 degrees about the centre, black corners."""
+    if k == 0:
+        return image
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0 * k, 1.0)
+    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+
+
+def _crop(image: np.ndarray, k: int) -> np.ndarray:
+    """Collimated tighter: 4%, 8%, 12%, 16%, 20% of each side cut off (the rest fills the model's input)."""
+    if k == 0:
+        return image
+    h, w = image.shape[:2]
+    dy, dx = round(h * 0.04 * k), round(w * 0.04 * k)
+    return image[dy : h - dy, dx : w - dx]
+
+
+def _pad(image: np.ndarray, k: int) -> np.ndarray:
+    """Collimated wider or placed on a larger canvas: a black border of 5%, 10%, 15%, 20%, 25% of each side."""
+    if k == 0:
+        return image
+    h, w = image.shape[:2]
+    dy, dx = round(h * 0.05 * k), round(w * 0.05 * k)
+    return cv2.copyMakeBorder(image, dy, dy, dx, dx, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+
+
+def _text(image: np.ndarray, k: int) -> np.ndarray:
+    """A burnt-in white marker ("L PORTABLE") in the top-left corner, 3%, 5%, 7%, 9%, 11% of the short side high."""
+    if k == 0:
+        return image
+    height = (0, 0.03, 0.05, 0.07, 0.09, 0.11)[k] * min(image.shape[:2])
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = height / cv2.getTextSize("L", font, 1.0, 1)[0][1]
+    thickness = max(1, round(scale * 2))
+    out = image.copy()
+    origin = (round(height * 0.5), round(height * 1.5))
+    cv2.putText(out, "L PORTABLE", origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One acquisition shift: `apply(image, severity, image_size, seed)` on the full-resolution RGB decode, or at
+    the model's resolution when `after_resize`."""
+
+    name: str
+    levels: str  # what severities 1..5 are, for the table
+    apply: Callable[[np.ndarray, int, int, int], np.ndarray]
+    after_resize: bool = False
+
+
+SHIFTS: dict[str, Shift] = {
+    s.name: s
+    for s in (
+        Shift("contrast", "x 0.8 / 0.65 / 0.5 / 0.35 / 0.2", lambda im, k, size, seed: _contrast(im, k)),
+        Shift("gamma", "1.3 / 1.6 / 2.0 / 2.5 / 3.0", lambda im, k, size, seed: _gamma(im, k)),
+        Shift("brightness", "+20 / 40 / 60 / 80 / 100 levels", lambda im, k, size, seed: _brightness(im, k)),
+        Shift("noise", "sigma 4 / 8 / 16 / 24 / 32 levels", lambda im, k, size, seed: _noise(im, k, seed), True),
+        Shift("blur", "sigma 0.25 / 0.5 / 1 / 1.5 / 2 % of side", lambda im, k, size, seed: _blur(im, k)),
+        Shift("downsample", "side / 1.5 / 2 / 3 / 4 / 6", lambda im, k, size, seed: _downsample(im, k, size)),
+        Shift("upsample", "from side / 1.5 / 2 / 3 / 4 / 6", lambda im, k, size, seed: _upsample(im, k, size)),
+        Shift("jpeg", "quality 60 / 40 / 25 / 15 / 8", lambda im, k, size, seed: _jpeg(im, k)),
+        Shift("rotation", "3 / 6 / 9 / 12 / 15 degrees", lambda im, k, size, seed: _rotation(im, k)),
+        Shift("crop", "4 / 8 / 12 / 16 / 20 % per side", lambda im, k, size, seed: _crop(im, k)),
+        Shift("pad", "5 / 10 / 15 / 20 / 25 % per side", lambda im, k, size, seed: _pad(im, k)),
+        Shift("text", "3 / 5 / 7 / 9 / 11 % of side high", lambda im, k, size, seed: _text(im, k)),
+    )
+}
+
+
+def working_image(image: np.ndarray, work_side: int | None) -> np.ndarray:
+    """The decoded image, or with `work_side` one whose short side is at most that."""
+    return image if work_side is None else _shrunk(image, work_side)
+
+
+def image_seed(path: Path) -> int:
+    """A noise seed of the file's name: the same noise for an image in every run, different between images."""
+    return int.from_bytes(hashlib.sha256(str(path).encode()).digest()[:4], "little")
+
+
+def shifted_views(
+    image: np.ndarray,
+    image_size: int,
+    shifts: Sequence[Shift],
+    seed: int,
+    preprocess: str = "none",
+    clean: np.ndarray | None = None,
+) -> np.ndarray:
+    """The model's views (K x 3 x S x S uint8) of one decoded image: clean first, then each shift at 1..5; each
+    resized and then preprocessed (the checkpoint's data.preprocess) as `model_view` does for a file. `clean` (S x S
+    x 3, not preprocessed) is the pipeline's own resized view, when the image was decoded otherwise."""
+    clean = resize_square(image, image_size) if clean is None else clean
+    views = [clean]
+    for shift in shifts:
+        for k in range(1, SEVERITIES + 1):
+            if shift.after_resize:
+                views.append(shift.apply(clean, k, image_size, seed))
+            else:
+                views.append(resize_square(shift.apply(image, k, image_size, seed), image_size))
+    views = [preprocess_image(v, preprocess) for v in views]
+    return np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))
+
+
+def answer(predictor, batch: torch.Tensor, with_flags: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(predicted classes, which images the checkpoints' out-of-distribution detector flags, or None): one forward
+    pass (chestxray.models.ood, through the predictor's answers: an ensemble flags what any member flags)."""
+    if not with_flags:
+        return predictor(batch).argmax(1).cpu().numpy(), None
+    probs, margin, _ = predictor.probabilities(batch)
+    return probs.argmax(1).cpu().numpy(), (margin > 0).cpu().numpy()
+
+
+@dataclass
+class BenchResult:
+    """Per image and per view (clean, then shift x severity): right or wrong, flagged or not."""
+
+    paths: list[Path]
+    labels: np.ndarray  # N
+    correct: np.ndarray  # N x K bool
+    flagged: np.ndarray | None  # N x K bool, or None without a detector
+    leaking: np.ndarray | None  # N bool, or None when not known
+    shifts: list[Shift]
+    unreadable: dict[str, str]
+
+
+def run_bench(
+    predictor: torch.nn.Module,
+    with_flags: bool,
+    items: Sequence[tuple[Path, int]],
+    image_size: int,
+    shifts: Sequence[Shift],
+    limits: ImageLimits,
+    device: torch.device,
+    batch_size: int,
+    work_side: int | None = None,
+) -> BenchResult:
+    """Predict every labelled image under every shift and severity; `predictor` maps uint8 images to probabilities.
+
+    The shifts act on the full-resolution decode, or with `work_side` on one whose short side is brought down to
+    that (libjpeg's reduced decode, then INTER_AREA): at a few times the model's input side the model's views are
+    nearly the same, and a 2,000-pixel image's 60 shifted versions take a second instead of ten or more."""
+    correct, flagged, kept, labels, unreadable = [], [], [], [], {}
+    per_image = 1 + SEVERITIES * len(shifts)
+    for path, label in tqdm(items, desc=f"{per_image} views per image", unit="img", file=sys.stderr):
+        try:
+            data = read_bytes(path)
+            image = working_image(decode_bytes(data, path, work_side, limits), work_side)
+            # severity 0 is exactly what training and predict.py see: their reduced decode, resized
+            clean = resize_square(decode_bytes(data, path, image_size, limits), image_size)
+        except BadImageError as err:
+            unreadable[str(path)] = err.reason
+            log.warning("cannot read %s: %s", path, err.reason)
+            continue
+        views = shifted_views(image, image_size, shifts, image_seed(path), limits.preprocess, clean)
+        views = torch.from_numpy(views)
+        preds, flags = [], []
+        with torch.no_grad():
+            for start in range(0, len(views), batch_size):
+                predicted, flagged_here = answer(predictor, views[start : start + batch_size].to(device), with_flags)
+                preds.append(predicted)
+                flags.append(flagged_here)
+        correct.append(np.concatenate(preds) == label)
+        flagged.append(np.concatenate(flags) if flags and flags[0] is not None else None)
+        kept.append(path)
+        labels.append(label)
+    have_flags = bool(flagged) and all(f is not None for f in flagged)
+    return BenchResult(
+        kept,
+        np.array(labels, dtype=np.int64),
+        np.array(correct, dtype=bool).reshape(len(kept), -1),
+        np.array(flagged, dtype=bool) if have_flags else None,
+        None,
+        list(shifts),
+        unreadable,
+    )
+
+
+def _accuracy(correct: np.ndarray) -> tuple[float | None, list[float] | None, int]:
+    n = int(correct.size)
+    if not n:
+        return None, None, 0
+    right = int(correct.sum())
+    return right / n, wilson_interval(right, n), n
+
+
+def table_rows(result: BenchResult) -> list[dict]:
+    """One row per shift and severity (severity 0: the clean images, once per shift so each curve starts there)."""
+    rows = []
+    for s, shift in enumerate(result.shifts):
+        for k in range(SEVERITIES + 1):
+            column = 0 if k == 0 else 1 + s * SEVERITIES + (k - 1)
+            acc, ci, n = _accuracy(result.correct[:, column])
+            row = {"shift": shift.name, "severity": k, "n": n, "accuracy": acc, "ci_low": ci and ci[0]}
+            row["ci_high"] = ci and ci[1]
+            if result.leaking is not None:
+                lf, _, n_lf = _accuracy(result.correct[~result.leaking, column])
+                row.update(leak_free_accuracy=lf, leak_free_n=n_lf)
+            else:
+                row.update(leak_free_accuracy=None, leak_free_n=None)
+            flagged = None if result.flagged is None else float(result.flagged[:, column].mean())
+            row["share_flagged_ood"] = flagged
+            rows.append(row)
+    return rows
+
+
+FIELDS = ["shift", "severity", "n", "accuracy", "ci_low", "ci_high", "leak_free_accuracy", "leak_free_n"]
+FIELDS.append("share_flagged_ood")
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(r[k], 4) for k in FIELDS} for r in rows)
+    atomic_write(path, buffer.getvalue())
+
+
+def markdown_table(rows: Sequence[dict], shifts: Sequence[Shift], leak_note: str, ood_note: str) -> str:
+    """Accuracy per shift (rows) and severity (columns), leak-free accuracy and share flagged beneath when known."""
+    by = {(r["shift"], r["severity"]): r for r in rows}
+    header = "| shift | levels (1 .. 5) | " + " | ".join(str(k) for k in range(SEVERITIES + 1)) + " |"
+    lines = [header, "|---|---|" + "---:|" * (SEVERITIES + 1)]
+    for shift in shifts:
+        cells = []
+        for k in range(SEVERITIES + 1):
+            r = by[(shift.name, k)]
+            cell = _cell(r["accuracy"])
+            if r["leak_free_accuracy"] is not None:
+                cell += f" ({_cell(r['leak_free_accuracy'])})"
+            if r["share_flagged_ood"] is not None:
+                cell += f" [{r['share_flagged_ood']:.0%}]"
+            cells.append(cell)
+        lines.append(f"| {shift.name} | {shift.levels} | " + " | ".join(cells) + " |")
+    legend = ["", "Cells: accuracy; (leak-free accuracy); [share flagged out-of-distribution]. Severity 0 is clean."]
+    return "\n".join([*lines, *legend, f"Leak-free: {leak_note}", f"Out-of-distribution: {ood_note}", ""])
+
+
+def severity_figure(rows: Sequence[dict], shifts: Sequence[Shift], title: str) -> Figure:
+    """Accuracy against severity, one panel per shift, with its 95% Wilson interval and the leak-free curve."""
+    cols = 4
+    nrows = -(-len(shifts) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False, sharex=True, sharey=True)
+    for ax, shift in zip(axes.flat, shifts, strict=False):
+        mine = sorted((r for r in rows if r["shift"] == shift.name), key=lambda r: r["severity"])
+        ks = [r["severity"] for r in mine]
+        ax.plot(ks, [r["accuracy"] for r in mine], "o-", label="all")
+        ax.fill_between(ks, [r["ci_low"] for r in mine], [r["ci_high"] for r in mine], alpha=0.2)
+        if mine[0]["leak_free_accuracy"] is not None:
+            ax.plot(ks, [r["leak_free_accuracy"] for r in mine], "s--", label="leak-free")
+        if mine[0]["share_flagged_ood"] is not None:
+            ax.plot(ks, [r["share_flagged_ood"] for r in mine], "^:", label="flagged OOD")
+        ax.set_title(shift.name, fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(shifts) :]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("severity (0 = clean)")
+    fig.supylabel("accuracy")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_tensorboard(folder: Path, rows: Sequence[dict], figure: np.ndarray) -> None:
+    """robustness/<shift>/accuracy (and leak_free_accuracy, share_flagged_ood) against severity as the step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for r in rows:
+            for key in ("accuracy", "leak_free_accuracy", "share_flagged_ood"):
+                if r[key] is not None:
+                    writer.add_scalar(f"robustness/{r['shift']}/{key}", r[key], global_step=r["severity"])
+        writer.add_image("robustness/accuracy_vs_severity", figure, global_step=0, dataformats="HWC")
+
+
+def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str]:
+    """The train images of the checkpoint's run (from its saved settings), the leakage threshold, and a note: or
+    None and why not (a checkpoint moved out of its run folder, a dataset no longer there, copies dropped)."""
+    from omegaconf import OmegaConf
+
+    from chestxray.data.duplicates import DEFAULT_THRESHOLD
+    from chestxray.data.sources import load_splits
+    from chestxray.errors import DataError
+
+    saved = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return None, DEFAULT_THRESHOLD, f"n/a (no {saved}: the checkpoint's run settings, so no train folder known)"
+    data = OmegaConf.load(saved).get("data", {})
+    raw = OmegaConf.to_container(data, resolve=False).get("data_dir") if data else None
+    # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
+    threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
+    data_dir, index = data.get("data_dir"), data.get("index")
+    if data.get("drop_leaking"):
+        return [], threshold, "the run dropped its train copies of test images (data.drop_leaking=true): none leak"
+    try:
+        files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, list(data.get("classes")))
+    except (DataError, OSError, TypeError) as err:
+        how = f" (saved as {raw}: set it as for training)" if raw != data_dir else ""
+        return None, threshold, f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
+    return files["train"].paths, threshold, f"compared with the {len(files['train'])} train images of {data_dir}"
+
+
+def leaking_mask(paths: Sequence[Path], train: Sequence[Path], threshold: int, limits: ImageLimits) -> np.ndarray:
+    """Which images near-duplicate a train image (perceptual hash within `threshold` bits, as training checks)."""
+    from chestxray.data.duplicates import hash_files, near_pairs
+
+    mine, ok = hash_files(paths, limits)
+    theirs, theirs_ok = hash_files(train, limits)
+    train_ok = [p for p, good in zip(train, theirs_ok, strict=True) if good]
+    pairs = near_pairs(
+        train_ok, theirs[theirs_ok], [p for p, g in zip(paths, ok, strict=True) if g], mine[ok], threshold
+    )
+    leaking = {p.test for p in pairs}
+    return np.array([p in leaking for p in paths], dtype=bool)
+
+
+def chosen_shifts(value) -> list[Shift]:
+    """shifts=all, or a list of shift names; anything else is one ConfigError naming the setting."""
+    from chestxray.errors import ConfigError
+
+    names = list(SHIFTS) if value == "all" else [value] if isinstance(value, str) else [str(v) for v in value]
+    unknown = [n for n in names if n not in SHIFTS]
+    if unknown or not names:
+        raise ConfigError(f"shifts={value}: must be all or a list of {', '.join(SHIFTS)}")
+    return [SHIFTS[n] for n in names]
+
+
+def machine() -> str:
+    """The CPU's model name (and the GPU's when one is used), for the table's header."""
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    return cpu + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+
+
+def leak_mask_of_runs(
+    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits
+) -> tuple[np.ndarray | None, str]:
+    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known."""
+    train: list[Path] = []
+    notes = []
+    threshold = 0
+    for ckpt in ckpts:
+        files, threshold, note = run_train_files(ckpt)
+        if files is None:
+            return None, note
+        train += files
+        notes.append(note)
+    if not train:
+        return np.zeros(len(paths), bool), "; ".join(notes)
+    mask = leaking_mask(paths, train, threshold, limits)
+    return mask, f"{'; '.join(notes)} ({int(mask.sum())} of {len(paths)} inputs duplicate one, {threshold} bits)"
+
+
+def robustness(cfg) -> dict:
+    """The bench's job (python -m chestxray.robustness): its files in the run folder, and a summary."""
+    import json
+    import time
+
+    from omegaconf import ListConfig, OmegaConf
+
+    from chestxray.data.sources import find_inputs
+    from chestxray.errors import PredictError
+    from chestxray.evaluation.figures import render
+    from chestxray.models.checkpoints import load_models, preprocess_of
+    from chestxray.models.classifier import Ensemble
+    from chestxray.runtime import settings
+
+    for key, what in (("ckpt", "a checkpoint written by train.py"), ("inputs", "labelled images, e.g. DATA/test")):
+        if OmegaConf.is_missing(cfg, key):
+            raise PredictError(f"{key}= is required: {what}")
+    settings.check(cfg, settings.ROBUSTNESS_RULES)
+    shifts = chosen_shifts(OmegaConf.to_container(cfg.shifts) if OmegaConf.is_config(cfg.shifts) else cfg.shifts)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("device=cuda: no CUDA device here (device=cpu or auto)")
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    ckpts = [str(c) for c in cfg.ckpt] if isinstance(cfg.ckpt, ListConfig) else [str(cfg.ckpt)]
+    models = load_models(ckpts)
+    classes, image_size = models[0].classes, int(models[0].hparams.image_size)
+    inputs = [str(i) for i in cfg.inputs] if isinstance(cfg.inputs, ListConfig) else [str(cfg.inputs)]
+    items = [(i.path, i.label) for i in find_inputs(inputs, classes) if i.label is not None]
+    if not items:
+        raise PredictError(f"inputs={cfg.inputs}: no image in a folder named like a class ({', '.join(classes)})")
+    limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess_of(models[0]), prefix="")
+    predictor = Ensemble(models).to(device).eval()
+    with_flags = all(bool(m.ood.fitted) for m in models)  # checkpoints written before the detectors: no column
+    work_side = None if cfg.work_side is None else max(int(cfg.work_side), image_size)
+    result = run_bench(predictor, with_flags, items, image_size, shifts, limits, device, cfg.batch_size, work_side)
+    if not len(result.paths):
+        raise PredictError(f"none of the {len(items)} labelled input image(s) could be read (see the warnings above)")
+    leak_note = "n/a (leak_free=false)"
+    if cfg.leak_free:
+        result.leaking, leak_note = leak_mask_of_runs([Path(c) for c in ckpts], result.paths, limits)
+    ood_note = (
+        "the share the checkpoint's detector flags (model.ood.detector, its 95% pass threshold on the validation split)"
+        if result.flagged is not None
+        else "not given: the checkpoint carries no out-of-distribution detector"
+    )
+    rows = table_rows(result)
+    out = Path(cfg.paths.output_dir)
+    write_csv(rows, out / "robustness.csv")
+    where = machine()
+    title = f"{Path(ckpts[0]).name}: {len(result.paths)} images of {cfg.inputs} at {image_size} px"
+    header = [f"# Robustness: {title}", "", f"Machine: {where}; device {device.type}."]
+    resolution = "full resolution" if work_side is None else f"a short side of at most {work_side} px"
+    header += [f"Checkpoint's data.preprocess: {limits.preprocess}. Shifts applied at {resolution}.", ""]
+    atomic_write(out / "robustness.md", "\n".join(header) + "\n" + markdown_table(rows, shifts, leak_note, ood_note))
+    figure = render(severity_figure(rows, shifts, title), out / "robustness.png")
+    write_tensorboard(out / "tensorboard", rows, figure)
+    clean = rows[0]
+    summary = {
+        "ckpt": ckpts,
+        "inputs": inputs,
+        "images": len(result.paths),
+        "unreadable": result.unreadable,
+        "clean_accuracy": clean["accuracy"],
+        "clean_leak_free_accuracy": clean["leak_free_accuracy"],
+        "leak_free": leak_note,
+        "out_of_distribution": ood_note,
+        "machine": where,
+        "device": device.type,
+        "preprocess": limits.preprocess,
+        "work_side": work_side,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_dir": str(out),
+    }
+    atomic_write(out / "results.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,152 @@
+"""The robustness bench: every shift is the identity at severity 0 and changes the image more at each severity; the
+command writes its table, figure and TensorBoard events into a run folder of its own, with leak-free accuracy when
+the checkpoint's run folder names its train images and n/a when it does not."""
+
+import csv
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from chestxray.errors import ConfigError
+from chestxray.evaluation.robustness import SEVERITIES, SHIFTS, chosen_shifts, robustness, shifted_views
+from tests.conftest import compose_config, run_script
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def radiograph() -> np.ndarray:
+    """A radiograph-like RGB image larger than the model's input: a grey gradient, two dark lungs, a bright spine."""
+    h, w = 300, 260
+    grey = np.tile(np.linspace(40, 200, w, dtype=np.float32), (h, 1))
+    grey += np.linspace(-20, 20, h, dtype=np.float32)[:, None]
+    image = np.clip(grey, 0, 255).astype(np.uint8)
+    cv2.ellipse(image, (80, 150), (45, 90), 0, 0, 360, 30, -1)
+    cv2.ellipse(image, (180, 150), (45, 90), 0, 0, 360, 35, -1)
+    cv2.rectangle(image, (122, 20), (138, 290), 230, -1)
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+
+
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_severity_0_is_the_identity(name, radiograph):
+    before = radiograph.copy()
+    out = SHIFTS[name].apply(radiograph, 0, SIZE, 7)
+    assert out.shape == radiograph.shape and np.array_equal(out, radiograph)
+    assert np.array_equal(radiograph, before)  # no shift writes into the decoded image
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("name", list(SHIFTS))
+def test_each_severity_changes_the_model_view_more_than_the_one_before(name, size, radiograph):
+    views = shifted_views(radiograph, size, [SHIFTS[name]], seed=7).astype(np.float64)
+    assert views.shape == (1 + SEVERITIES, 3, size, size)
+    distance = [np.abs(views[k] - views[0]).mean() for k in range(1 + SEVERITIES)]
+    assert distance[0] == 0
+    assert all(b > a for a, b in zip(distance, distance[1:], strict=False)), distance
+
+
+def test_shifts_setting_is_checked():
+    assert [s.name for s in chosen_shifts(["blur", "jpeg"])] == ["blur", "jpeg"]
+    assert len(chosen_shifts("all")) == len(SHIFTS)
+    with pytest.raises(ConfigError, match="shifts=.*must be all or a list of"):
+        chosen_shifts(["blurr"])
+
+
+def _run_copy(tiny_run, tmp_path, with_settings: bool):
+    """The tiny checkpoint in a run folder of its own, with the run's saved settings (as Hydra writes them) or not."""
+    run = tmp_path / "train-run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run["ckpt"], run / "checkpoints" / "best.ckpt")
+    if with_settings:
+        data = OmegaConf.to_container(tiny_run["cfg"].data)
+        (run / ".hydra").mkdir()
+        keep = ("data_dir", "index", "classes", "leakage_threshold", "drop_leaking")
+        OmegaConf.save({"data": {k: data[k] for k in keep}}, run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "best.ckpt"
+
+
+def _table(folder):
+    with open(folder / "robustness.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_the_command_writes_table_figure_and_tensorboard_in_its_own_run_folder(tiny_run, tmp_path):
+    ckpt = _run_copy(tiny_run, tmp_path, with_settings=True)
+    out = tmp_path / "bench"
+    run_script(
+        "-m",
+        "chestxray.robustness",
+        f"ckpt={ckpt}",
+        f"inputs={tiny_run['data'] / 'test'}",
+        f"hydra.run.dir={out}",
+        "shifts=[contrast,noise,text]",
+        "device=cpu",
+    )
+    rows = _table(out)
+    assert [(r["shift"], int(r["severity"])) for r in rows] == [
+        (s, k) for s in ("contrast", "noise", "text") for k in range(SEVERITIES + 1)
+    ]
+    assert all(int(r["n"]) == 39 for r in rows)  # 12 test images per class and the 3 copies of train images
+    assert all(int(r["leak_free_n"]) == 36 for r in rows)  # the generated data's 3 leaks are found and left out
+    assert len({r["accuracy"] for r in rows if r["severity"] == "0"}) == 1  # one clean accuracy, on every curve
+    assert rows[0]["share_flagged_ood"] == ""  # no detector in this checkpoint
+    md = (out / "robustness.md").read_text()
+    assert "| contrast |" in md and "Machine: " in md and "no out-of-distribution detector" in md
+    assert (out / "robustness.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    second = run_script(
+        "-m", "chestxray.robustness", f"ckpt={ckpt}", f"inputs={tiny_run['data'] / 'test'}", f"hydra.run.dir={out}",
+        ok=False,
+    )  # fmt: skip
+    assert second.returncode == 2 and "holds" in second.stderr  # never into another run's folder
+
+
+def test_leak_free_is_n_a_without_the_runs_settings(tiny_run, tmp_path):
+    ckpt = _run_copy(tiny_run, tmp_path, with_settings=False)
+    out = tmp_path / "bench"
+    cfg = compose_config(
+        "robustness",
+        [f"ckpt={ckpt}", f"inputs={tiny_run['data'] / 'test'}", f"paths.output_dir={out}", "shifts=[blur]"]
+        + ["work_side=48"],
+    )
+    summary = robustness(cfg)
+    assert summary["work_side"] == 48 and "at most 48 px" in (out / "robustness.md").read_text()
+    assert summary["clean_leak_free_accuracy"] is None and summary["leak_free"].startswith("n/a (no ")
+    assert all(r["leak_free_accuracy"] == "" for r in _table(out))
+    assert "Leak-free: n/a" in (out / "robustness.md").read_text()
+
+
+def test_a_setting_out_of_range_is_one_line(tiny_run, tmp_path):
+    cfg = compose_config(
+        "robustness",
+        [f"ckpt={tiny_run['ckpt']}", "inputs=x", f"paths.output_dir={tmp_path}", "batch_size=0"],
+    )
+    with pytest.raises(ConfigError, match="batch_size=0: must be an integer at least 1"):
+        robustness(cfg)
+
+
+def test_severity_0_is_exactly_what_predict_sees_whatever_the_working_resolution(synthetic_dir):
+    """The clean view is the pipeline's own (its reduced JPEG decode, resized, preprocessed), so the bench's clean
+    accuracy is the test accuracy of training and predict.py, also with work_side."""
+    import torch
+
+    from chestxray.data.images import ImageLimits, load_image
+    from chestxray.evaluation.robustness import run_bench
+
+    seen = []
+
+    def recorder(batch):
+        seen.append(batch.clone())
+        return torch.zeros(len(batch), 3)
+
+    path = sorted((synthetic_dir / "test" / "Covid").glob("*.jp*g"))[0]
+    for preprocess in ("none", "clahe"):
+        for work_side in (None, 40):
+            seen.clear()
+            limits = ImageLimits(preprocess=preprocess)
+            result = run_bench(recorder, None, [(path, 1)], 32, [SHIFTS["noise"]], limits, "cpu", 64, work_side)
+            assert result.correct.shape == (1, 1 + SEVERITIES)
+            assert np.array_equal(seen[0][0].numpy(), load_image(path, 32, limits)), (preprocess, work_side)
