@@ -125,6 +125,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_image_side: int = DEFAULT_MIN_SIDE,
+        lateral: str = "flag",
         download: bool = True,
         check_leakage: bool = True,
         drop_leaking: bool = False,
@@ -141,7 +142,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         for name in self.eval_sets:
             if name == "test" or "/" in name:
                 raise DataError(f"eval_sets.{name}: the name must not be 'test' or contain '/'")
-        self.settings = DecodeSettings(int(image_size), ImageLimits(int(max_pixels), int(min_image_side)))
+        self.settings = DecodeSettings(int(image_size), ImageLimits(int(max_pixels), int(min_image_side), str(lateral)))
         self.datasets: dict[str, ImageDataset] = {}  # train, val
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
         self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image

@@ -67,7 +67,7 @@ class DecodeSettings:
 
     def key(self) -> str:
         lim = self.limits
-        return f"v{DECODE_VERSION}-s{self.image_size}-max{lim.max_pixels}-min{lim.min_side}"
+        return f"v{DECODE_VERSION}-s{self.image_size}-max{lim.max_pixels}-min{lim.min_side}-lateral{lim.lateral}"
 
     @property
     def row_bytes(self) -> int:

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from chestxray.data.images import BadImageError, ImageLimits, load_image
+from chestxray.data.images import BadImageError, ImageLimits, ImageTags, image_tags, load_image
 from chestxray.data.sources import InputImage, find_inputs
 from chestxray.errors import PredictError
 from chestxray.evaluation.report import (
@@ -63,11 +63,11 @@ class FileDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
 
-def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str) -> dict:
+def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str, tags: ImageTags) -> dict:
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
-        return prediction_row(item.path, label, classes, probs)
-    return {"path": str(item.path), "label": label, "error": error or "not predicted"}
+        return prediction_row(item.path, label, classes, probs, tags)
+    return prediction_row(item.path, label, classes, None, tags) | {"error": error or "not predicted"}
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -89,6 +89,7 @@ class PredictionWriter(BasePredictionWriter):
         self.positions: list[int] = []
         self.probs: list[np.ndarray] = []
         self.errors: dict[int, str] = {}
+        self.lateral: list[int] = []  # positions of DICOM side views (flagged in the CSV and the printout)
         self.csv_path: Path | None = None
         self._fh = None
 
@@ -106,7 +107,11 @@ class PredictionWriter(BasePredictionWriter):
         probs_of = dict(zip(good_positions.tolist(), probs.float().cpu().numpy(), strict=True))
         for position, error in zip(batch[1].tolist(), errors, strict=True):
             p = probs_of.get(position)
-            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error))
+            # the header's modality and view, read again here: the batch carries pixels only (Predictor's contract)
+            tags = image_tags(self.inputs[position].path)
+            if tags.lateral and not error:
+                self.lateral.append(position)
+            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, tags))
             if error:
                 self.errors[position] = error
                 log.warning("cannot predict %s: %s", self.inputs[position].path, error)
@@ -151,6 +156,7 @@ class PredictionWriter(BasePredictionWriter):
         gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs)])
         positions, probs = (t.numpy() for t in gathered) if gathered else (np.zeros(0, int), probs.numpy())
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
+        self.lateral = sorted({k for part in all_gather(self.lateral) for k in part})
         return positions, probs, errors
 
     def evaluation(self, positions: np.ndarray, probs: np.ndarray) -> Evaluation:
@@ -194,7 +200,7 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
 
 
 def limits_of(cfg: DictConfig) -> ImageLimits:
-    return ImageLimits(cfg.data.max_pixels, cfg.data.min_image_side)
+    return ImageLimits(cfg.data.max_pixels, cfg.data.min_image_side, cfg.data.get("lateral", "flag"))
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -210,7 +216,7 @@ def predict(cfg: DictConfig) -> dict:
     classes, image_size = models[0].classes, models[0].hparams.image_size
     inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
-        raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
+        raise PredictError(f"no image (.jpeg/.jpg/.png/.tif/.tiff/.dcm/.dicom or DICOM) found in inputs={cfg.inputs}")
     limits = limits_of(cfg)
     predictor = runtime_module(cfg, paths, models, inputs)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
@@ -226,7 +232,7 @@ def predict(cfg: DictConfig) -> dict:
     evaluation = writer.evaluation(positions, probs)
     report_settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits)
     report, _ = write_report(evaluation, out, report_settings, models)
-    show(evaluation, report, cfg.print_limit)
+    show(evaluation, report, cfg.print_limit, {str(inputs[i].path) for i in writer.lateral})
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": report}
 
 
@@ -275,11 +281,21 @@ def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
         part.unlink()
 
 
-def show(evaluation: Evaluation, report: dict | None, limit: int) -> None:
-    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log."""
+LATERAL_MARK = "  [lateral view: the model was trained on frontal (PA/AP) views]"
+
+
+def show(evaluation: Evaluation, report: dict | None, limit: int, lateral: set[str] = frozenset()) -> None:
+    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log.
+    Side views (lateral, DICOM ViewPosition) are marked on their line, and counted when the lines are not shown."""
     if len(evaluation.paths) <= limit:
         for path, p in zip(evaluation.paths, evaluation.probs, strict=True):
             ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
-            say(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})")
+            mark = LATERAL_MARK if str(path) in lateral else ""
+            say(f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked}){mark}")
+    if lateral:
+        say(
+            f"{len(lateral)} lateral view(s) predicted (view column of predictions.csv; data.lateral=refuse skips "
+            "them): the model was trained on frontal views"
+        )
     if report:
         say(summary_text(report))
