@@ -144,7 +144,7 @@ def test_empty_class_is_an_error(messy):
     folder = messy / "test" / "Normal"
     for f in folder.iterdir():
         f.unlink()
-    with pytest.raises(DataError, match=r"no .jpeg/.jpg/.png images: .*test/Normal"):
+    with pytest.raises(DataError, match=r"no JPEG, PNG, TIFF or DICOM images: .*test/Normal"):
         make_dm(messy).setup()
 
 

@@ -279,7 +279,7 @@ def test_missing_settings_and_files_fail_with_status_2_leaving_only_the_log(trai
         ([f"inputs={tmp_path}"], "predict.py: error: PredictError: ckpt= is required"),
         ([f"ckpt={trained_run['ckpt']}"], "predict.py: error: PredictError: inputs= is required"),
         ([f"ckpt={tmp_path / 'none.ckpt'}", f"inputs={tmp_path}"], f"ckpt={tmp_path / 'none.ckpt'}: file not found"),
-        ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path / 'empty'}"], "no .jpeg/.jpg/.png image found"),
+        ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path / 'empty'}"], "no JPEG, PNG, TIFF or DICOM image found"),
         ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path}", "data.max_pixels=0"], "ConfigError: data.max_pixels=0"),
         ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path}", "data.image_size=64"], "predict.py does not use data."),
     ]

@@ -216,7 +216,7 @@ def predict(cfg: DictConfig) -> dict:
     classes, image_size = models[0].classes, models[0].hparams.image_size
     inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
-        raise PredictError(f"no image (.jpeg/.jpg/.png/.tif/.tiff/.dcm/.dicom or DICOM) found in inputs={cfg.inputs}")
+        raise PredictError(f"no JPEG, PNG, TIFF or DICOM image found in inputs={cfg.inputs}")
     limits = limits_of(cfg)
     predictor = runtime_module(cfg, paths, models, inputs)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None)
