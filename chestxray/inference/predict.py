@@ -63,7 +63,10 @@ class FileDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), position, err.reason
 
 
-def csv_row(item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str, tags: ImageTags) -> dict:
+def csv_row(
+    item: InputImage, classes: Sequence[str], probs: np.ndarray | None, error: str, tags: ImageTags | None = None
+) -> dict:
+    """predictions.csv's row of one input; tags (modality, view) read from the file's header when not given."""
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
         return prediction_row(item.path, label, classes, probs, tags)
