@@ -408,3 +408,16 @@ def test_nothing_but_the_listed_header_fields_is_parsed(grey, tmp_path):
     ds = dicom.read_dataset(path.read_bytes())
     names = {element.keyword for element in ds}
     assert names <= set(dicom.READ_TAGS) and "PatientName" not in names and "PatientID" not in names
+
+
+def test_the_lateral_setting_is_checked_and_keys_the_store(checkpoint, tmp_path):
+    from chestxray.errors import ConfigError
+    from chestxray.runtime import settings
+
+    cfg = predict_config(tmp_path / "out", checkpoint, tmp_path, "data.lateral=maybe")
+    with pytest.raises(ConfigError, match=r"data.lateral=maybe: must be one of flag, refuse"):
+        settings.check(cfg, settings.PREDICT_RULES)
+    refusing = predict_config(tmp_path / "out", checkpoint, tmp_path, "data.lateral=refuse")
+    settings.check(refusing, settings.PREDICT_RULES)
+    flag, refuse = DecodeSettings(32).key(), DecodeSettings(32, ImageLimits(lateral="refuse")).key()
+    assert flag != refuse and flag.startswith(f"v{images.DECODE_VERSION}-") and images.DECODE_VERSION >= 3
