@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
-from chestxray.data.images import BadImageError, decode_raw, read_bytes, to_rgb8
+from chestxray.data.images import BadImageError, decode, read_bytes
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
 from chestxray.errors import DataError
 from chestxray.runtime.files import atomic_write
@@ -51,22 +51,23 @@ class FileRecord:
 
 
 def inspect_file(path: Path, split: str, label: str) -> FileRecord:
-    """One full decode per file gives its mode, depth and size, validates it, and feeds the perceptual hash."""
+    """One full decode per file (the decode every reader uses) gives its mode, significant bits and size, validates
+    it, and feeds the perceptual hash."""
     record = FileRecord(path, split, label)
     try:
         data = read_bytes(path)
         record.bytes = len(data)
         record.sha256 = hashlib.sha256(data).hexdigest()
-        image, header = decode_raw(data, path)
+        decoded = decode(data, path)
     except BadImageError as err:
         record.error = err.reason
         return record
-    record.format = header.format
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    record.mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
-    record.bit_depth = 16 if image.dtype == np.uint16 else 8
-    record.height, record.width = image.shape[:2]
-    record.phash = perceptual_hash(to_rgb8(image)).tobytes()
+    info = decoded.header.dicom
+    record.format = f"DICOM {info.modality}" if info else decoded.header.format
+    record.mode = decoded.mode
+    record.bit_depth = decoded.bits
+    record.height, record.width = decoded.image.shape[:2]
+    record.phash = perceptual_hash(decoded.image).tobytes()
     return record
 
 

@@ -18,7 +18,7 @@ BAD = {
     "zero.jpeg": "empty file (0 bytes)",
     "truncated.jpeg": "truncated JPEG",
     "truncated.png": "truncated PNG",
-    "text.jpg": "not a JPEG or PNG image",
+    "text.jpg": "not a JPEG, PNG, TIFF or DICOM image",
     "garbage.jpg": "unreadable JPEG header",
 }
 
@@ -144,7 +144,7 @@ def test_empty_class_is_an_error(messy):
     folder = messy / "test" / "Normal"
     for f in folder.iterdir():
         f.unlink()
-    with pytest.raises(DataError, match=r"no .jpeg/.jpg/.png images: .*test/Normal"):
+    with pytest.raises(DataError, match=r"no JPEG, PNG, TIFF or DICOM images: .*test/Normal"):
         make_dm(messy).setup()
 
 
@@ -255,7 +255,7 @@ def test_unusual_but_valid_files_decode_and_a_gif_is_refused(odd_files):
         )
         <= 1
     )
-    with pytest.raises(BadImageError, match="not a JPEG or PNG image"):
+    with pytest.raises(BadImageError, match="not a JPEG, PNG, TIFF or DICOM image"):
         read_image(odd_files / "named.png")
     listed = list_images(odd_files, recursive=True)  # the link loop is entered once, not forever
     assert sorted(p.name for p in listed) == sorted(p.name for p in odd_files.iterdir() if p.is_file())

@@ -135,9 +135,10 @@ def test_streamed_csv_equals_the_all_at_once_csv_row_for_row(tiny_run, tmp_path)
         images = torch.from_numpy(np.stack([decoded.images[i] for i in range(len(inputs))]))
         batches = [Probabilities([model]).answers(images[k : k + 8]) for k in range(0, len(images), 8)]
         probs, scores, sets = (torch.cat(part).numpy() for part in zip(*batches, strict=True))
-    fields = ["path", "label", "pred", *[f"prob_{c}" for c in model.classes], *UNCERTAINTY_FIELDS, "error"]
-    reference = [
-        {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set).items()}
+    fields = ["path", "label", "modality", "view", "pred", *[f"prob_{c}" for c in model.classes]]
+    fields += [*UNCERTAINTY_FIELDS, "error"]
+    reference = [  # the non-empty fields (modality and view are empty for PNG and JPEG files)
+        {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set).items() if str(v)}
         for i, p, score, in_set in zip(inputs, probs, scores, sets, strict=True)
     ]
     streamed = read_rows(out)
@@ -286,7 +287,7 @@ def test_missing_settings_and_files_fail_with_status_2_leaving_only_the_log(trai
         ([f"inputs={tmp_path}"], "predict.py: error: PredictError: ckpt= is required"),
         ([f"ckpt={trained_run['ckpt']}"], "predict.py: error: PredictError: inputs= is required"),
         ([f"ckpt={tmp_path / 'none.ckpt'}", f"inputs={tmp_path}"], f"ckpt={tmp_path / 'none.ckpt'}: file not found"),
-        ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path / 'empty'}"], "no .jpeg/.jpg/.png image found"),
+        ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path / 'empty'}"], "no JPEG, PNG, TIFF or DICOM image found"),
         ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path}", "data.max_pixels=0"], "ConfigError: data.max_pixels=0"),
         ([f"ckpt={trained_run['ckpt']}", f"inputs={tmp_path}", "data.image_size=64"], "predict.py does not use data."),
     ]

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from chestxray.data import duplicates
+from chestxray.data import dicom, duplicates
 from chestxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImageError, ImageLimits
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
 from chestxray.data.splits import group_ids, holdout, kfold
@@ -64,6 +64,17 @@ def train_transform() -> v2.Transform:
             v2.ColorJitter(brightness=0.15, contrast=0.15),
         ]
     )
+
+
+def patient_of(path: Path, listed: str | None) -> str | None:
+    """Whose image this is, for grouping only: a label file's patient column, else a DICOM file's PatientID as an
+    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it); None for other files. Only files that may
+    be DICOM (by suffix, or none) are opened for it."""
+    if listed is not None:
+        return listed
+    if path.suffix.lower() in dicom.DICOM_SUFFIXES or not path.suffix:
+        return dicom.patient_key(path)
+    return None
 
 
 def split_size(positions: np.ndarray | None, groups: np.ndarray) -> dict[str, int]:
@@ -133,6 +144,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_image_side: int = DEFAULT_MIN_SIDE,
         preprocess: str = "none",
+        lateral: str = "flag",
         download: bool = True,
         check_leakage: bool = True,
         drop_leaking: bool = False,
@@ -149,7 +161,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         for name in self.eval_sets:
             if name == "test" or "/" in name:
                 raise DataError(f"eval_sets.{name}: the name must not be 'test' or contain '/'")
-        limits = ImageLimits(int(max_pixels), int(min_image_side), preprocess)
+        limits = ImageLimits(int(max_pixels), int(min_image_side), preprocess, str(lateral))
         self.settings = DecodeSettings(int(image_size), limits)
         self.datasets: dict[str, ImageDataset] = {}  # train, val
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
@@ -218,8 +230,8 @@ class ChestXrayDataModule(L.LightningDataModule):
                 self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels, leaking=self.leaking[name])
         decoded, labels = sets["train"]
         train = ImageDataset(decoded.paths, decoded.images, labels)
-        patients = dict(zip(sources["train"].paths, sources["train"].patients, strict=False))
-        groups = group_ids(len(labels), [patients.get(p) for p in decoded.paths], pairs)
+        listed = dict(zip(sources["train"].paths, sources["train"].patients, strict=False))
+        groups = group_ids(len(labels), [patient_of(p, listed.get(p)) for p in decoded.paths], pairs)
         fit, val = self._split(labels, groups)
         # data.drop_leaking: the split is drawn over every train image first, so the other images keep their side
         # (and fold) whether the leaking copies are dropped or not: drop and no-drop runs validate on the same images

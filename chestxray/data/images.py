@@ -1,8 +1,13 @@
-"""Finding and decoding image files: one code path for training, prediction and the audit.
+"""Finding and decoding image files: one code path for training, prediction, the audit and the store.
 
-Every file goes through the same checks before a pixel is decoded: the content must be a complete JPEG or PNG
-(not just named like one), and its header must declare a size within the limits (a 30,000 x 30,000 PNG of 1 MB
-would otherwise take 4.5 GB to decode). JPEG EXIF orientation is applied, as `cv2.imread` does.
+Every file goes through the same checks before a pixel is decoded: the content must be a complete JPEG or PNG, a
+TIFF or a DICOM file (not just named like one), and its header must declare a size within the limits (a 30,000 x
+30,000 PNG of 1 MB would otherwise take 4.5 GB to decode). JPEG and TIFF orientation is applied, as `cv2.imread`
+does. DICOM goes through chestxray.data.dicom (modality and VOI LUTs, MONOCHROME1, BitsStored) to the same uint8.
+
+16-bit PNG and TIFF are scaled by their significant bits: the PNG sBIT chunk or the TIFF MaxSampleValue tag where
+the file declares them, else the fewest bits (8 to 16) that hold the image's greatest value. A 12-bit image stored
+in 16 bits (values up to 4095) is therefore scaled by 255/4095, not 255/65535 (nearly black).
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import JpegImagePlugin, PngImagePlugin
+from PIL import JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
+from chestxray.data import dicom
 from chestxray.data.preprocess import preprocess_image
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", *dicom.DICOM_SUFFIXES)
 # Bump when decoding or resizing changes, so on-disk stores made by older code are not reused.
-DECODE_VERSION = 2
+# 3: DICOM; 16-bit PNG/TIFF by their significant bits; TIFF.
+DECODE_VERSION = 3
 # Refuse images above this many pixels (data.max_pixels): well above any radiograph (a 43 x 43 cm detector at
 # 100 um is 18 megapixels), well below what takes a machine down when several are decoded at once.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -32,8 +39,14 @@ DEFAULT_MIN_SIDE = 32
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_HEADER_READERS = {"JPEG": JpegImagePlugin.JpegImageFile, "PNG": PngImagePlugin.PngImageFile}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+_HEADER_READERS = {
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "TIFF": TiffImagePlugin.TiffImageFile,
+}
 _EXIF_ORIENTATION = 0x0112
+_TIFF_MAX_SAMPLE_VALUE = 281
 
 
 class BadImageError(ValueError):
@@ -56,6 +69,7 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     preprocess: str = "none"  # data.preprocess, applied to the model's view (chestxray.data.preprocess)
+    lateral: str = "flag"  # data.lateral: a DICOM side view is flagged (predictions.csv's view column) or refused
     prefix: str = field(default="data.", compare=False)
 
 
@@ -64,15 +78,40 @@ DEFAULT_LIMITS = ImageLimits()
 
 @dataclass(frozen=True)
 class Header:
-    format: str  # JPEG or PNG
+    format: str  # JPEG, PNG, TIFF or DICOM
     width: int
     height: int
     orientation: int  # EXIF orientation, 1 (as stored) to 8
+    top: int | None = None  # the greatest value the file declares (PNG sBIT, TIFF MaxSampleValue), if it does
+    dicom: dicom.DicomInfo | None = None
+
+
+@dataclass(frozen=True)
+class ImageTags:
+    """The header fields a prediction row carries: empty for files that are not DICOM."""
+
+    modality: str = ""
+    view: str = ""
+
+    @property
+    def lateral(self) -> bool:
+        return self.view in dicom.LATERAL_VIEWS
+
+
+def _may_be_dicom(path: Path) -> bool:
+    """No extension, or a numeric one (files named by their UID, 1.2.840...): worth reading 132 bytes of."""
+    suffix = path.suffix
+    return suffix == "" or suffix[1:].isdigit()
 
 
 def is_image_file(path: Path) -> bool:
-    """Accept jpeg/jpg/png in any letter case; skip hidden files such as .DS_Store."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    """Accept jpeg/jpg/png/tif/tiff/dcm/dicom in any letter case, and DICOM files without an extension (their
+    132-byte preamble says DICM; only such files are opened); skip hidden files such as .DS_Store."""
+    if path.name.startswith("."):
+        return False
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return _may_be_dicom(path) and dicom.sniff(path)
 
 
 def _walk(folder: Path) -> Iterable[Path]:
@@ -99,6 +138,24 @@ def _sniff_format(data: bytes) -> str | None:
         return "JPEG"
     if data.startswith(_PNG_MAGIC):
         return "PNG"
+    if data.startswith(_TIFF_MAGIC):
+        return "TIFF"
+    if dicom.has_preamble(data):
+        return "DICOM"
+    return None
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """The PNG sBIT chunk's greatest channel depth, read from the chunks before the image data (None without it)."""
+    at = len(_PNG_MAGIC)
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        if kind == b"sBIT" and length:
+            return max(data[at + 8 : at + 8 + length])
+        at += 12 + length
     return None
 
 
@@ -113,23 +170,45 @@ def _check_complete(data: bytes, fmt: str) -> str | None:
 
 
 def read_header(data: bytes, path: str | os.PathLike) -> Header:
-    """Format, size and EXIF orientation from the file's header alone, or BadImageError with the reason."""
+    """Format, size and orientation from the file's header alone, or BadImageError with the reason."""
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
     fmt = _sniff_format(data)
     if fmt is None:
-        raise BadImageError(path, "not a JPEG or PNG image (unrecognised file content)")
+        raise BadImageError(path, "not a JPEG, PNG, TIFF or DICOM image (unrecognised file content)")
+    if fmt == "DICOM":
+        return _dicom_header(data, path)[0]
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
+    top = None
     try:
         # The plugin classes parse the header without Image.open's global decompression-bomb limit.
         image = _HEADER_READERS[fmt](io.BytesIO(data))
         width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if fmt in ("JPEG", "TIFF") else 1
+        if fmt == "TIFF":
+            pages = getattr(image, "n_frames", 1)
+            top = image.tag_v2.get(_TIFF_MAX_SAMPLE_VALUE)
+            top = int(top[0] if isinstance(top, tuple) else top) if top else None
+        elif fmt == "PNG":
+            bits = _png_significant_bits(data)
+            top = 2**bits - 1 if bits else None
     except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is a bad file
         raise BadImageError(path, f"unreadable {fmt} header ({type(err).__name__}: {err})") from None
-    return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1)
+    if fmt == "TIFF" and pages > 1:
+        raise BadImageError(path, f"TIFF of {pages} pages: one radiograph per file expected")
+    return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1, top)
+
+
+def _dicom_header(data: bytes, path: str | os.PathLike):
+    """A DICOM file's Header and its (READ_TAGS only) dataset, for the pixel decode."""
+    try:
+        ds = dicom.read_dataset(data)
+        info = dicom.info_of(ds)
+    except dicom.DicomError as err:
+        raise BadImageError(path, str(err)) from None
+    return Header("DICOM", info.width, info.height, 1, dicom=info), ds
 
 
 def check_limits(header: Header, path: str | os.PathLike, limits: ImageLimits) -> None:
@@ -170,14 +249,31 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image if flip is None else cv2.flip(image, flip)
 
 
-def to_rgb8(image: np.ndarray) -> np.ndarray:
+def significant_top(image: np.ndarray, declared: int | None = None) -> int:
+    """The value that becomes 255 in a 16-bit image: the declared greatest value (PNG sBIT, TIFF MaxSampleValue)
+    when the pixels keep to it, else 2^b - 1 for the fewest bits b (8 to 16) that hold the greatest pixel.
+
+    A PNG whose pixels exceed its sBIT was scaled to the full 16 bits as the PNG specification says; the greatest
+    pixel then needs 16 bits and the rule gives 65535, the scaling that file expects.
+    """
+    colour = image if image.ndim == 2 or image.shape[2] < 4 else image[:, :, :3]
+    greatest = int(colour.max()) if colour.size else 0
+    if declared and 0 < greatest <= declared:
+        return declared
+    return 2 ** max(8, greatest.bit_length()) - 1
+
+
+def to_rgb8(image: np.ndarray, declared: int | None = None) -> np.ndarray:
     """Any OpenCV decode (gray, BGR, BGRA; 8 or 16 bit) as 8-bit RGB.
 
-    16-bit values are scaled by 255/65535 (not truncated to the low byte); transparent pixels are composited
-    over black, the background of an X-ray.
+    16-bit values are scaled by 255 / significant_top (not truncated to the low byte; not 255/65535, which leaves a
+    12-bit image nearly black); transparent pixels are composited over black, the background of an X-ray.
     """
     if image.dtype == np.uint16:
-        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
+        alpha = image[:, :, 3] if image.ndim == 3 and image.shape[2] == 4 else None
+        image = cv2.convertScaleAbs(image, alpha=255.0 / significant_top(image, declared))
+        if alpha is not None:  # alpha is a fraction of 65535 whatever the colour's bits
+            image[:, :, 3] = cv2.convertScaleAbs(alpha, alpha=255.0 / 65535.0)
     elif image.dtype != np.uint8:
         raise TypeError(f"unsupported pixel type {image.dtype}")
     if image.ndim == 2:
@@ -213,30 +309,82 @@ class _PixelBudget:
 _DECODING = _PixelBudget(2 * DEFAULT_MAX_PIXELS)
 
 
-def decode_raw(
-    data: bytes, path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS, target: int | None = None
-) -> tuple[np.ndarray, Header]:
-    """OpenCV's decode (gray/BGR/BGRA, 8 or 16 bit), upright, and the header; or BadImageError with the reason.
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded file: upright 8-bit RGB, its header, and what it was as stored (for the audit)."""
 
-    With `target`, a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (still at least `target` on the short
-    side), several times faster than a full decode followed by a resize.
-    """
-    header = read_header(data, path)
-    check_limits(header, path, limits)
+    image: np.ndarray
+    header: Header
+    mode: str  # L, RGB or RGBA
+    bits: int  # significant bits per sample: BitsStored, sBIT, or the container's 8 or 16
+
+    @property
+    def tags(self) -> ImageTags:
+        info = self.header.dicom
+        return ImageTags(info.modality, info.view) if info else ImageTags()
+
+
+def _decode_opencv(data: bytes, path: str | os.PathLike, header: Header, target: int | None) -> Decoded:
+    """JPEG, PNG, TIFF: OpenCV's decode, upright, to 8-bit RGB."""
     factor = _reduction_factor(header, target)
     flags = _REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_UNCHANGED
     with _DECODING.hold(header.width * header.height // (factor * factor)):
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is None or image.size == 0:
             raise BadImageError(path, f"OpenCV could not decode this {header.format} file")
-        return apply_orientation(image, header.orientation), header
+        if image.dtype not in (np.uint8, np.uint16):
+            raise BadImageError(path, f"{header.format} of {image.dtype} samples is not read (8 or 16-bit expected)")
+        image = apply_orientation(image, header.orientation)
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
+        bits = 8 if image.dtype == np.uint8 else (header.top or 65535).bit_length()
+        return Decoded(to_rgb8(image, header.top), header, mode, bits)
+
+
+def _decode_dicom(data: bytes, path: str | os.PathLike, limits: ImageLimits) -> Decoded:
+    """DICOM: header checks (size, modality, frames, view, decoder) before any pixel, then chestxray.data.dicom."""
+    header, ds = _dicom_header(data, path)
+    info = header.dicom
+    check_limits(header, path, limits)
+    try:
+        dicom.check(info, limits.lateral)
+        dicom.check_decoder(info)
+        with _DECODING.hold(header.width * header.height):
+            image = dicom.decode_pixels(ds, info)
+    except dicom.DicomError as err:
+        raise BadImageError(path, str(err)) from None
+    if image.shape[:2] != (header.height, header.width):
+        raise BadImageError(path, f"pixel data of {image.shape[1]} x {image.shape[0]} differs from Rows/Columns")
+    rgb = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return Decoded(rgb, header, "RGB" if image.ndim == 3 else "L", info.bits_stored)
+
+
+def decode(
+    data: bytes, path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS, target: int | None = None
+) -> Decoded:
+    """The one decode of every reader: a file's bytes to upright 8-bit RGB, or BadImageError with the reason.
+
+    With `target`, a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (still at least `target` on the short
+    side), several times faster than a full decode followed by a resize.
+    """
+    if dicom.has_preamble(data[: dicom.PREAMBLE]):
+        return _decode_dicom(data, path, limits)
+    header = read_header(data, path)
+    check_limits(header, path, limits)
+    return _decode_opencv(data, path, header, target)
 
 
 def decode_bytes(
     data: bytes, path: str | os.PathLike, target: int | None = None, limits: ImageLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
-    """Decode a JPEG/PNG to upright 8-bit RGB, or raise BadImageError naming the file and why."""
-    return to_rgb8(decode_raw(data, path, limits, target)[0])
+    """Decode a JPEG/PNG/TIFF/DICOM to upright 8-bit RGB, or raise BadImageError naming the file and why."""
+    return decode(data, path, limits, target).image
+
+
+def image_tags(path: str | os.PathLike) -> ImageTags:
+    """A file's modality and view (DICOM only; empty otherwise), from its header: for predictions.csv's rows."""
+    tags = dicom.read_tags(path)
+    return ImageTags(*tags) if tags else ImageTags()
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -248,7 +396,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def read_image(path: str | os.PathLike, target: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Read and decode one file to 8-bit RGB (see decode_raw)."""
+    """Read and decode one file to 8-bit RGB (see decode)."""
     return decode_bytes(read_bytes(path), path, target, limits)
 
 

@@ -74,7 +74,7 @@ def scan_class_folders(
             raise DataError(f"class folder not found: {class_dir} (classes: {list(classes)})")
         files = list_images(class_dir)
         if not files:
-            raise DataError(f"class folder has no .jpeg/.jpg/.png images: {class_dir}")
+            raise DataError(f"class folder has no JPEG, PNG, TIFF or DICOM images: {class_dir}")
         paths += files
         labels += [label] * len(files)
     return LabelledFiles(paths, labels, str(folder))

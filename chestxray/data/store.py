@@ -67,8 +67,8 @@ class DecodeSettings:
 
     def key(self) -> str:
         lim = self.limits
-        key = f"v{DECODE_VERSION}-s{self.image_size}-max{lim.max_pixels}-min{lim.min_side}"
-        return key if lim.preprocess == "none" else f"{key}-{lim.preprocess}"  # none: the stores made before it
+        key = f"v{DECODE_VERSION}-s{self.image_size}-max{lim.max_pixels}-min{lim.min_side}-lateral{lim.lateral}"
+        return key if lim.preprocess == "none" else f"{key}-{lim.preprocess}"
 
     @property
     def row_bytes(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, display_image
+from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, ImageTags, display_image, image_tags
 from chestxray.evaluation import figures, metrics
 from chestxray.runtime.files import atomic_write, atomic_writer
 
@@ -182,21 +182,28 @@ def leak_free(report: dict) -> dict | None:
 
 
 def prediction_fields(classes: Sequence[str]) -> list[str]:
-    """predictions.csv's columns, the same in training's test reports and predict.py (which adds error)."""
-    return ["path", "label", "pred", *[f"prob_{c}" for c in classes], *UNCERTAINTY_FIELDS]
+    """predictions.csv's columns, the same in training's test reports and predict.py (which adds error).
+    modality and view come from a DICOM header (empty for other files): nothing else of a header is written."""
+    return ["path", "label", "modality", "view", "pred", *[f"prob_{c}" for c in classes], *UNCERTAINTY_FIELDS]
 
 
 def prediction_row(
     path: str | Path,
     label: str,
     classes: Sequence[str],
-    probs: np.ndarray,
+    probs: np.ndarray | None,
     ood_score: float | None = None,
     in_set: np.ndarray | None = None,
+    tags: ImageTags | None = None,
 ) -> dict[str, str]:
-    """One image's row of predictions.csv: the predicted class and every class's probability; the detector's score
-    minus its threshold and whether that passes; the prediction set, classes joined by '|' (empty when not fitted)."""
-    row = {"path": str(path), "label": label, "pred": classes[int(probs.argmax())]}
+    """One image's row of predictions.csv: the file's modality and view (read from its header when not given); the
+    predicted class and every class's probability (none without probs: an error row); the detector's score minus its
+    threshold and whether that passes; the prediction set, classes joined by '|' (empty when not fitted)."""
+    tags = image_tags(path) if tags is None else tags
+    row = {"path": str(path), "label": label, "modality": tags.modality, "view": tags.view}
+    if probs is None:
+        return row
+    row["pred"] = classes[int(probs.argmax())]
     row |= {f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, probs, strict=True)}
     known = ood_score is not None and not np.isnan(ood_score)
     row["ood_score"] = f"{ood_score:.6f}" if known else ""

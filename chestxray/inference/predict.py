@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from chestxray.data.images import BadImageError, ImageLimits, load_image
+from chestxray.data.images import BadImageError, ImageLimits, ImageTags, image_tags, load_image
 from chestxray.data.sources import InputImage, find_inputs
 from chestxray.errors import PredictError
 from chestxray.evaluation.report import (
@@ -73,11 +73,13 @@ def csv_row(
     error: str,
     ood_score: float | None = None,
     in_set: np.ndarray | None = None,
+    tags: ImageTags | None = None,
 ) -> dict:
+    """predictions.csv's row of one input; tags (modality, view) read from the file's header when not given."""
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
-        return prediction_row(item.path, label, classes, probs, ood_score, in_set)
-    return {"path": str(item.path), "label": label, "error": error or "not predicted"}
+        return prediction_row(item.path, label, classes, probs, ood_score, in_set, tags)
+    return prediction_row(item.path, label, classes, None, tags=tags) | {"error": error or "not predicted"}
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -106,6 +108,7 @@ class PredictionWriter(BasePredictionWriter):
         self.positions: list[int] = []
         self.probs: list[np.ndarray] = []
         self.errors: dict[int, str] = {}
+        self.lateral: list[int] = []  # positions of DICOM side views (flagged in the CSV and the printout)
         self.csv_path: Path | None = None
         self._fh = None
 
@@ -127,7 +130,11 @@ class PredictionWriter(BasePredictionWriter):
         for position, error in zip(batch[1].tolist(), errors, strict=True):
             p, score = probs_of.get(position), ood_of.get(position)
             in_set = sets_of.get(position) if self.with_sets else None
-            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, score, in_set))
+            # the header's modality and view, read again here: the batch carries pixels only (Predictor's contract)
+            tags = image_tags(self.inputs[position].path)
+            if tags.lateral and not error:
+                self.lateral.append(position)
+            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, score, in_set, tags))
             if error:
                 self.errors[position] = error
                 log.warning("cannot predict %s: %s", self.inputs[position].path, error)
@@ -182,6 +189,7 @@ class PredictionWriter(BasePredictionWriter):
             positions, probs, scores, sets = np.zeros(0, int), probs.numpy(), scores.numpy(), sets.numpy()
         self.uncertainty = Uncertainty.of(self.models[0], scores, sets) if self.models else None
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
+        self.lateral = sorted({k for part in all_gather(self.lateral) for k in part})
         return positions, probs, errors
 
     def evaluation(self, positions: np.ndarray, probs: np.ndarray) -> Evaluation:
@@ -226,7 +234,7 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
 
 
 def limits_of(cfg: DictConfig) -> ImageLimits:
-    return ImageLimits(cfg.data.max_pixels, cfg.data.min_image_side)
+    return ImageLimits(cfg.data.max_pixels, cfg.data.min_image_side, lateral=cfg.data.get("lateral", "flag"))
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -242,7 +250,7 @@ def predict(cfg: DictConfig) -> dict:
     classes, image_size = models[0].classes, models[0].hparams.image_size
     inputs = find_inputs(_listed(cfg.inputs), classes)
     if not inputs:
-        raise PredictError(f"no .jpeg/.jpg/.png image found in inputs={cfg.inputs}")
+        raise PredictError(f"no JPEG, PNG, TIFF or DICOM image found in inputs={cfg.inputs}")
     limits = replace(limits_of(cfg), preprocess=preprocess_of(models[0]))  # the checkpoint's, as in training
     predictor = runtime_module(cfg, paths, models)
     writer = PredictionWriter(out, inputs, classes, limits, models if cfg.gradcam else None, models)
@@ -261,7 +269,7 @@ def predict(cfg: DictConfig) -> dict:
     evaluation = writer.evaluation(positions, probs)
     report_settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits)
     report, _ = write_report(evaluation, out, report_settings, models)
-    show(evaluation, report, cfg.print_limit)
+    show(evaluation, report, cfg.print_limit, {str(inputs[i].path) for i in writer.lateral})
     if str(cfg.precision) not in ("32", "32-true") and cfg.runtime == "torch":
         say(
             f"precision={cfg.precision}: these probabilities come from {cfg.precision} autocast, not the fp32 of the "
@@ -316,8 +324,12 @@ def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
         part.unlink()
 
 
-def show(evaluation: Evaluation, report: dict | None, limit: int) -> None:
-    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log."""
+LATERAL_MARK = "  [lateral view: the model was trained on frontal (PA/AP) views]"
+
+
+def show(evaluation: Evaluation, report: dict | None, limit: int, lateral: set[str] = frozenset()) -> None:
+    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log.
+    Side views (lateral, DICOM ViewPosition) are marked on their line, and counted when the lines are not shown."""
     if len(evaluation.paths) <= limit:
         extra = evaluation.uncertainty
         for k, (path, p) in enumerate(zip(evaluation.paths, evaluation.probs, strict=True)):
@@ -328,6 +340,11 @@ def show(evaluation: Evaluation, report: dict | None, limit: int) -> None:
                 line += "  set {" + ", ".join(members) + "}"
             if extra is not None and extra.ood_scores[k] > 0:
                 line += f"  [{FLAG_TEXT}]"
-            say(line)
+            say(line + (LATERAL_MARK if str(path) in lateral else ""))
+    if lateral:
+        say(
+            f"{len(lateral)} lateral view(s) predicted (view column of predictions.csv; data.lateral=refuse skips "
+            "them): the model was trained on frontal views"
+        )
     if report:
         say(summary_text(report))

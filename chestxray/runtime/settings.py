@@ -106,6 +106,7 @@ IMAGE_RULES = [
     _int("data.max_pixels", 1),
     _int("data.min_image_side", 1),
     _int("data.eval_batch_size", 1, special=(None,)),
+    _choice("data.lateral", ("flag", "refuse")),
 ]
 TRAIN_RULES = [
     _int("seed", 0, 2**32 - 1),
@@ -158,7 +159,8 @@ TRAIN_RULES = [
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
 ]
-PREDICT_DATA_KEYS = ("max_pixels", "min_image_side", "eval_batch_size")  # what predict.py takes from the data group
+# what predict.py takes from the data group
+PREDICT_DATA_KEYS = ("max_pixels", "min_image_side", "lateral", "eval_batch_size")
 PREDICT_RULES = [
     *IMAGE_RULES,
     _int("decode_workers", 0, special=("auto",)),

@@ -1,0 +1,262 @@
+"""DICOM files (CR and DX radiographs) to the same 8-bit picture the PNG path gives, with pydicom's own functions.
+
+Only the data elements in READ_TAGS are parsed (pydicom's `specific_tags`): a header's patient, study and
+institution fields are never even converted to values, so no code here can print, log or write them. The one
+exception, PatientID, is read by `patient_key` alone and leaves it only as a salted hash.
+
+The picture: stored values -> Modality LUT or Rescale Slope/Intercept (`apply_modality_lut`) -> the file's VOI LUT
+or first window (`apply_voi_lut`), else nothing -> the output range of those steps over every value BitsStored
+allows, mapped to 0..255 -> MONOCHROME1 inverted. RGB as stored; YBR converted to RGB by pydicom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+PREAMBLE = 132  # 128-byte preamble + "DICM": all a file listing reads of a file without an extension
+ACCEPTED_MODALITIES = ("CR", "DX")
+# ViewPosition defined terms for a side view (PS3.3 C.8.11.5.1.1: LL, RL) and what vendors write instead
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT", "LEFT LATERAL", "RIGHT LATERAL"})
+LATERAL_CHOICES = ("flag", "refuse")
+# The only elements parsed; everything else in the header stays raw bytes that nothing reads.
+READ_TAGS = [
+    "Modality",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "PlanarConfiguration",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PixelData",
+]
+# CHESTXRAY_PATIENT_SALT: a site's own secret, so that its keys cannot be matched against another site's
+_DEFAULT_SALT = b"chestxray patient grouping v1"
+_CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")  # the CS value representation; anything else is not written out
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What is read out of a DICOM header (the README's list): nothing that names a patient."""
+
+    modality: str
+    view: str
+    photometric: str
+    bits_stored: int
+    width: int
+    height: int
+    frames: int
+    samples: int
+    transfer_syntax: str
+
+    @property
+    def lateral(self) -> bool:
+        return self.view in LATERAL_VIEWS
+
+
+class DicomError(ValueError):
+    """A reason a DICOM file is not used (wrapped into images.BadImageError with the file's name)."""
+
+
+def has_preamble(head: bytes) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then DICM."""
+    return head[128:132] == b"DICM"
+
+
+def _code(value) -> str:
+    """A code-string element as text, or "invalid" when it holds something a CS cannot (never echoed)."""
+    text = str(value or "").strip().upper()
+    if not text:
+        return ""
+    return text if _CODE_STRING.fullmatch(text) else "invalid"
+
+
+def read_dataset(data: bytes):
+    """The header's READ_TAGS and the pixel data; pydicom's warnings are dropped, as they may quote values."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(io.BytesIO(data), specific_tags=READ_TAGS)
+        except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse is a bad file
+            raise DicomError(f"unreadable DICOM header ({type(err).__name__})") from None
+
+
+def info_of(ds) -> DicomInfo:
+    """The header fields this project uses, checked for presence before any pixel is decoded."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if syntax is None:
+        raise DicomError("no transfer syntax in the file meta information")
+    if "PixelData" not in ds:
+        raise DicomError("no pixel data (not an image)")
+    try:
+        return DicomInfo(
+            modality=_code(ds.get("Modality")),
+            view=_code(ds.get("ViewPosition")),
+            photometric=_code(ds.get("PhotometricInterpretation")),
+            bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
+            width=int(ds.Columns),
+            height=int(ds.Rows),
+            frames=int(ds.get("NumberOfFrames") or 1),
+            samples=int(ds.get("SamplesPerPixel") or 1),
+            transfer_syntax=str(syntax),
+        )
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DicomError(f"image pixel module incomplete ({type(err).__name__}: {err})") from None
+
+
+def check(info: DicomInfo, lateral: str = "flag") -> None:
+    """Refuse what is not one chest radiograph: another modality, several frames, an unknown layout, a side view
+    when data.lateral=refuse."""
+    if info.modality not in ACCEPTED_MODALITIES:
+        raise DicomError(f"Modality {info.modality or '(none)'} is not a radiograph (CR or DX expected)")
+    if info.frames > 1:
+        raise DicomError(f"multi-frame file (NumberOfFrames {info.frames}): one radiograph per file expected")
+    if info.samples == 1 and not info.photometric.startswith("MONOCHROME"):
+        raise DicomError(f"PhotometricInterpretation {info.photometric or '(none)'} is not read")
+    if info.samples == 3 and not (info.photometric == "RGB" or info.photometric.startswith("YBR")):
+        raise DicomError(f"PhotometricInterpretation {info.photometric} with 3 samples is not read")
+    if info.samples not in (1, 3) or not 1 <= info.bits_stored <= 16:
+        raise DicomError(f"{info.samples} samples of {info.bits_stored} bits per pixel are not read")
+    if lateral == "refuse" and info.lateral:
+        raise DicomError(f"lateral view (ViewPosition {info.view}) refused (data.lateral=refuse)")
+
+
+def check_decoder(info: DicomInfo) -> None:
+    """A compressed transfer syntax without an installed decoder: one line with the extra to install."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(info.transfer_syntax)
+    if not uid.is_compressed:
+        return
+    try:
+        available = get_decoder(uid).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise DicomError(
+            f"transfer syntax {uid.name} ({uid}) needs a decoder that is not installed: pip install 'chestxray[dicom]'"
+        )
+
+
+def _output_range(ds, info: DicomInfo, voi: bool) -> tuple[float, float]:
+    """The least and greatest value the modality and VOI steps can give, over every value BitsStored allows (and,
+    for a window, pydicom's own output bounds): this range, not the image's, becomes 0..255."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    bits = info.bits_stored
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    low = -(2 ** (bits - 1)) if signed else 0
+    domain = np.arange(low, low + 2**bits, dtype=np.int32 if signed else np.uint32)
+    values = apply_modality_lut(domain, ds)
+    if voi:
+        if "VOILUTSequence" not in ds:  # a window clamps to its bounds: include values beyond the stored range
+            values = np.concatenate([np.asarray(values, np.float64), [-1e15, 1e15]])
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+    return float(np.min(values)), float(np.max(values))
+
+
+def decode_pixels(ds, info: DicomInfo) -> np.ndarray:
+    """uint8 grey (H x W) or RGB (H x W x 3), as the PNG path gives it."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            stored = ds.pixel_array  # BitsStored applied, YBR converted to RGB
+        except Exception as err:  # noqa: BLE001 - a decoder failure is a bad file, said in one line
+            raise DicomError(f"cannot decode the pixel data ({type(err).__name__}: {err})") from None
+        if info.samples == 3:
+            return _to_uint8(stored, 0, 2**info.bits_stored - 1)
+        voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+        values = apply_modality_lut(stored, ds)
+        if voi:
+            values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        low, high = _output_range(ds, info, voi)
+    grey = _to_uint8(values, low, high)
+    return 255 - grey if info.photometric == "MONOCHROME1" else grey
+
+
+def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    scale = 255.0 / (high - low) if high > low else 0.0
+    out = (np.asarray(values, np.float32) - np.float32(low)) * np.float32(scale)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def patient_key(path: str | os.PathLike, salt: bytes | None = None) -> str | None:
+    """An opaque key grouping one patient's files (for splits), or None: not DICOM, or no PatientID.
+
+    HMAC-SHA256 of PatientID with a salt (CHESTXRAY_PATIENT_SALT, else a project constant), so the ID itself never
+    leaves this function. Patient IDs are short: with a known salt a key can be matched to an ID by trying them all,
+    so keys are for grouping in memory and are not written out either.
+    """
+    import pydicom
+
+    try:
+        with open(path, "rb") as fh:
+            if not has_preamble(fh.read(PREAMBLE)):
+                return None
+            fh.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["PatientID"])
+                patient = str(ds.get("PatientID") or "").strip()
+    except Exception:  # noqa: BLE001 - an unreadable file has no key; the decoder names it when it is read
+        return None
+    if not patient:
+        return None
+    if salt is None:
+        salt = os.environ.get("CHESTXRAY_PATIENT_SALT", "").encode() or _DEFAULT_SALT
+    return hmac.new(salt, patient.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def read_tags(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(Modality, ViewPosition) of a DICOM file from the header alone (the pixel data is not read); None if the
+    file is not DICOM or its header cannot be read."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as fh:
+            if not has_preamble(fh.read(PREAMBLE)):
+                return None
+            fh.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["Modality", "ViewPosition"])
+                return _code(ds.get("Modality")), _code(ds.get("ViewPosition"))
+    except Exception:  # noqa: BLE001 - unreadable: the decoder names the file and the reason
+        return None
+
+
+def sniff(path: Path) -> bool:
+    """Whether a file is DICOM by its first 132 bytes (for files without an extension)."""
+    try:
+        with open(path, "rb") as fh:
+            return has_preamble(fh.read(PREAMBLE))
+    except OSError:
+        return False

@@ -1,0 +1,448 @@
+"""Hospital files: DICOM (made with pydicom from the dataset's images), 16-bit PNG and TIFF, through the one decode
+path that training, label files, the store, the audit and predict.py share; and no patient data in any output."""
+
+import csv
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
+
+from chestxray import audit
+from chestxray.data import dicom, images
+from chestxray.data.images import BadImageError, ImageLimits, list_images, load_image, read_image
+from chestxray.data.sources import load_labelled
+from chestxray.data.store import DecodeSettings, decode_in_memory
+from chestxray.inference.predict import predict
+from tests.conftest import CLASSES, predict_config
+
+SIDE = 48
+DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+IDENTIFIERS = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "PID837261",
+    "PatientBirthDate": "19700101",
+    "StudyDate": "20200315",
+    "AccessionNumber": "ACC99123",
+    "InstitutionName": "St Example Hospital",
+}
+
+
+@pytest.fixture(scope="module")
+def grey(data_dir) -> np.ndarray:
+    """A radiograph of the dataset (the real one where present), as 8-bit grey at SIDE x SIDE."""
+    src = sorted((data_dir / "train" / "Covid").glob("*.*"))[0]
+    image = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    return cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+
+
+def stored(grey8: np.ndarray, bits: int) -> np.ndarray:
+    """The 8-bit picture at `bits` bits (what a detector would store for it)."""
+    return np.rint(grey8.astype(np.float64) * (2**bits - 1) / 255).astype(np.uint16)
+
+
+def dataset(pixels: np.ndarray, bits: int = 12, photometric: str = "MONOCHROME2", **elements) -> Dataset:
+    """A DX image of uncompressed pixels (uint16 or uint8, grey or RGB) with the given header elements."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DX_CLASS
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = DX_CLASS, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ViewPosition = "DX", "PA"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def close(a: np.ndarray, b: np.ndarray, levels: int = 1) -> bool:
+    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= levels
+
+
+def as_grey(path: Path, limits: ImageLimits = images.DEFAULT_LIMITS) -> np.ndarray:
+    image = read_image(path, limits=limits)
+    assert image.shape == (SIDE, SIDE, 3) and (image[..., 0] == image[..., 2]).all()
+    return image[..., 0]
+
+
+# --- pixels: a DICOM made from a picture gives that picture ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_monochrome_at_12_and_16_bits_gives_the_source_pixels(grey, tmp_path, bits, photometric):
+    values = stored(grey, bits)
+    if photometric == "MONOCHROME1":  # high values dark
+        values = (2**bits - 1) - values
+    path = save(dataset(values, bits, photometric), tmp_path / "x.dcm")
+    assert close(as_grey(path), grey)
+
+
+def test_rescale_with_a_window_in_rescaled_units(grey, tmp_path):
+    """Slope 2, intercept -1024, and a window over the whole rescaled range: only right if the rescale is applied
+    before the window (ignoring it would put every stored value at the window's top)."""
+    values = stored(grey, 12)
+    low, high = -1024, 4095 * 2 - 1024
+    window = {"WindowCenter": (low + high) / 2 + 0.5, "WindowWidth": high - low + 1}
+    path = save(dataset(values, RescaleSlope=2, RescaleIntercept=-1024, RescaleType="US", **window), tmp_path / "r.dcm")
+    assert close(as_grey(path), grey)
+
+
+def test_a_narrow_window_is_applied(grey, tmp_path):
+    values = stored(grey, 12)
+    low, high = 1000, 3000  # DICOM linear window whose ends are exactly low and high
+    path = save(dataset(values, WindowCenter=(low + high) / 2 + 0.5, WindowWidth=high - low + 1), tmp_path / "w.dcm")
+    expected = np.clip(np.rint((values.astype(float) - low) / (high - low) * 255), 0, 255)
+    image = as_grey(path)
+    assert close(image, expected) and not close(image, grey, 10)
+
+
+def test_a_voi_lut_sequence_is_applied(grey, tmp_path):
+    values = stored(grey, 12)
+    lut = np.rint(65535 * (np.arange(4096) / 4095) ** 0.5).astype(np.uint16)  # a square-root curve, 16-bit out
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new("LUTData", "OW", lut.tobytes())
+    path = save(dataset(values, VOILUTSequence=[item]), tmp_path / "lut.dcm")
+    expected = np.rint(lut[values].astype(float) * 255 / 65535)
+    image = as_grey(path)
+    assert close(image, expected) and not close(image, grey, 10)
+
+
+def test_without_a_window_the_full_stored_range_is_used(grey, tmp_path):
+    """A dark 12-bit image (values up to a quarter of 4095) stays dark: 4095 is white, not the image's maximum."""
+    values = stored(grey, 12) // 4
+    image = as_grey(save(dataset(values), tmp_path / "dark.dcm"))
+    assert close(image, np.rint(values.astype(float) * 255 / 4095)) and image.max() < 80
+
+
+def test_rgb_is_read_as_it_is(grey, tmp_path):
+    rgb = np.stack([grey, 255 - grey, grey // 2], axis=2)
+    image = read_image(save(dataset(rgb, 8, "RGB"), tmp_path / "rgb.dcm"))
+    assert np.array_equal(image, rgb)
+
+
+def rle(ds: Dataset) -> Dataset:
+    ds.compress(RLELossless, ds.pixel_array)
+    return ds
+
+
+def jpeg_baseline(grey8: np.ndarray) -> Dataset:
+    ok, jpeg = cv2.imencode(".jpg", grey8, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    ds = dataset(grey8, 8)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def j2k(ds: Dataset) -> Dataset:
+    ds.compress(JPEG2000Lossless, ds.pixel_array)
+    return ds
+
+
+def test_rle_jpeg_and_jpeg2000_files_decode(grey, tmp_path):
+    assert close(as_grey(save(rle(dataset(stored(grey, 12))), tmp_path / "rle.dcm")), grey)
+    assert close(as_grey(save(jpeg_baseline(grey), tmp_path / "jpeg.dcm")), grey, 3)  # lossy at quality 98
+    if not get_decoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 decoder (pip install 'chestxray[dicom]')")
+    assert close(as_grey(save(j2k(dataset(stored(grey, 12))), tmp_path / "j2k.dcm")), grey)
+
+
+def test_a_missing_decoder_is_one_line_naming_the_file_syntax_and_extra(grey, tmp_path, monkeypatch):
+    path = save(j2k(dataset(stored(grey, 12))), tmp_path / "j2k.dcm")
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
+    with pytest.raises(BadImageError) as caught:
+        read_image(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert "JPEG 2000 Image Compression (Lossless Only)" in message and "pip install 'chestxray[dicom]'" in message
+
+
+# --- refused, flagged --------------------------------------------------------------------------------------------
+
+
+def test_a_ct_slice_is_refused_naming_the_modality(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    path = tmp_path / "ct.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), path)
+    with pytest.raises(BadImageError, match=r"ct\.dcm: Modality CT is not a radiograph \(CR or DX expected\)"):
+        read_image(path)
+
+
+def test_a_multi_frame_file_is_refused(grey, tmp_path):
+    frames = np.stack([stored(grey, 12)] * 2)
+    ds = dataset(frames[0], NumberOfFrames=2)
+    ds.PixelData = frames.tobytes()
+    with pytest.raises(BadImageError, match=r"multi\.dcm: multi-frame file \(NumberOfFrames 2\)"):
+        read_image(save(ds, tmp_path / "multi.dcm"))
+
+
+def test_lateral_views_are_flagged_or_refused(grey, tmp_path):
+    path = save(dataset(stored(grey, 12), ViewPosition="LL"), tmp_path / "lat.dcm")
+    assert close(as_grey(path), grey) and images.image_tags(path) == images.ImageTags("DX", "LL")
+    assert images.image_tags(path).lateral
+    with pytest.raises(BadImageError, match=r"lat\.dcm: lateral view \(ViewPosition LL\) refused"):
+        read_image(path, limits=ImageLimits(lateral="refuse"))
+
+
+def test_size_limits_apply_from_rows_and_columns_before_decoding(grey, tmp_path, monkeypatch):
+    path = save(dataset(stored(grey, 12)), tmp_path / "x.dcm")
+    monkeypatch.setattr(dicom, "decode_pixels", lambda *a: pytest.fail("decoded before the size check"))
+    with pytest.raises(BadImageError, match=r"48 x 48 = 2,304 pixels is above data.max_pixels=1,000"):
+        read_image(path, limits=ImageLimits(max_pixels=1_000))
+    with pytest.raises(BadImageError, match=r"smaller than data.min_image_side=64"):
+        read_image(path, limits=ImageLimits(min_side=64))
+
+
+def test_truncated_pixel_data_is_one_error(grey, tmp_path):
+    data = save(dataset(stored(grey, 12)), tmp_path / "x.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(BadImageError, match=r"cut\.dcm: "):
+        read_image(tmp_path / "cut.dcm")
+
+
+# --- listing: extension-less DICOM, cheaply ----------------------------------------------------------------------
+
+
+def test_listing_finds_extensionless_dicom_and_opens_only_candidates(grey, tmp_path, monkeypatch):
+    save(dataset(stored(grey, 12)), tmp_path / "IM0001")
+    save(dataset(stored(grey, 12)), tmp_path / "1.2.840.1234")  # named by its UID
+    (tmp_path / "README").write_text("not an image")
+    for k in range(5):
+        cv2.imwrite(str(tmp_path / f"{k}.png"), grey)
+    (tmp_path / "notes.txt").write_text("x")
+    opened = []
+    real = dicom.sniff
+    monkeypatch.setattr(dicom, "sniff", lambda p: opened.append(p.name) or real(p))
+    names = {p.name for p in list_images(tmp_path)}
+    assert names == {"IM0001", "1.2.840.1234", *(f"{k}.png" for k in range(5))}
+    assert sorted(opened) == ["1.2.840.1234", "IM0001", "README"]  # never the .png or .txt files
+    assert close(as_grey(tmp_path / "IM0001"), grey)
+
+
+# --- 16-bit PNG and TIFF ---------------------------------------------------------------------------------------
+
+
+def with_sbit(png: bytes, bits: int) -> bytes:
+    """A PNG with an sBIT chunk (significant bits) inserted after IHDR."""
+    chunk = b"sBIT" + bytes([bits])
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return png[:end_of_ihdr] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[end_of_ihdr:]
+
+
+def png16(values: np.ndarray, sbit: int | None = None) -> bytes:
+    png = cv2.imencode(".png", values)[1].tobytes()
+    return with_sbit(png, sbit) if sbit else png
+
+
+def test_a_12_bit_png_in_16_bits_looks_like_its_8_bit_version(grey, tmp_path):
+    values = stored(grey, 12)
+    for name, data in {"plain.png": png16(values), "sbit.png": png16(values, 12)}.items():
+        (tmp_path / name).write_bytes(data)
+        assert close(as_grey(tmp_path / name), grey), name  # not nearly black (255/65535 would give <= 16)
+
+
+def test_sbit_is_used_where_declared(grey, tmp_path):
+    """A dark 12-bit image: with sBIT 12 it is scaled by 4095 (stays dark); without, by the 11 bits its greatest
+    value needs; a PNG scaled to 16 bits as the PNG specification says (values above its sBIT) by 65535."""
+    dark = stored(grey, 12) // 3
+    (tmp_path / "sbit.png").write_bytes(png16(dark, 12))
+    (tmp_path / "plain.png").write_bytes(png16(dark))
+    (tmp_path / "spec.png").write_bytes(png16(grey.astype(np.uint16) * 257, 8))
+    assert close(as_grey(tmp_path / "sbit.png"), np.rint(dark.astype(float) * 255 / 4095))
+    top = 2 ** int(dark.max()).bit_length() - 1
+    assert top == 2047 and close(as_grey(tmp_path / "plain.png"), np.rint(dark.astype(float) * 255 / top))
+    assert close(as_grey(tmp_path / "spec.png"), grey)
+
+
+def test_tiff_8_and_16_bit_grey(grey, tmp_path):
+    Image.fromarray(grey).save(tmp_path / "g8.tif")
+    Image.fromarray(stored(grey, 12)).save(tmp_path / "g12.tif")
+    Image.fromarray(stored(grey, 12) // 3).save(tmp_path / "max.tiff", tiffinfo={281: 4095})  # MaxSampleValue
+    assert np.array_equal(as_grey(tmp_path / "g8.tif"), grey)
+    assert close(as_grey(tmp_path / "g12.tif"), grey)
+    assert close(as_grey(tmp_path / "max.tiff"), np.rint((stored(grey, 12) // 3).astype(float) * 255 / 4095))
+
+
+# --- every reader: label files, the store, the audit ---------------------------------------------------------------
+
+
+@pytest.fixture
+def dicom_set(grey, tmp_path) -> Path:
+    """Class folders of DICOM files (one extension-less) made from the dataset's picture, and its PNG."""
+    root = tmp_path / "set"
+    for k, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True)
+        picture = np.roll(grey, 5 * k, axis=1)
+        cv2.imwrite(str(folder / "a.png"), picture)
+        mono1 = k > 0  # high values dark: stored inverted
+        values = 4095 - stored(picture, 12) if mono1 else stored(picture, 12)
+        save(dataset(values, 12, "MONOCHROME1" if mono1 else "MONOCHROME2"), folder / "b.dcm")
+        save(dataset(stored(picture, 16), 16), folder / "c")
+    return root
+
+
+def test_label_files_and_the_store_decode_dicom_as_the_png(dicom_set, tmp_path):
+    rows = ["path,label"] + [f"{name}/{f},{name}" for name in CLASSES for f in ("a.png", "b.dcm", "c")]
+    (dicom_set / "labels.csv").write_text("\n".join(rows) + "\n")
+    files = load_labelled(dicom_set / "labels.csv", CLASSES, "eval_sets.x")
+    assert len(files) == 9 and files.paths == load_labelled(dicom_set, CLASSES, "eval_sets.x").paths
+    decoded = decode_in_memory(files.paths, DecodeSettings(32), workers=1)
+    views = {p.name: [] for p in files.paths}
+    for i, path in enumerate(decoded.paths):
+        views[path.name].append(decoded.images[i])
+    assert len(decoded.paths) == 9
+    for a, b, c in zip(views["a.png"], views["b.dcm"], views["c"], strict=True):
+        assert close(a, b) and close(a, c)
+
+
+def test_the_audit_reads_dicom(dicom_set, tmp_path, capsys):
+    assert audit.main([str(dicom_set), "--out", str(tmp_path / "audit")]) == 0
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    normal = report["per_split_class"]["all"]["Normal"]
+    assert normal["unreadable"] == 0 and normal["formats"] == {"PNG": 1, "DICOM DX": 2}
+    assert normal["bit_depths"] == {"8": 1, "12": 1, "16": 1}
+
+
+# --- patients: an opaque key, and no identifier in any output ---------------------------------------------------
+
+
+def test_patient_key_is_a_salted_hash_never_the_id(grey, tmp_path):
+    one = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "one.dcm")
+    two = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "two")
+    other = save(dataset(stored(grey, 12), PatientID="PID000001"), tmp_path / "other.dcm")
+    nobody = save(dataset(stored(grey, 12)), tmp_path / "nobody.dcm")
+    cv2.imwrite(str(tmp_path / "x.png"), grey)
+    key = dicom.patient_key(one)
+    assert key == dicom.patient_key(two) != dicom.patient_key(other)
+    assert len(key) == 64 and "837261" not in key and key != __import__("hashlib").sha256(b"PID837261").hexdigest()
+    assert dicom.patient_key(one, salt=b"site secret") != key
+    assert dicom.patient_key(nobody) is None and dicom.patient_key(tmp_path / "x.png") is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The 0.3.0 checkpoint of tests/compat.py (32 px VGG19, seeded weights): predictions without a training run."""
+    from tests.compat import fill_checkpoint
+
+    skeleton = json.loads((Path(__file__).parent / "fixtures" / "checkpoint-0.3.0.json").read_text())
+    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
+    torch.save(fill_checkpoint(skeleton), path)
+    return path
+
+
+def test_predict_on_a_mixed_folder_one_row_each_same_answers_no_identifiers(grey, checkpoint, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "source.png"), grey)
+    cv2.imwrite(str(folder / "source.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    Image.fromarray(stored(grey, 12)).save(folder / "source.tif")
+    save(dataset(stored(grey, 12), 12, **IDENTIFIERS), folder / "mono2.dcm")
+    save(dataset(4095 - stored(grey, 12), 12, "MONOCHROME1", **IDENTIFIERS), folder / "IM0001")
+    save(rle(dataset(stored(grey, 16), 16, **IDENTIFIERS)), folder / "rle.dicom")
+    save(dataset(stored(grey, 12), ViewPosition="LL", **IDENTIFIERS), folder / "lateral.dcm")
+    ct = dataset(stored(grey, 12), Modality="CT", **IDENTIFIERS)
+    save(ct, folder / "ct.dcm")
+    out = tmp_path / "out"
+    summary = predict(predict_config(out, checkpoint, folder, "gradcam=true"))
+    printed = capsys.readouterr().out
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert set(rows) == {p.name for p in folder.iterdir()} and summary["predicted"] == 7
+    assert rows["ct.dcm"]["error"].startswith("Modality CT is not a radiograph") and rows["ct.dcm"]["modality"] == "CT"
+    assert (rows["mono2.dcm"]["modality"], rows["mono2.dcm"]["view"]) == ("DX", "PA")
+    assert (rows["source.png"]["modality"], rows["source.png"]["view"]) == ("", "")
+    assert rows["lateral.dcm"]["view"] == "LL"
+    lines = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith(str(folder))}
+    assert "lateral view" in lines[str(folder / "lateral.dcm")] and "lateral" not in lines[str(folder / "mono2.dcm")]
+    reference = np.array([float(rows["source.png"][f"prob_{c}"]) for c in CLASSES])
+    for name in ("source.tif", "mono2.dcm", "IM0001", "rle.dicom", "lateral.dcm"):
+        probs = np.array([float(rows[name][f"prob_{c}"]) for c in CLASSES])
+        assert np.abs(probs - reference).max() < 0.01, name
+    pixels = load_image(folder / "source.png", 32)
+    for name in ("mono2.dcm", "IM0001", "rle.dicom"):
+        assert close(load_image(folder / name, 32), pixels), name
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".png" for p in written) and (out / "predictions.csv") in written
+    for value in IDENTIFIERS.values():
+        for needle in {value, value.split("^")[0], value[3:]}:
+            for path in written:
+                assert needle.encode() not in path.read_bytes() and needle not in str(path), (needle, path)
+            assert needle not in printed
+
+
+def test_nothing_but_the_listed_header_fields_is_parsed(grey, tmp_path):
+    path = save(dataset(stored(grey, 12), **IDENTIFIERS), tmp_path / "x.dcm")
+    ds = dicom.read_dataset(path.read_bytes())
+    names = {element.keyword for element in ds}
+    assert names <= set(dicom.READ_TAGS) and "PatientName" not in names and "PatientID" not in names
+
+
+def test_the_lateral_setting_is_checked_and_keys_the_store(checkpoint, tmp_path):
+    from chestxray.errors import ConfigError
+    from chestxray.runtime import settings
+
+    cfg = predict_config(tmp_path / "out", checkpoint, tmp_path, "data.lateral=maybe")
+    with pytest.raises(ConfigError, match=r"data.lateral=maybe: must be one of flag, refuse"):
+        settings.check(cfg, settings.PREDICT_RULES)
+    refusing = predict_config(tmp_path / "out", checkpoint, tmp_path, "data.lateral=refuse")
+    settings.check(refusing, settings.PREDICT_RULES)
+    flag, refuse = DecodeSettings(32).key(), DecodeSettings(32, ImageLimits(lateral="refuse")).key()
+    assert flag != refuse and flag.startswith(f"v{images.DECODE_VERSION}-") and images.DECODE_VERSION >= 3
+
+
+def test_a_dicom_patients_images_stay_on_one_side_and_their_id_is_never_kept(grey, tmp_path):
+    """Train DICOM files of 12 patients, 3 images each, in class folders: every patient's images fall on one side of
+    the hold-out and of each fold; the split keeps only opaque keys (the IDs are nowhere in the data module)."""
+    from chestxray.data.datamodule import ChestXrayDataModule
+
+    root = tmp_path / "data"
+    for split, patients in (("train", 12), ("test", 2)):
+        for k, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for p in range(patients):
+                for shot in range(3):
+                    picture = np.roll(grey, 7 * shot + 3 * p + 40 * k, axis=0)
+                    pid = f"PID-{split}-{name[:3]}-{p:02d}"
+                    save(dataset(stored(picture, 12), 12, PatientID=pid), folder / f"{p:02d}_{shot}.dcm")
+    for kwargs in ({"val_fraction": 0.25}, {"fold": 0}, {"fold": 2}):
+        dm = ChestXrayDataModule(str(root), image_size=32, download=False, check_leakage=False, **kwargs)
+        dm.setup()
+        fit = {p.name[:2] + p.parent.name for p in dm.datasets["train"].paths}
+        val = {p.name[:2] + p.parent.name for p in dm.datasets["val"].paths}
+        assert fit and val and not fit & val, kwargs
+        assert dm.split_groups["val"]["images"] == 3 * dm.split_groups["val"]["groups"]
+    assert "PID-" not in repr(vars(dm))
