@@ -127,8 +127,8 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         self.classes = self.models[0].classes
         self.image_size = int(self.models[0].hparams.image_size)
         self.calibrated = all(bool(m.calibrated) for m in self.models)
-        self.device = torch.device(device)
-        self.ensemble = Ensemble(self.models).to(self.device).eval()
+        self.torch_device = torch.device(device)
+        self.ensemble = Ensemble(self.models).to(self.torch_device).eval()
 
     def authorize(self, request: Request) -> None:
         """token=...: every LitServe route (/predict, /health, /info) wants `Authorization: Bearer <token>`."""
@@ -154,8 +154,8 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         single = isinstance(inputs, dict)
         items = [inputs] if single else inputs
         views = torch.stack([i["view"] for i in items])
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
-            probs = self.ensemble.probabilities(views.to(self.device)).float().cpu()
+        with torch.inference_mode(), torch.autocast(self.torch_device.type, enabled=False):
+            probs = self.ensemble.probabilities(views.to(self.torch_device)).float().cpu()
             extras = self._extras(views, probs)
         answers = []
         for k, item in enumerate(items):
@@ -173,13 +173,13 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         extras = getattr(self.ensemble, "extras", None)
         if not callable(extras):
             return {}
-        found = extras(views.to(self.device), probs) or {}
+        found = extras(views.to(self.torch_device), probs) or {}
         return {k: _as_list(v, len(views)) for k, v in found.items() if k in OPTIONAL_FIELDS}
 
     def _gradcam(self, item: dict, target: int) -> str:
         try:
             return gradcam_png(
-                self.models, item["view"].to(self.device), base64.b64decode(item["image"]), target, self.limits
+                self.models, item["view"].to(self.torch_device), base64.b64decode(item["image"]), target, self.limits
             )
         except BadImageError:  # decoded once already by the intake: cannot happen, but never fail the batch for it
             return ""
