@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import requests
 
 from chestxray.data.images import ImageLimits
 from chestxray.errors import ConfigError
@@ -26,9 +27,6 @@ from chestxray.serving.intake import IntakeSettings, Refused, decode
 from chestxray.serving.server import check, loopback_warning
 from tests.conftest import CLASSES, ROOT, compose_config, predict_config
 from tests.test_images import png_bytes
-
-requests = pytest.importorskip("requests")
-pytest.importorskip("litserve")
 
 
 def serve_config(*overrides: str):
