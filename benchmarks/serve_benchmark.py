@@ -183,8 +183,12 @@ def rss_run(url: str, pid: int, images: list[bytes], clients: int, count: int) -
     stop = threading.Event()
 
     def sampler() -> None:
+        shown = 0
         while not stop.is_set():
             samples.append((done[0], tree_rss_mb(pid)))
+            if done[0] >= shown + 1000:  # progress, so that a long run shows its trend as it goes
+                shown = done[0] // 1000 * 1000
+                print(f"  {done[0]:,} requests: server RSS {samples[-1][1]:.0f} MB", flush=True)
             time.sleep(0.25)
 
     thread = threading.Thread(target=sampler)
