@@ -180,7 +180,7 @@ def test_every_endpoint_answers_and_probabilities_equal_predict_py(server, tiny_
 
 
 @pytest.mark.slow
-def test_an_ensemble_serves_the_average_of_its_members(tiny_run, tmp_path, monkeypatch):
+def test_an_ensemble_serves_the_average_of_its_members_and_ctrl_c_stops_it(tiny_run, tmp_path, monkeypatch):
     ckpt = tiny_run["ckpt"]
     other = tiny_run["dir"] / "checkpoints" / "last.ckpt"
     image = an_image(tiny_run)
@@ -190,7 +190,8 @@ def test_an_ensemble_serves_the_average_of_its_members(tiny_run, tmp_path, monke
         assert_served(srv.post(data=image.read_bytes()), probs)
         assert len(requests.get(srv.url + "/info", timeout=10).json()["model"]["members"]) == 2
     finally:
-        srv.stop()
+        seconds = srv.stop(signal.SIGINT)  # Ctrl-C
+    assert srv.proc.returncode == 0 and seconds < 30, srv.stderr[-2000:]
 
 
 @pytest.mark.slow
