@@ -220,7 +220,7 @@ def test_the_layout_follows_the_pipeline():
     """Each stage is a subpackage; the commands (python -m chestxray.<tool>) stay at the top."""
     graph = _package_imports()
     stages = {name.split(".")[1] for name in graph if name.count(".") >= 2}
-    assert stages == {"data", "models", "evaluation", "training", "inference", "runtime"}
+    assert stages == {"data", "models", "evaluation", "training", "inference", "serving", "runtime"}
     top = sorted(name.split(".")[1] for name in graph if name.count(".") == 1 and name.split(".")[1] not in stages)
     assert top == ["audit", "errors", "export", "robustness", "summary", "synthetic"]
     later = ("chestxray.training", "chestxray.inference")
@@ -244,6 +244,8 @@ def test_each_entry_point_has_its_own_help():
     assert re.search(r"format=\s+onnx", export.stdout)
     bench = run_script("-m", "chestxray.robustness", "--help").stdout
     assert bench.startswith("python -m chestxray.robustness ckpt=CHECKPOINT inputs=") and "shifts" in bench
+    serve = run_script("serve.py", "--help").stdout
+    assert serve.startswith("python serve.py ckpt=CHECKPOINT") and "max_upload_mb" in serve and "token" in serve
 
 
 def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch):

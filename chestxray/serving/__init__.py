@@ -1,0 +1,1 @@
+"""serve.py: a checkpoint behind HTTP (LitServe) and a web page."""
