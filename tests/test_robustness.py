@@ -92,9 +92,10 @@ def test_the_command_writes_table_figure_and_tensorboard_in_its_own_run_folder(t
     assert all(int(r["n"]) == 39 for r in rows)  # 12 test images per class and the 3 copies of train images
     assert all(int(r["leak_free_n"]) == 36 for r in rows)  # the generated data's 3 leaks are found and left out
     assert len({r["accuracy"] for r in rows if r["severity"] == "0"}) == 1  # one clean accuracy, on every curve
-    assert rows[0]["share_flagged_ood"] == ""  # no detector in this checkpoint
+    shares = [float(r["share_flagged_ood"]) for r in rows]  # the checkpoint's detector, fitted in training
+    assert all(0 <= s <= 1 for s in shares)
     md = (out / "robustness.md").read_text()
-    assert "| contrast |" in md and "Machine: " in md and "no out-of-distribution detector" in md
+    assert "| contrast |" in md and "Machine: " in md and "the share the checkpoint's detector flags" in md
     assert (out / "robustness.png").stat().st_size > 10_000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     second = run_script(

@@ -75,7 +75,7 @@ def test_optional_model_outputs_pass_through_and_absent_ones_stay_absent():
 def test_intake_refuses_bad_files_with_the_reason_and_decodes_good_ones():
     settings = IntakeSettings(32, ImageLimits(max_pixels=1_000_000, min_side=32), 10**6)
     for data, reason in [
-        (b"hello", "not a JPEG or PNG"),
+        (b"hello", "not a JPEG, PNG, TIFF or DICOM image"),
         (png_bytes(64, 64)[:-20], "truncated PNG"),
         (png_bytes(2000, 1000), "above data.max_pixels"),
         (png_bytes(20, 20), "smaller than data.min_image_side=32"),
@@ -205,7 +205,7 @@ def test_every_bad_upload_gets_a_4xx_reason_and_the_next_request_is_served(serve
     good = image.read_bytes()
     big = b"\x89PNG\r\n\x1a\n" + b"\0" * (50 * 10**6 + 1)
     cases = [
-        ({"data": b"not an image at all"}, 422, "not a JPEG or PNG"),
+        ({"data": b"not an image at all"}, 422, "not a JPEG, PNG, TIFF or DICOM image"),
         ({"data": good[: len(good) // 2]}, 422, "truncated"),
         ({"data": png_bytes(12_000, 10_000)}, 422, "above data.max_pixels=100,000,000"),
         ({"data": big}, 413, "max_upload_mb=50"),

@@ -49,7 +49,9 @@ def test_store_is_bit_identical_to_a_direct_decode_and_reports_bad_files(files, 
         decoded = decode_in_memory(files, settings)
     good = [p for p in files if p.name != "bad.jpg"]
     assert decoded.paths == good
-    assert [e.path for e in decoded.bad] == [str(files[3])] and "not a JPEG or PNG" in decoded.bad[0].reason
+    assert [e.path for e in decoded.bad] == [str(files[3])] and "not a JPEG, PNG, TIFF or DICOM image" in decoded.bad[
+        0
+    ].reason
     for i, expected in enumerate(direct(good, 48)):
         assert np.array_equal(decoded.images[i], expected), good[i]
     if mode == "disk":
