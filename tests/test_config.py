@@ -228,6 +228,7 @@ def test_the_layout_follows_the_pipeline():
     assert not any(d.startswith(later) for d in graph["chestxray.data.datamodule"])
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_each_entry_point_has_its_own_help():
     train = run_script("train.py", "--help").stdout
     assert train.startswith("python train.py [group=option ...]") and "model.backbone" in train

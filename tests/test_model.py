@@ -234,6 +234,7 @@ def test_every_setting_the_model_takes_is_in_its_config():
     assert arguments == set(model_cfg) - {"_target_", "_convert_"}
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_train_py_prints_a_clear_error_and_exits_2_without_data(tmp_path):
     run = tmp_path / "run"
     result = run_script(

@@ -192,6 +192,7 @@ def test_an_old_checkpoint_loads_with_one_line_and_empty_columns(tmp_path, caplo
         ood.score_images(loaded, images(2))
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     from chestxray.inference.onnx import OnnxPredictor, export_onnx

@@ -73,6 +73,7 @@ def _table(folder):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_the_command_writes_table_figure_and_tensorboard_in_its_own_run_folder(tiny_run, tmp_path):
     ckpt = _run_copy(tiny_run, tmp_path, with_settings=True)
     out = tmp_path / "bench"

@@ -63,6 +63,7 @@ def test_fast_dev_run_goes_through_train_test_and_report(tmp_path, data_dir):
         assert len(list(csv.DictReader(fh))) == 8
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_bf16_mixed_trains_in_bf16_and_tests_and_calibrates_in_fp32(tmp_path, synthetic_dir, monkeypatch):
     """trainer=cpu's bf16 on AMX: the training forward passes run in bf16, but the test report and the temperature
     come from fp32 forward passes, the model predict.py runs."""

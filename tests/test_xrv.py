@@ -98,6 +98,7 @@ def test_gradcam_looks_at_its_last_dense_block(xrv_file):
     assert maps.shape == (2, 32, 32) and np.isfinite(maps).all() and maps.max() > 0
 
 
+@pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_onnx_graph_gives_the_torch_probabilities(xrv_file, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnxruntime as ort
