@@ -125,6 +125,20 @@ def test_temperature_is_the_nll_minimum_and_never_changes_a_class():
     assert fit_temperature(torch.tensor(example()[2] * 3.0), torch.tensor(example()[0])) > 1  # overconfident: T > 1
 
 
+def test_a_separable_validation_split_leaves_the_temperature_at_one():
+    """14 validation images all right by a margin: the NLL keeps falling as T -> 0, so no temperature is fitted
+    (the quickstart on generated data gave T = 0.05 and a test loss 9 times its uncalibrated one)."""
+    from chestxray.models.calibration import identifiable_temperature
+
+    y = torch.arange(14) % 3
+    for margin in (1.0, 6.0):  # at 6 the NLL is 0 in float64 well before T_MIN
+        separable = torch.nn.functional.one_hot(y, 3).double() * margin
+        assert fit_temperature(separable, y) < 0.2 and identifiable_temperature(separable, y) is None
+    labels, _, logits = example(seed=0, strength=1.5)
+    t = identifiable_temperature(torch.tensor(logits * 3.0), torch.tensor(labels))
+    assert t is not None and t == pytest.approx(fit_temperature(torch.tensor(logits * 3.0), torch.tensor(labels)))
+
+
 def test_gallery_shows_every_kind_of_mistake_and_every_class():
     # 20 mistakes of one kind first, then a few of other kinds, and correct images of every class
     labels = [0] * 20 + [2, 2, 1] + [0, 1, 2] * 5

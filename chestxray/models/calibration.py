@@ -32,3 +32,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         options={"xatol": 1e-5},
     )
     return float(math.exp(result.x))
+
+
+def identifiable_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """fit_temperature's T, or None when it lands on a bound of the range: a validation split whose every image is
+    right by a wide margin has its NLL falling all the way as T -> 0 (or, all wrong, as T grows), so its minimum says
+    how separable those few images are, not how confident the model should be. Such a checkpoint stays at T = 1."""
+    temperature = fit_temperature(logits, labels)
+    best = nll_at(logits, labels, temperature)
+    # an end of the range as good as the minimum found (the NLL can also flatten to 0 before T_MIN in float64)
+    at_bound = any(nll_at(logits, labels, end) <= best + 1e-9 for end in (T_MIN, T_MAX))
+    return None if at_bound else temperature

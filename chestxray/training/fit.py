@@ -23,7 +23,7 @@ from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
 from chestxray.evaluation.callbacks import RunFigures
 from chestxray.models import ood
-from chestxray.models.calibration import fit_temperature, nll_at
+from chestxray.models.calibration import identifiable_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.runtime import settings
 from chestxray.runtime.console import shown, tidy_lightning_output
@@ -246,7 +246,14 @@ def calibrate(
     labels = datamodule.datasets["val"].labels[index]
     train = gather_by_index([tuple(t.cpu() for t in output) for output in outputs[1]])
     reference = (train[2], datamodule.datasets["train"].labels[train[0]]) if train else None
-    fitted, temperature = temperature, fit_temperature(logits, labels) if temperature else 1.0
+    fitted_t = identifiable_temperature(logits, labels) if temperature else None
+    if temperature and fitted_t is None and trainer.is_global_zero:
+        log.warning(
+            "not calibrated: the temperature that fits the %d validation images best is at the end of its range "
+            "(every one of them is right by a wide margin), which says nothing about new images; T stays 1",
+            len(labels),
+        )
+    fitted, temperature = fitted_t is not None, fitted_t or 1.0
     before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
     uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage, reference)
     if trainer.is_global_zero:
