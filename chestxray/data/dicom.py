@@ -215,19 +215,8 @@ def patient_key(path: str | os.PathLike, salt: bytes | None = None) -> str | Non
     leaves this function. Patient IDs are short: with a known salt a key can be matched to an ID by trying them all,
     so keys are for grouping in memory and are not written out either.
     """
-    import pydicom
-
-    try:
-        with open(path, "rb") as fh:
-            if not has_preamble(fh.read(PREAMBLE)):
-                return None
-            fh.seek(0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["PatientID"])
-                patient = str(ds.get("PatientID") or "").strip()
-    except Exception:  # noqa: BLE001 - an unreadable file has no key; the decoder names it when it is read
-        return None
+    ds = header(path, ["PatientID"])
+    patient = str(ds.get("PatientID") or "").strip() if ds is not None else ""
     if not patient:
         return None
     if salt is None:
@@ -235,9 +224,10 @@ def patient_key(path: str | os.PathLike, salt: bytes | None = None) -> str | Non
     return hmac.new(salt, patient.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def read_tags(path: str | os.PathLike) -> tuple[str, str] | None:
-    """(Modality, ViewPosition) of a DICOM file from the header alone (the pixel data is not read); None if the
-    file is not DICOM or its header cannot be read."""
+def header(path: str | os.PathLike, tags: list[str]):
+    """The named elements of a DICOM file's header (the pixel data is never read), or None if the file is not DICOM
+    or its header cannot be read (the decoder names the file and the reason when the image itself is read).
+    pydicom's warnings are dropped: they can quote header values."""
     import pydicom
 
     try:
@@ -247,10 +237,15 @@ def read_tags(path: str | os.PathLike) -> tuple[str, str] | None:
             fh.seek(0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["Modality", "ViewPosition"])
-                return _code(ds.get("Modality")), _code(ds.get("ViewPosition"))
-    except Exception:  # noqa: BLE001 - unreadable: the decoder names the file and the reason
+                return pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+    except Exception:  # noqa: BLE001 - unreadable: no tags and no key
         return None
+
+
+def read_tags(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(Modality, ViewPosition) of a DICOM file from the header alone; None if it is not DICOM or unreadable."""
+    ds = header(path, ["Modality", "ViewPosition"])
+    return None if ds is None else (_code(ds.get("Modality")), _code(ds.get("ViewPosition")))
 
 
 def sniff(path: Path) -> bool:
