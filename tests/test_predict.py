@@ -254,7 +254,7 @@ def test_bad_and_hostile_files_get_error_rows_and_the_rest_is_predicted(trained_
     rows = {Path(r["path"]).name: r for r in read_rows(out)}
     assert set(rows) == {p.name for p in folder.iterdir()}
     assert "empty file" in rows["empty.png"]["error"] and not rows["empty.png"]["pred"]
-    assert "not a JPEG or PNG" in rows["notes.jpg"]["error"]
+    assert "not a JPEG, PNG, TIFF or DICOM image" in rows["notes.jpg"]["error"]
     assert "is above data.max_pixels=100,000,000" in rows["bomb.png"]["error"]  # the data group's setting
     assert "smaller than data.min_image_side=32" in rows["dot.png"]["error"]
     assert all(

@@ -65,9 +65,16 @@ def check_files(cfg: DictConfig) -> None:
 
     if cfg.get("ckpt_path"):
         checkpoint = read_checkpoint(cfg.ckpt_path, "ckpt_path")
-        where = f"resume={cfg.resume}" if cfg.get("resume") else f"ckpt_path={cfg.ckpt_path}"
+        where = f"resume={cfg.paths.output_dir}" if continues_this_run(cfg) else f"ckpt_path={cfg.ckpt_path}"
         check_fits(checkpoint, cfg, where)
         check_same_optimizer(checkpoint, cfg, where)
+
+
+def continues_this_run(cfg: DictConfig) -> bool:
+    """Whether ckpt_path is this run's own checkpoint (resume=RUN runs in RUN from RUN/checkpoints/last.ckpt): then
+    its records (best checkpoint, curves, running best) are this run's too; another run's checkpoint gives none."""
+    ckpt = cfg.get("ckpt_path")
+    return bool(ckpt) and Path(ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve())
 
 
 def check_same_optimizer(checkpoint: dict, cfg: DictConfig, where: str) -> None:
@@ -140,7 +147,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
     best_checkpoint_callback(callbacks)  # refused now, before any image is decoded
-    if cfg.get("ckpt_path") and not cfg.get("resume"):
+    if cfg.get("ckpt_path") and not continues_this_run(cfg):
         callbacks.insert(0, StartFromAnotherRun())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
