@@ -134,6 +134,8 @@ def test_a_separable_validation_split_leaves_the_temperature_at_one():
     for margin in (1.0, 6.0):  # at 6 the NLL is 0 in float64 well before T_MIN
         separable = torch.nn.functional.one_hot(y, 3).double() * margin
         assert fit_temperature(separable, y) < 0.2 and identifiable_temperature(separable, y) is None
+    wrong = -torch.nn.functional.one_hot(y, 3).double() * 6.0  # every image wrong: T = T_MAX (doubt) is kept
+    assert identifiable_temperature(wrong, y) == pytest.approx(T_MAX, rel=0.01)
     labels, _, logits = example(seed=0, strength=1.5)
     t = identifiable_temperature(torch.tensor(logits * 3.0), torch.tensor(labels))
     assert t is not None and t == pytest.approx(fit_temperature(torch.tensor(logits * 3.0), torch.tensor(labels)))

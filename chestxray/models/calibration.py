@@ -35,11 +35,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def identifiable_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """fit_temperature's T, or None when it lands on a bound of the range: a validation split whose every image is
-    right by a wide margin has its NLL falling all the way as T -> 0 (or, all wrong, as T grows), so its minimum says
-    how separable those few images are, not how confident the model should be. Such a checkpoint stays at T = 1."""
+    """fit_temperature's T, or None when its lower bound T_MIN is as good as the minimum found: a validation split
+    whose every image is right by a wide margin has its NLL falling all the way as T -> 0, so that minimum says how
+    separable those few images are, not how confident the model should be, and T_MIN would make every answer
+    near-certain. Such a checkpoint stays at T = 1. (The other end is kept: a T at T_MAX flattens the answers of a
+    model whose validation logits carry no information, which errs on the side of doubt.)"""
     temperature = fit_temperature(logits, labels)
-    best = nll_at(logits, labels, temperature)
-    # an end of the range as good as the minimum found (the NLL can also flatten to 0 before T_MIN in float64)
-    at_bound = any(nll_at(logits, labels, end) <= best + 1e-9 for end in (T_MIN, T_MAX))
-    return None if at_bound else temperature
+    # T_MIN as good as the minimum (the NLL can also flatten to 0 in float64 before T_MIN is reached)
+    return None if nll_at(logits, labels, T_MIN) <= nll_at(logits, labels, temperature) + 1e-9 else temperature
