@@ -68,13 +68,9 @@ def train_transform() -> v2.Transform:
 
 def patient_of(path: Path, listed: str | None) -> str | None:
     """Whose image this is, for grouping only: a label file's patient column, else a DICOM file's PatientID as an
-    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it); None for other files. Only files that may
-    be DICOM (by suffix, or none) are opened for it."""
-    if listed is not None:
-        return listed
-    if path.suffix.lower() in dicom.DICOM_SUFFIXES or not path.suffix:
-        return dicom.patient_key(path)
-    return None
+    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it; only files that may be DICOM are opened);
+    None for other files."""
+    return listed if listed is not None else dicom.patient_key(path)
 
 
 def split_size(positions: np.ndarray | None, groups: np.ndarray) -> dict[str, int]:

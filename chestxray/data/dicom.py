@@ -224,10 +224,19 @@ def patient_key(path: str | os.PathLike, salt: bytes | None = None) -> str | Non
     return hmac.new(salt, patient.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def may_be_dicom(path: str | os.PathLike) -> bool:
+    """Whether a file is worth reading 132 bytes of: a DICOM extension, none, or a numeric one (files named by their
+    UID, 1.2.840...). A .png, .jpeg or .tif is never opened to look for a DICOM header."""
+    suffix = Path(path).suffix
+    return suffix.lower() in DICOM_SUFFIXES or suffix == "" or suffix[1:].isdigit()
+
+
 def header(path: str | os.PathLike, tags: list[str]):
     """The named elements of a DICOM file's header (the pixel data is never read), or None if the file is not DICOM
     or its header cannot be read (the decoder names the file and the reason when the image itself is read).
     pydicom's warnings are dropped: they can quote header values."""
+    if not may_be_dicom(path):
+        return None
     import pydicom
 
     try:

@@ -98,12 +98,6 @@ class ImageTags:
         return self.view in dicom.LATERAL_VIEWS
 
 
-def _may_be_dicom(path: Path) -> bool:
-    """No extension, or a numeric one (files named by their UID, 1.2.840...): worth reading 132 bytes of."""
-    suffix = path.suffix
-    return suffix == "" or suffix[1:].isdigit()
-
-
 def is_image_file(path: Path) -> bool:
     """Accept jpeg/jpg/png/tif/tiff/dcm/dicom in any letter case, and DICOM files without an extension (their
     132-byte preamble says DICM; only such files are opened); skip hidden files such as .DS_Store."""
@@ -111,7 +105,7 @@ def is_image_file(path: Path) -> bool:
         return False
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return True
-    return _may_be_dicom(path) and dicom.sniff(path)
+    return dicom.may_be_dicom(path) and dicom.sniff(path)
 
 
 def _walk(folder: Path) -> Iterable[Path]:
