@@ -52,6 +52,28 @@ def test_every_backbone_takes_the_head_and_any_number_of_classes(backbone, class
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_the_detectors_features_are_the_pooled_ones_then_each_stage_of_the_declared_width(backbone):
+    """logits_and_features: the network's own logits, the pooled features first, then every stage's mean output with
+    the channels the backbone declares (what the per-stage KNN banks are shaped by)."""
+    model = ChestXrayClassifier(["a", "b", "c"], 32, backbone=backbone, pretrained=False).eval()
+    spec = get_backbone(backbone)
+    widths = [spec.width, *spec.stage_widths]
+    ends = [block[-1] for block in spec.blocks(model.net)]
+    seen = []
+    hooks = [e.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[1])) for e in ends]
+    x = images(2)
+    with torch.inference_mode():
+        logits = model.logits(x)
+        raw, features = model.logits_and_features(x)
+        pooled = spec.trunk(model.net, model.preprocess(x)).flatten(1)
+    for hook in hooks:
+        hook.remove()
+    assert seen[: len(ends)] == list(spec.stage_widths) and features.shape == (2, sum(widths))
+    assert torch.allclose(raw, logits, atol=1e-5) and torch.allclose(features[:, : spec.width], pooled, atol=1e-5)
+    assert not model.net._forward_hooks and all(not e._forward_hooks for e in ends)  # no hook left behind
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_freeze_features_trains_only_the_head_and_keeps_frozen_norms_in_eval(backbone):
     model = ChestXrayClassifier(["a", "b", "c"], 32, backbone=backbone, pretrained=False, freeze="features")
     head_params = {id(p) for p in get_backbone(backbone).head(model.net).parameters()}

@@ -103,22 +103,23 @@ def test_thresholds_pass_the_pass_rate_of_new_in_distribution_images(with_traini
     torch.manual_seed(0)
     centres = torch.randn(3, 32) * 3
 
-    def draw(n):
+    def draw(n):  # pooled features, then two 'stages' (knn_layers): halves of them plus their own noise
         labels = torch.arange(n) % 3
-        return centres[labels] + torch.randn(n, 32), labels
+        pooled = centres[labels] + torch.randn(n, 32)
+        return torch.cat([pooled, pooled[:, :16] + torch.randn(n, 16), pooled[:, 16:]], 1), labels
 
     features, labels = draw(300)
     logits = torch.randn(300, 3)
     reference = draw(600) if with_training_features else None
-    result = ood.fit(logits, features, labels, 1.0, 0.95, 0.9, reference)
+    detector = ood.OodDetector(3, 32, (16, 16))
+    result = ood.fit(logits, features, labels, 1.0, 0.95, 0.9, reference, detector=detector)
     assert result.n == 300 and result.n_reference == (600 if with_training_features else 300)
-    detector = ood.OodDetector(3, 32)
     state = {k.removeprefix("ood."): v for k, v in result.state.items() if k.startswith("ood.")}
     ood.take_shapes(detector, state)
     detector.load_state_dict(state)
     fresh, _ = draw(3000)
     shifted = fresh + 4.0
-    for k, name in ((2, "mahalanobis"), (3, "knn")):
+    for k, name in ((2, "mahalanobis"), (3, "knn"), (4, "knn_layers")):
         thresholds = detector.thresholds[k]
         passed = float(
             (ood.all_scores(torch.randn(3000, 3), torch.tensor(1.0), fresh, detector)[:, k] <= thresholds)
@@ -148,7 +149,7 @@ def fitted_checkpoint(tmp_path: Path, **kwargs) -> tuple[ChestXrayClassifier, Pa
     model = tiny_model(**kwargs)
     with torch.no_grad():
         raw, features = model.logits_and_features(images(24))
-    result = ood.fit(raw, features, torch.arange(24) % 3, 1.3, model.pass_rate, model.coverage)
+    result = ood.fit(raw, features, torch.arange(24) % 3, 1.3, model.pass_rate, model.coverage, detector=model.ood)
     state = model.state_dict() | result.state | {"temperature": torch.tensor(1.3), "calibrated": torch.tensor(True)}
     path = tmp_path / "fitted.ckpt"
     saved = {"state_dict": state, "hyper_parameters": dict(model.hparams), "epoch": 0}
@@ -192,12 +193,31 @@ def test_an_old_checkpoint_loads_with_one_line_and_empty_columns(tmp_path, caplo
         ood.score_images(loaded, images(2))
 
 
+def test_a_checkpoint_fitted_before_knn_layers_keeps_its_own_detector(tmp_path):
+    """Four thresholds and no stage banks (fitted by the version before knn_layers): it loads, its knn flag is the
+    same as before, and knn_layers, never fitted there, leaves the column empty rather than flag anything."""
+    model, path = fitted_checkpoint(tmp_path, ood={"detector": "knn", "pass_rate": 0.95})
+    saved = torch.load(path, weights_only=True)
+    state = saved["state_dict"]
+    for key in [k for k in state if k.startswith(("ood.layer_bank", "ood.layer_centre", "ood.layer_scale"))]:
+        del state[key]
+    state["ood.thresholds"] = state["ood.thresholds"][:4]
+    torch.save(saved, tmp_path / "before.ckpt")
+    old, new = load_model(tmp_path / "before.ckpt"), load_model(path)
+    x = images(5, seed=3)
+    assert np.allclose(ood.score_images(old, x).margin, ood.score_images(new, x).margin)
+    assert torch.isnan(old.ood.thresholds[4]) and old.ood_detector == "knn"
+    old.hparams.ood = {"detector": "knn_layers"}
+    with torch.no_grad():
+        assert torch.isnan(old.answers(x)[1]).all()
+
+
 @pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     from chestxray.inference.onnx import OnnxPredictor, export_onnx
 
-    _, path = fitted_checkpoint(tmp_path)  # the default detector (knn)
+    _, path = fitted_checkpoint(tmp_path)  # the default detector (knn_layers)
     model = load_model(path)
     graph = export_onnx([model], tmp_path / "model.onnx")
     x = images(6, seed=9)
@@ -211,7 +231,7 @@ def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.ood.detector=odin", "model.ood.detector=odin: must be one of msp, energy, mahalanobis, knn"),
+        ("model.ood.detector=odin", "model.ood.detector=odin: must be one of " + ", ".join(ood.DETECTORS)),
         ("model.ood.pass_rate=1", "model.ood.pass_rate=1: must be a number greater than 0 and less than 1"),
         ("model.conformal.coverage=0", "model.conformal.coverage=0: must be a number greater than 0 and less than 1"),
     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import os
 import shutil
 import signal
@@ -85,6 +86,12 @@ def test_intake_refuses_bad_files_with_the_reason_and_decodes_good_ones():
         assert refused.value.status == 422
     view, width, height = decode(png_bytes(80, 40), settings)
     assert view.shape == (3, 32, 32) and view.dtype == np.uint8 and (width, height) == (80, 40)
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # a TIFF header in its preamble: DICOM all the same
+    assert ct.startswith(b"II*\0") and ct[128:132] == b"DICM"
+    with pytest.raises(Refused, match="Modality CT is not a radiograph"):
+        decode(ct, settings)
 
 
 # --- slow: the real server ----------------------------------------------------------------------------------------
@@ -218,6 +225,41 @@ def test_every_bad_upload_gets_a_4xx_reason_and_the_next_request_is_served(serve
         assert response.status_code == status and reason in response.json()["error"], (reason, response.text)
         assert server.post(data=good).status_code == 200, f"not served after: {reason}"
     assert server.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_a_hospital_dicom_is_served_as_predict_py_reads_it_and_its_header_never_leaves(
+    server, tiny_run, tmp_path, monkeypatch
+):
+    """A 12-bit MONOCHROME1 radiograph with patient identifiers in its header, made from a test image: the server's
+    answer is predict.py's for the same file; a CT slice is refused naming the modality; no identifier from either
+    header appears in an answer or in the server's output."""
+    from pydicom.data import get_testdata_file
+
+    from tests.test_dicom import IDENTIFIERS, dataset, save, stored
+
+    grey = cv2.imread(str(an_image(tiny_run)), cv2.IMREAD_GRAYSCALE)
+    path = save(dataset(4095 - stored(grey, 12), 12, "MONOCHROME1", **IDENTIFIERS), tmp_path / "IM0001")
+    probs = predict_probs(tiny_run["ckpt"], path, tmp_path / "pred", monkeypatch)
+    answers = [assert_served(server.post(data=path.read_bytes()), probs)]
+    answers.append(assert_served(server.post(files={"image": ("IM0001.dcm", path.read_bytes())}), probs))
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    refused = server.post(data=ct)
+    assert refused.status_code == 422 and "Modality CT is not a radiograph" in refused.json()["error"]
+    assert (answers[0]["width"], answers[0]["height"]) == grey.shape[::-1]
+    import pydicom
+
+    header = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct_identifiers = [str(header.PatientName), str(header.PatientID)]
+    srv = Server(tiny_run["ckpt"], tmp_path / "run")  # a server of its own, so its whole output can be read
+    try:
+        assert_served(srv.post(data=path.read_bytes()), probs)
+        assert srv.post(data=ct).status_code == 422
+    finally:
+        srv.stop()
+    said = json.dumps(answers) + refused.text + srv.stdout + srv.stderr
+    for value in [*IDENTIFIERS.values(), *ct_identifiers]:
+        assert value not in said, value
 
 
 @pytest.mark.slow

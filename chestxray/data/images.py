@@ -128,14 +128,16 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
 
 
 def _sniff_format(data: bytes) -> str | None:
+    # DICOM first: its 128-byte preamble may hold a TIFF header (a dual-personality file, PS3.10 7.5; pydicom's
+    # CT_small.dcm is one), and such a file is a DICOM image to a hospital, with the Modality it says
+    if dicom.has_preamble(data):
+        return "DICOM"
     if data.startswith(_JPEG_MAGIC):
         return "JPEG"
     if data.startswith(_PNG_MAGIC):
         return "PNG"
     if data.startswith(_TIFF_MAGIC):
         return "TIFF"
-    if dicom.has_preamble(data):
-        return "DICOM"
     return None
 
 

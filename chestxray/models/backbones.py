@@ -7,8 +7,9 @@ name parameters as torchvision does) with its ImageNet head replaced by the note
 
 The network is run as `head(trunk(x))`: the trunk is everything up to the pooled feature vector, the head is the new
 part. That split is what `model.cache_features` caches and what `model.freeze=features` freezes; `blocks` are the
-stages `model.freeze=N` freezes from the input side; `gradcam_layer` is the last convolutional stage, where Grad-CAM
-looks (pytorch-grad-cam's choice for each family).
+stages `model.freeze=N` freezes from the input side, and the outputs of those stages, each averaged over its positions
+(`stage_widths` channels), are what the multi-layer out-of-distribution detector compares; `gradcam_layer` is the last
+convolutional stage, where Grad-CAM looks (pytorch-grad-cam's choice for each family).
 
 `xrv_densenet121` is torchxrayvision's DenseNet-121, pretrained on chest radiographs (the `xrv` extra): the same
 DenseNet under the same head, with torchxrayvision's input conversion in front of it inside the network (see
@@ -43,10 +44,32 @@ class Backbone:
     trunk: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # images -> pooled features (the head's input)
     blocks: Callable[[nn.Module], list[list[nn.Module]]]  # stages from the input side, for model.freeze=N
     gradcam_layer: Callable[[nn.Module], nn.Module]
+    # channels at the end of each of `blocks`: what the multi-layer detector (chestxray.models.ood) averages
+    stage_widths: tuple[int, ...] = ()
     keep_head_prefix: int = 0  # modules of torchvision's head kept before ours (ConvNeXt's LayerNorm2d, Flatten)
 
     def head(self, net: nn.Module) -> nn.Module:
         return getattr(net, self.head_attr)
+
+    def trunk_and_stages(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """N x (width + sum(stage_widths)): the pooled features (the head's input), then each stage's output averaged
+        over its positions, in float32: one pass of the trunk, the stage outputs read by forward hooks on the last
+        module of each of `blocks` (so no family needs its forward written twice)."""
+        means: list[torch.Tensor] = []
+        ends = [block[-1] for block in self.blocks(net)]
+        handles = [e.register_forward_hook(lambda _m, _a, out: means.append(out.float().mean((2, 3)))) for e in ends]
+        try:
+            pooled = self.trunk(net, x).flatten(1).float()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.cat([pooled, *means], 1)
+
+    def head_on_pooled(self, net: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """The head on the pooled part of trunk_and_stages' output (N x C x 1 x 1 where a kept LayerNorm2d needs it)."""
+        head = self.head(net)
+        pooled = features[:, : self.width].to(next(head.parameters()).dtype)  # the head's own under *-true precision
+        return head(pooled[:, :, None, None] if self.keep_head_prefix else pooled)
 
 
 def _vgg_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +162,9 @@ def _convnext_trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg19", 512, "classifier", _vgg_trunk, _vgg_blocks, lambda net: net.features[35]),
+        Backbone(
+            "vgg19", 512, "classifier", _vgg_trunk, _vgg_blocks, lambda net: net.features[35], (64, 128, 256, 512, 512)
+        ),
         Backbone(
             "resnet50",
             2048,
@@ -147,9 +172,26 @@ BACKBONES: dict[str, Backbone] = {
             _resnet_trunk,
             lambda net: [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]],
             lambda net: net.layer4[-1],
+            (64, 256, 512, 1024, 2048),
         ),
-        Backbone("densenet121", 1024, "classifier", _densenet_trunk, _densenet_blocks, lambda net: net.features.norm5),
-        Backbone(XRV, 1024, "classifier", _xrv_trunk, _densenet_blocks, lambda net: net.features.norm5),
+        Backbone(
+            "densenet121",
+            1024,
+            "classifier",
+            _densenet_trunk,
+            _densenet_blocks,
+            lambda net: net.features.norm5,
+            (64, 128, 256, 512, 1024),
+        ),
+        Backbone(
+            XRV,
+            1024,
+            "classifier",
+            _xrv_trunk,
+            _densenet_blocks,
+            lambda net: net.features.norm5,
+            (64, 128, 256, 512, 1024),
+        ),
         Backbone(
             "efficientnet_b0",
             1280,
@@ -157,6 +199,7 @@ BACKBONES: dict[str, Backbone] = {
             _pooled_trunk,
             lambda net: [[stage] for stage in net.features],
             lambda net: net.features[-1],
+            (32, 16, 24, 40, 80, 112, 192, 320, 1280),
         ),
         Backbone(
             "convnext_tiny",
@@ -165,6 +208,7 @@ BACKBONES: dict[str, Backbone] = {
             _convnext_trunk,
             lambda net: [[net.features[i], net.features[i + 1]] for i in (0, 2, 4, 6)],  # stem or downsampling + stage
             lambda net: net.features[-1],
+            (96, 192, 384, 768),
             keep_head_prefix=2,
         ),
     )

@@ -100,7 +100,7 @@ class ChestXrayClassifier(L.LightningModule):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         num_classes = len(classes)
         # The out-of-distribution detector and the conformal threshold (chestxray.models.ood), fitted with T.
-        self.ood = ood_lib.OodDetector(num_classes, self.backbone.width)
+        self.ood = ood_lib.OodDetector(num_classes, self.backbone.width, self.backbone.stage_widths)
         self.conformal = ood_lib.ConformalSets()
         self.train_metrics = metrics.stage_metrics(num_classes).clone(prefix="train/")
         self.val_metrics = metrics.stage_metrics(num_classes).clone(prefix="val/")
@@ -150,6 +150,7 @@ class ChestXrayClassifier(L.LightningModule):
                 "this checkpoint carries no out-of-distribution detector or conformal fit (written before they "
                 "existed): ood_score, in_distribution and prediction_set stay empty"
             )
+        ood_lib.upgrade_state(state)
         ood_lib.take_shapes(self.ood, state, "ood.")
         ood_lib.take_shapes(self.conformal, state, "conformal.")
 
@@ -175,9 +176,10 @@ class ChestXrayClassifier(L.LightningModule):
         return self.logits(images) / self.temperature
 
     def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits before temperature scaling, pooled features): one pass, head(trunk(x)) being the network."""
-        features = self.backbone.trunk(self.net, self.preprocess(images))
-        return self.backbone.head(self.net)(features), features.flatten(1)
+        """(logits before temperature scaling, what the detectors score: the pooled features then each stage's mean
+        output, Backbone.trunk_and_stages): one pass, head(trunk(x)) being the network."""
+        features = self.backbone.trunk_and_stages(self.net, self.preprocess(images))
+        return self.backbone.head_on_pooled(self.net, features), features
 
     def answers_of(
         self, raw_logits: torch.Tensor, features: torch.Tensor
@@ -193,12 +195,13 @@ class ChestXrayClassifier(L.LightningModule):
         return self.answers_of(*self.logits_and_features(images))
 
     def _features(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
-        """Pooled features of a frozen backbone (cache_features), computed once per image."""
+        """What a frozen backbone gives the head and the detectors (trunk_and_stages, cache_features), computed once
+        per image."""
         keys = [(stage, int(i)) for i in index]
         missing = [k for k, key in enumerate(keys) if key not in self.feature_cache]
         if missing:
             with torch.no_grad():
-                feats = self.backbone.trunk(self.net, self.preprocess(images[missing]))
+                feats = self.backbone.trunk_and_stages(self.net, self.preprocess(images[missing]))
             for k, f in zip(missing, feats, strict=True):
                 self.feature_cache[keys[k]] = f
         return torch.stack([self.feature_cache[key] for key in keys])
@@ -210,7 +213,7 @@ class ChestXrayClassifier(L.LightningModule):
 
     def _raw_logits(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
         if self.hparams.cache_features:
-            return self.backbone.head(self.net)(self._features(images, index, stage))
+            return self.backbone.head_on_pooled(self.net, self._features(images, index, stage))
         return self.logits(images)
 
     def _logits_and_features(
@@ -218,7 +221,7 @@ class ChestXrayClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hparams.cache_features:
             features = self._features(images, index, stage)
-            return self.backbone.head(self.net)(features), features.flatten(1)
+            return self.backbone.head_on_pooled(self.net, features), features
         return self.logits_and_features(images)
 
     # --- fit -----------------------------------------------------------------------------------------------------

@@ -9,23 +9,29 @@ Detectors (a score per image, higher = less like the validation images):
 - ``energy``: minus T-logsumexp of the raw logits, T = 1 (Liu et al., 2020);
 - ``mahalanobis``: half the squared Mahalanobis distance of the pooled features to the nearest class mean, with one
   covariance shared by the classes (Lee et al., 2018);
-- ``knn``: Euclidean distance of the unit-length pooled features to the nearest unit-length validation feature
-  (Sun et al., 2022, k = 1).
+- ``knn``: Euclidean distance of the unit-length pooled features to the nearest unit-length training feature
+  (Sun et al., 2022, k = 1);
+- ``knn_layers`` (the default): the same distance at the end of every stage of the backbone (each stage's output
+  averaged over its positions, Backbone.trunk_and_stages), each standardised by the validation images' distances and
+  summed: the feature ensemble of Lee et al. (2018) applied to KNN. The pooled features of a classifier trained on
+  three classes of radiographs keep only what separates those classes, so a photograph or a page of text can land
+  near a radiograph there; the early stages still see grey levels, texture and edges that no radiograph has. On the
+  benchmark (docs/benchmarks.md) it lets 1% of far out-of-distribution images through where ``knn`` lets 35%.
 
-All four are written here rather than called from pytorch-ood (tests/test_ood.py checks each against pytorch-ood's
-score on the same logits, features and statistics): its Mahalanobis and KNN keep their statistics as plain attributes
-(not buffers, so not in a checkpoint); its KNN searches with scikit-learn (not exportable to ONNX); its Mahalanobis
-inverts the raw scatter matrix, which is singular when the validation split has fewer images than feature dimensions
-(about 38 images against 512 VGG features here), so we shrink the covariance (Ledoit-Wolf) instead; and importing it
-adds about 2 s to every predict.py start for the two one-line formulas of msp and energy.
+All five are written here rather than called from pytorch-ood (tests/test_ood.py checks the first four against
+pytorch-ood's score on the same logits, features and statistics): its Mahalanobis and KNN keep their statistics as
+plain attributes (not buffers, so not in a checkpoint); its KNN searches with scikit-learn (not exportable to ONNX);
+its Mahalanobis inverts the raw scatter matrix, which is singular when there are fewer images than feature
+dimensions, so we shrink the covariance (Ledoit-Wolf) instead; and importing it adds about 2 s to every predict.py
+start for the two one-line formulas of msp and energy. pytorch-ood has no multi-layer KNN.
 
 Mahalanobis and KNN statistics (class means, shared covariance, the KNN bank) come from the training images'
 features (without augmentation; at most MAX_BANK of them in the bank, a seeded sample); every detector's threshold
 lets ``pass_rate`` (default 95%) of the validation images through, scored against those statistics. Fitting the
 statistics on the 38 validation images alone (the fallback when no training features are given, with out-of-fold
-scores so an image is not its own nearest neighbour) let 63% of far out-of-distribution images through on the
-benchmark, against 23% with the training images' (docs/benchmarks.md): with few reference images, in-distribution
-images are far from all of them too.
+scores so an image is not its own nearest neighbour) let 63% of far out-of-distribution images through ``knn`` on
+the benchmark, against 23% with the training images' (an earlier quickstart model, docs/benchmarks.md): with few
+reference images, in-distribution images are far from all of them too.
 
 Prediction sets are split-conformal with the LAC score, 1 - p(true class) (Sadinle et al., 2019): of the methods with
 the marginal guarantee, it gives the smallest sets on average, which is what a reader of three classes needs; APS
@@ -51,9 +57,9 @@ from chestxray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("msp", "energy", "mahalanobis", "knn")
-DEFAULT_DETECTOR = "knn"  # the best on benchmarks/ood_benchmark.py (docs/benchmarks.md)
-MAX_BANK = 4096  # KNN rows kept in the checkpoint (8 MB at 512 features)
+DETECTORS = ("msp", "energy", "mahalanobis", "knn", "knn_layers")
+DEFAULT_DETECTOR = "knn_layers"  # the best on benchmarks/ood_benchmark.py (docs/benchmarks.md)
+MAX_BANK = 4096  # KNN rows kept in the checkpoint: 4 bytes x (width + sum of stage widths), 32 MB for VGG19
 OUT_OF_FOLD = 10  # folds for the out-of-fold validation scores of the fitted detectors
 
 
@@ -100,17 +106,34 @@ def knn(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * nearest).clamp(min=0.0).sqrt().float()
 
 
+def knn_layers(
+    layers: list[torch.Tensor], banks: list[torch.Tensor], centre: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Sum over the stages of each stage's KNN distance, standardised by the validation images' distances (their mean
+    and standard deviation): a stage that is far for every image weighs no more than one that is near for all."""
+    z = [(knn(f, bank) - centre[j]) / scale[j] for j, (f, bank) in enumerate(zip(layers, banks, strict=True))]
+    return torch.stack(z, 1).sum(1)
+
+
+def split_features(features: torch.Tensor, detector: OodDetector) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(pooled features, [each stage's mean output]) of Backbone.trunk_and_stages' N x (width + sum of stages)."""
+    widths = [detector.class_means.shape[1]] + [bank.shape[1] for bank in detector.layer_banks()]
+    pooled, *layers = torch.split(features.flatten(1).float(), widths, dim=1)
+    return pooled, layers
+
+
 def all_scores(
     raw_logits: torch.Tensor, temperature: torch.Tensor, features: torch.Tensor, detector: OodDetector
 ) -> torch.Tensor:
-    """N x 4: every detector's score (columns in DETECTORS order), higher = more unusual."""
-    features = features.flatten(1).float()
+    """N x 5: every detector's score (columns in DETECTORS order), higher = more unusual."""
+    pooled, layers = split_features(features, detector)
     return torch.stack(
         [
             msp(raw_logits.float() / temperature),
             energy(raw_logits.float()),
-            mahalanobis(features, detector.class_means, detector.precision),
-            knn(features, detector.bank),
+            mahalanobis(pooled, detector.class_means, detector.precision),
+            knn(pooled, detector.bank),
+            knn_layers(layers, detector.layer_banks(), detector.layer_centre, detector.layer_scale),
         ],
         dim=1,
     )
@@ -123,15 +146,32 @@ class OodDetector(nn.Module):
     threshold is NaN: the columns stay empty rather than show a flag nobody fitted.
     """
 
-    def __init__(self, num_classes: int, width: int):
+    def __init__(self, num_classes: int, width: int, stage_widths: tuple[int, ...]):
         super().__init__()
         self.register_buffer("class_means", torch.zeros(num_classes, width))
         self.register_buffer("precision", torch.eye(width))
         self.register_buffer("bank", torch.zeros(1, width))  # one row: a minimum over no rows does not exist
+        self.stages = len(stage_widths)
+        for j, stage_width in enumerate(stage_widths):  # knn_layers: a bank per stage, and its standardisation
+            self.register_buffer(f"layer_bank{j}", torch.zeros(1, stage_width))
+        self.register_buffer("layer_centre", torch.zeros(self.stages))
+        self.register_buffer("layer_scale", torch.ones(self.stages))
         self.register_buffer("thresholds", torch.full((len(DETECTORS),), float("nan")))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # validation images (the thresholds)
         self.register_buffer("n_reference", torch.zeros((), dtype=torch.long))  # images of the statistics
+
+    def layer_banks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"layer_bank{j}") for j in range(self.stages)]
+
+
+def upgrade_state(state: dict[str, torch.Tensor], prefix: str = "ood.") -> None:
+    """A checkpoint fitted before knn_layers existed: its four thresholds get a NaN one for it (no flag nobody
+    fitted), so it loads and its own detector (model.ood.detector in its settings) works as it did."""
+    thresholds = state.get(prefix + "thresholds")
+    if thresholds is not None and len(thresholds) < len(DETECTORS):
+        missing = torch.full((len(DETECTORS) - len(thresholds),), float("nan"), dtype=thresholds.dtype)
+        state[prefix + "thresholds"] = torch.cat([thresholds, missing])
 
 
 def take_shapes(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -173,18 +213,30 @@ def fit_gaussian(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.from_numpy(means).float(), torch.from_numpy(precision).float()
 
 
-def out_of_fold_scores(features: torch.Tensor, labels: torch.Tensor, folds: int = OUT_OF_FOLD) -> torch.Tensor:
-    """N x 2: each image's Mahalanobis and KNN score from statistics fitted on the other folds (seeded folds)."""
+def out_of_fold_scores(
+    features: torch.Tensor, labels: torch.Tensor, layers: list[torch.Tensor], folds: int = OUT_OF_FOLD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x 2: each image's Mahalanobis and KNN score, N x stages: its KNN distance at each stage), from statistics
+    fitted on the other folds (seeded folds)."""
     n = len(features)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    scores = torch.zeros(n, 2)
+    scores, distances = torch.zeros(n, 2), torch.zeros(n, len(layers))
     for part in torch.tensor_split(order, min(folds, n)):
         rest = torch.ones(n, dtype=torch.bool)
         rest[part] = False
         means, precision = fit_gaussian(features[rest], labels[rest])
         scores[part, 0] = mahalanobis(features[part], means, precision)
         scores[part, 1] = knn(features[part], unit(features[rest]))
-    return scores
+        for j, layer in enumerate(layers):
+            distances[part, j] = knn(layer[part], unit(layer[rest]))
+    return scores, distances
+
+
+def standardise(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per stage, the mean and standard deviation of the validation images' KNN distances (knn_layers' weights)."""
+    centre = distances.double().mean(0)
+    scale = distances.double().std(0).nan_to_num(1.0).clamp(min=1e-6) if len(distances) > 1 else torch.ones_like(centre)
+    return centre.float(), scale.float()
 
 
 def conformal_min_prob(probs: torch.Tensor, labels: torch.Tensor, coverage: float) -> float:
@@ -217,31 +269,38 @@ def fit(
     pass_rate: float,
     coverage: float,
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    detector: OodDetector,
 ) -> Fit | None:
     """Detector statistics (from `reference`, the training images' features and labels, else the validation
     split's, out of fold) and thresholds and the conformal threshold from the validation split's outputs (None below
-    2 validation images)."""
+    2 validation images). `features` are Backbone.trunk_and_stages' (split as `detector`, the model's own, expects)."""
     features, labels = features.flatten(1).float().cpu(), labels.long().cpu()
     raw_logits = raw_logits.float().cpu()
     if len(labels) < 2:
         return None
+    pooled, layers = split_features(features, detector)
     if reference is not None and len(reference[1]) >= 2:
-        ref_features, ref_labels = reference[0].flatten(1).float().cpu(), reference[1].long().cpu()
+        ref_pooled, ref_layers = split_features(reference[0].float().cpu(), detector)
+        ref_labels = reference[1].long().cpu()
     else:
-        ref_features, ref_labels = features, labels
-    means, precision = fit_gaussian(ref_features, ref_labels)  # the classes present (a tiny split may lack one)
-    keep = torch.randperm(len(ref_features), generator=torch.Generator().manual_seed(0))[:MAX_BANK].sort().values
-    bank = unit(ref_features[keep])
-    if ref_features is features:
-        fitted_scores = out_of_fold_scores(features, labels)
+        ref_pooled, ref_layers, ref_labels = pooled, layers, labels
+    means, precision = fit_gaussian(ref_pooled, ref_labels)  # the classes present (a tiny split may lack one)
+    keep = torch.randperm(len(ref_pooled), generator=torch.Generator().manual_seed(0))[:MAX_BANK].sort().values
+    bank, layer_banks = unit(ref_pooled[keep]), [unit(layer[keep]) for layer in ref_layers]
+    if ref_pooled is pooled:
+        fitted_scores, distances = out_of_fold_scores(pooled, labels, layers)
     else:
-        fitted_scores = torch.stack([mahalanobis(features, means, precision), knn(features, bank)], dim=1)
+        fitted_scores = torch.stack([mahalanobis(pooled, means, precision), knn(pooled, bank)], dim=1)
+        distances = torch.stack([knn(layer, b) for layer, b in zip(layers, layer_banks, strict=True)], dim=1)
+    centre, scale = standardise(distances)
     probs = (raw_logits / temperature).softmax(1)
     validation = torch.cat(
         [
             msp(raw_logits / temperature)[:, None],
             energy(raw_logits)[:, None],
             fitted_scores,
+            ((distances - centre) / scale).sum(1, keepdim=True),
         ],
         dim=1,
     )
@@ -253,16 +312,19 @@ def fit(
         "ood.class_means": means,
         "ood.precision": precision,
         "ood.bank": bank,
+        **{f"ood.layer_bank{j}": layer_bank for j, layer_bank in enumerate(layer_banks)},
+        "ood.layer_centre": centre,
+        "ood.layer_scale": scale,
         "ood.thresholds": thresholds,
         "ood.fitted": torch.tensor(True),
         "ood.n_fit": n,
-        "ood.n_reference": torch.tensor(len(ref_features)),
+        "ood.n_reference": torch.tensor(len(ref_pooled)),
         "conformal.min_prob": torch.tensor(min_prob, dtype=torch.float32),
         "conformal.fitted": torch.tensor(True),
         "conformal.n_fit": n,
     }
     covered = float(sets[torch.arange(len(labels)), labels].double().mean())
-    return Fit(state, len(labels), pass_rate, coverage, covered, len(ref_features))
+    return Fit(state, len(labels), pass_rate, coverage, covered, len(ref_pooled))
 
 
 def log_fit(result: Fit | None, detector: str, where: str) -> None:

@@ -262,7 +262,9 @@ def calibrate(
         )
     fitted, temperature = fitted_t is not None, fitted_t or 1.0
     before, after = nll_at(logits, labels, 1.0), nll_at(logits, labels, temperature)
-    uncertainty = ood.fit(logits, features, labels, temperature, model.pass_rate, model.coverage, reference)
+    uncertainty = ood.fit(
+        logits, features, labels, temperature, model.pass_rate, model.coverage, reference, detector=model.ood
+    )
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
