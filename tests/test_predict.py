@@ -465,6 +465,12 @@ def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_
     alone = read_rows(tmp_path / "one")[0]
     among = next(r for r in read_rows(tmp_path / "all") if Path(r["path"]).resolve() == one.resolve())
     assert all(alone[f"prob_{c}"] == among[f"prob_{c}"] for c in CLASSES)
+    # the detector's arithmetic stays float (onnx.NETWORK_OPS): int8 moves the score a little, not across the range
+    predict(predict_config(tmp_path / "fp32", ckpt, test, "report.bootstrap_resamples=0"))
+    int8, fp32 = ({r["path"]: float(r["ood_score"]) for r in read_rows(tmp_path / k)} for k in ("all", "fp32"))
+    moved = np.array([int8[p] - fp32[p] for p in fp32])
+    spread = np.std(list(fp32.values()))
+    assert np.median(np.abs(moved)) < 0.2 * spread, (np.median(np.abs(moved)), spread)
     named = run_script("-m", "chestxray.export", f"ckpt={ckpt}", "format=onnx-int8", f"calibration={test / 'Normal'}")
     assert "onnx-int8:" in named.stdout
     exports = [p for p in cache.glob("*.int8.onnx") if p.name.startswith(mine)]

@@ -300,6 +300,12 @@ def runtime_module(cfg: DictConfig, paths: Sequence[str], models: Sequence[Chest
         return Ensemble(models)
     from chestxray.inference.onnx import OnnxPredictor
 
+    if cfg.runtime == "onnx-int8" and any(bool(m.ood.fitted) for m in models):
+        log.warning(
+            "runtime=onnx-int8: ood_score and in_distribution come from int8 features against the fp32 threshold: "
+            "near the checkpoint's own score, not equal to it (docs/benchmarks.md: the flag differed for 2 of 66 "
+            "test images); use runtime=onnx or torch where the flag matters"
+        )
     # int8: calibrated once at export, on calibration=FOLDER or the checkpoint's own train images, never on the inputs
     named = [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
     return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, named)
