@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from chestxray.data.images import list_images, load_image
 from chestxray.errors import ConfigError
 from chestxray.evaluation.report import FLAG_TEXT, UNCERTAINTY_FIELDS, prediction_row
 from chestxray.models import ood
@@ -21,6 +22,7 @@ from chestxray.models.checkpoints import load_model
 from chestxray.models.classifier import ChestXrayClassifier, Probabilities
 
 CLASSES = ["a", "b", "c"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_outputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,3 +291,26 @@ def test_training_fits_and_reports_them_and_predict_writes_the_same_columns(tiny
 
 
 CLASSES_OF_RUN = ["Normal", "Covid", "Viral Pneumonia"]
+
+
+def test_knn_layers_flags_photographs_pages_and_noise(tiny_run, tmp_path):
+    """The run's own detectors on the benchmark's far out-of-distribution images (benchmarks/ood_benchmark.py:
+    photographs, pages of text, noise and blank frames) against its test images: knn_layers, the default, tells them
+    apart and lets few through its threshold, even for this barely trained model."""
+    import importlib.util
+
+    from sklearn.metrics import roc_auc_score
+
+    spec = importlib.util.spec_from_file_location("ood_benchmark", ROOT / "benchmarks" / "ood_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = load_model(tiny_run["ckpt"])
+    size = model.hparams.image_size
+    test = np.stack([load_image(p, size) for p in list_images(tiny_run["data"] / "test", recursive=True)])
+    far = bench.model_view(bench.photographs() + bench.documents(12) + bench.noise_and_blank(), size, tmp_path)
+    inside, outside = ood.score_images(model, test), ood.score_images(model, far)
+    k = ood.DETECTORS.index("knn_layers")
+    y = np.r_[np.zeros(len(test)), np.ones(len(far))]
+    auroc = roc_auc_score(y, np.r_[inside.scores[:, k], outside.scores[:, k]])
+    assert model.ood_detector == "knn_layers" and auroc > 0.95, auroc
+    assert outside.in_distribution.mean() < 0.15 and inside.in_distribution.mean() > 0.7
