@@ -212,6 +212,25 @@ def test_a_checkpoint_fitted_before_knn_layers_keeps_its_own_detector(tmp_path):
     old.hparams.ood = {"detector": "knn_layers"}
     with torch.no_grad():
         assert torch.isnan(old.answers(x)[1]).all()
+    # settings that never named a detector (the default then was knn): it keeps knn, not today's default
+    saved["hyper_parameters"]["ood"] = {"pass_rate": 0.95}
+    torch.save(saved, tmp_path / "unnamed.ckpt")
+    unnamed = load_model(tmp_path / "unnamed.ckpt")
+    assert unnamed.ood_detector == "knn"
+    assert np.allclose(ood.score_images(unnamed, x).margin, ood.score_images(new, x).margin)
+
+
+def test_knn_layers_standardisation_is_floored_and_absent_without_stages():
+    """A stage where every validation image is at the same distance does not divide by almost nothing; a backbone that
+    declares no stages has no knn_layers score (NaN: no flag), while the other detectors still score."""
+    distances = torch.tensor([[0.5, 0.1], [0.5, 0.3], [0.5, 0.2]])
+    centre, scale = ood.standardise(distances)
+    assert torch.allclose(centre, torch.tensor([0.5, 0.2])) and scale[0] == pytest.approx(0.005)
+    assert scale[1] == pytest.approx(0.1)
+    detector = ood.OodDetector(num_classes=3, width=4, stage_widths=())
+    scores = ood.all_scores(torch.randn(2, 3), torch.ones(()), torch.randn(2, 4), detector)
+    assert scores.shape == (2, len(ood.DETECTORS)) and torch.isnan(scores[:, 4]).all()
+    assert torch.isfinite(scores[:, :4]).all()
 
 
 @pytest.mark.slow  # a subprocess or a whole export: the full suite
@@ -301,6 +320,7 @@ def test_knn_layers_flags_photographs_pages_and_noise(tiny_run, tmp_path):
 
     from sklearn.metrics import roc_auc_score
 
+    pytest.importorskip("skimage")  # the benchmark's photographs (the bench extra, in dev)
     spec = importlib.util.spec_from_file_location("ood_benchmark", ROOT / "benchmarks" / "ood_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -154,7 +154,9 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
 # Reshape and the like: they carry the detectors' features (pooled, then each stage's mean) to the KNN banks, and one
 # uint8 scale across stages of very different ranges moved the knn_layers score of the quickstart model's test images
 # by 6.8 (median; the flag then caught none of them); with the network's operators only: by 0.41, the same flag for 64
-# of 66 images, the same class for 65 (as before), at the same speed (docs/benchmarks.md).
+# of 66 images, the same class for 65 (as before), at the same speed (docs/benchmarks.md). Measured on VGG19 only:
+# the other families' residual Add, Mul, Concat, Sigmoid and GlobalAveragePool now stay float, which keeps more
+# of their graph out of int8; their int8 speed with this list has not been measured.
 NETWORK_OPS = [
     "Conv",
     "ConvTranspose",

@@ -150,7 +150,9 @@ class ChestXrayClassifier(L.LightningModule):
                 "this checkpoint carries no out-of-distribution detector or conformal fit (written before they "
                 "existed): ood_score, in_distribution and prediction_set stay empty"
             )
-        ood_lib.upgrade_state(state)
+        if ood_lib.upgrade_state(state) and "detector" not in (self.hparams.get("ood") or {}):
+            # fitted before knn_layers existed, when the default was knn: keep the detector its thresholds were for
+            self.hparams["ood"] = {**(self.hparams.get("ood") or {}), "detector": "knn"}
         ood_lib.take_shapes(self.ood, state, "ood.")
         ood_lib.take_shapes(self.conformal, state, "conformal.")
 

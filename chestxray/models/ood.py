@@ -127,13 +127,17 @@ def all_scores(
 ) -> torch.Tensor:
     """N x 5: every detector's score (columns in DETECTORS order), higher = more unusual."""
     pooled, layers = split_features(features, detector)
+    if layers:
+        layered = knn_layers(layers, detector.layer_banks(), detector.layer_centre, detector.layer_scale)
+    else:  # a backbone that declares no stages: no knn_layers score, so no flag (NaN, like an unfitted detector)
+        layered = torch.full((len(pooled),), float("nan"))
     return torch.stack(
         [
             msp(raw_logits.float() / temperature),
             energy(raw_logits.float()),
             mahalanobis(pooled, detector.class_means, detector.precision),
             knn(pooled, detector.bank),
-            knn_layers(layers, detector.layer_banks(), detector.layer_centre, detector.layer_scale),
+            layered,
         ],
         dim=1,
     )
@@ -165,13 +169,16 @@ class OodDetector(nn.Module):
         return [getattr(self, f"layer_bank{j}") for j in range(self.stages)]
 
 
-def upgrade_state(state: dict[str, torch.Tensor], prefix: str = "ood.") -> None:
+def upgrade_state(state: dict[str, torch.Tensor], prefix: str = "ood.") -> bool:
     """A checkpoint fitted before knn_layers existed: its four thresholds get a NaN one for it (no flag nobody
-    fitted), so it loads and its own detector (model.ood.detector in its settings) works as it did."""
+    fitted), so it loads and its own detector (model.ood.detector in its settings) works as it did. True when the
+    state was such a checkpoint's."""
     thresholds = state.get(prefix + "thresholds")
-    if thresholds is not None and len(thresholds) < len(DETECTORS):
-        missing = torch.full((len(DETECTORS) - len(thresholds),), float("nan"), dtype=thresholds.dtype)
-        state[prefix + "thresholds"] = torch.cat([thresholds, missing])
+    if thresholds is None or len(thresholds) >= len(DETECTORS):
+        return False
+    missing = torch.full((len(DETECTORS) - len(thresholds),), float("nan"), dtype=thresholds.dtype)
+    state[prefix + "thresholds"] = torch.cat([thresholds, missing])
+    return True
 
 
 def take_shapes(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -235,7 +242,12 @@ def out_of_fold_scores(
 def standardise(distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per stage, the mean and standard deviation of the validation images' KNN distances (knn_layers' weights)."""
     centre = distances.double().mean(0)
-    scale = distances.double().std(0).nan_to_num(1.0).clamp(min=1e-6) if len(distances) > 1 else torch.ones_like(centre)
+    if len(distances) < 2:
+        return centre.float(), torch.ones_like(centre).float()
+    # floored at 1% of the stage's mean distance (and 1e-3): a stage where every validation image is at nearly the
+    # same distance would otherwise divide by almost nothing and drown the other stages
+    floor = (0.01 * centre.abs()).clamp(min=1e-3)
+    scale = torch.maximum(distances.double().std(0).nan_to_num(1.0), floor)
     return centre.float(), scale.float()
 
 
@@ -350,7 +362,7 @@ def log_fit(result: Fit | None, detector: str, where: str) -> None:
 
 @dataclass
 class OodScores:
-    """Per image: every detector's raw score (N x 4, DETECTORS order), the chosen detector's score minus its
+    """Per image: every detector's raw score (N x 5, DETECTORS order), the chosen detector's score minus its
     threshold (above 0: flagged), and the flag as a pass."""
 
     scores: np.ndarray
