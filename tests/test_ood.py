@@ -231,6 +231,21 @@ def test_knn_layers_standardisation_is_floored_and_absent_without_stages():
     scores = ood.all_scores(torch.randn(2, 3), torch.ones(()), torch.randn(2, 4), detector)
     assert scores.shape == (2, len(ood.DETECTORS)) and torch.isnan(scores[:, 4]).all()
     assert torch.isfinite(scores[:, :4]).all()
+    g = torch.Generator().manual_seed(0)
+    labels, reference = torch.arange(30) % 3, (torch.randn(60, 4, generator=g), torch.arange(60) % 3)
+    for ref in (reference, None):  # statistics from the training images, or out of fold on the validation split
+        fit = ood.fit(
+            torch.randn(30, 3, generator=g),
+            torch.randn(30, 4, generator=g),
+            labels,
+            1.0,
+            0.95,
+            0.9,
+            ref,
+            detector=detector,
+        )
+        thresholds = fit.state["ood.thresholds"]
+        assert torch.isnan(thresholds[4]) and torch.isfinite(thresholds[:4]).all()
 
 
 @pytest.mark.slow  # a subprocess or a whole export: the full suite
@@ -258,7 +273,7 @@ def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
     ],
 )
 def test_settings_out_of_range_are_one_line_naming_them(override, message):
-    from chestxray.runtime import settings
+    from chestxray import settings
     from tests.conftest import compose_config
 
     cfg = compose_config("train", ["paths.output_dir=/tmp/unused", override])

@@ -151,8 +151,8 @@ class ChestXrayClassifier(L.LightningModule):
                 "existed): ood_score, in_distribution and prediction_set stay empty"
             )
         if ood_lib.upgrade_state(state) and "detector" not in (self.hparams.get("ood") or {}):
-            # fitted before knn_layers existed, when the default was knn: keep the detector its thresholds were for
-            self.hparams["ood"] = {**(self.hparams.get("ood") or {}), "detector": "knn"}
+            # fitted before knn_layers existed: keep the default its thresholds were fitted for
+            self.hparams["ood"] = {**(self.hparams.get("ood") or {}), "detector": ood_lib.DEFAULT_BEFORE_KNN_LAYERS}
         ood_lib.take_shapes(self.ood, state, "ood.")
         ood_lib.take_shapes(self.conformal, state, "conformal.")
 

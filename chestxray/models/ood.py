@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 DETECTORS = ("msp", "energy", "mahalanobis", "knn", "knn_layers")
 DEFAULT_DETECTOR = "knn_layers"  # the best on benchmarks/ood_benchmark.py (docs/benchmarks.md)
+DEFAULT_BEFORE_KNN_LAYERS = "knn"  # what checkpoints fitted before knn_layers used when their settings named none
 MAX_BANK = 4096  # KNN rows kept in the checkpoint: 4 bytes x (width + sum of stage widths), 32 MB for VGG19
 OUT_OF_FOLD = 10  # folds for the out-of-fold validation scores of the fitted detectors
 
@@ -106,13 +107,19 @@ def knn(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * nearest).clamp(min=0.0).sqrt().float()
 
 
-def knn_layers(
-    layers: list[torch.Tensor], banks: list[torch.Tensor], centre: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Sum over the stages of each stage's KNN distance, standardised by the validation images' distances (their mean
-    and standard deviation): a stage that is far for every image weighs no more than one that is near for all."""
-    z = [(knn(f, bank) - centre[j]) / scale[j] for j, (f, bank) in enumerate(zip(layers, banks, strict=True))]
-    return torch.stack(z, 1).sum(1)
+def stage_distances(layers: list[torch.Tensor], banks: list[torch.Tensor], n: int) -> torch.Tensor:
+    """N x stages: each stage's KNN distance to its bank (N x 0 for a backbone that declares no stages)."""
+    if not layers:
+        return torch.zeros(n, 0)
+    return torch.stack([knn(f, bank) for f, bank in zip(layers, banks, strict=True)], 1)
+
+
+def knn_layers(distances: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Sum over the stages of each stage's KNN distance (stage_distances), standardised by the validation images'
+    distances (their mean and standard deviation): a stage that is far for every image weighs no more than one that is
+    near for all. NaN without stages: no score, so no threshold and no flag (like an unfitted detector)."""
+    z = ((distances - centre) / scale).sum(1)
+    return z if distances.shape[1] else z + float("nan")
 
 
 def split_features(features: torch.Tensor, detector: OodDetector) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -127,17 +134,14 @@ def all_scores(
 ) -> torch.Tensor:
     """N x 5: every detector's score (columns in DETECTORS order), higher = more unusual."""
     pooled, layers = split_features(features, detector)
-    if layers:
-        layered = knn_layers(layers, detector.layer_banks(), detector.layer_centre, detector.layer_scale)
-    else:  # a backbone that declares no stages: no knn_layers score, so no flag (NaN, like an unfitted detector)
-        layered = torch.full((len(pooled),), float("nan"))
+    distances = stage_distances(layers, detector.layer_banks(), pooled.shape[0])  # not len(): it fixes the batch
     return torch.stack(
         [
             msp(raw_logits.float() / temperature),
             energy(raw_logits.float()),
             mahalanobis(pooled, detector.class_means, detector.precision),
             knn(pooled, detector.bank),
-            layered,
+            knn_layers(distances, detector.layer_centre, detector.layer_scale),
         ],
         dim=1,
     )
@@ -304,7 +308,7 @@ def fit(
         fitted_scores, distances = out_of_fold_scores(pooled, labels, layers)
     else:
         fitted_scores = torch.stack([mahalanobis(pooled, means, precision), knn(pooled, bank)], dim=1)
-        distances = torch.stack([knn(layer, b) for layer, b in zip(layers, layer_banks, strict=True)], dim=1)
+        distances = stage_distances(layers, layer_banks, len(pooled))
     centre, scale = standardise(distances)
     probs = (raw_logits / temperature).softmax(1)
     validation = torch.cat(
@@ -312,7 +316,7 @@ def fit(
             msp(raw_logits / temperature)[:, None],
             energy(raw_logits)[:, None],
             fitted_scores,
-            ((distances - centre) / scale).sum(1, keepdim=True),
+            knn_layers(distances, centre, scale)[:, None],
         ],
         dim=1,
     )
