@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from chestxray import settings
 from chestxray.errors import ConfigError
-from chestxray.runtime import settings
 from chestxray.training.fit import instantiate_callbacks
 from chestxray.training.loggers import instantiate_loggers
 from tests.conftest import CONF, ROOT, compose_config, run_script
@@ -217,15 +217,55 @@ def test_no_import_cycle_in_the_package():
         visit(module, [module])
 
 
+# Each stage imports only the stages before it: a module may use what lies down the pipeline, never what lies up it.
+LAYERS = ("runtime", "data", "evaluation", "models", ("training", "inference"), "serving")
+
+
+def _layer(module: str) -> int | None:
+    """A module's place in LAYERS; None for the package's top-level modules (errors, settings and the commands)."""
+    stage = module.split(".")[1] if module.count(".") >= 2 else None
+    for rank, layer in enumerate(LAYERS):
+        if stage == layer or (isinstance(layer, tuple) and stage in layer):
+            return rank
+    return None
+
+
+def _reachable(graph: dict[str, set[str]], module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
 def test_the_layout_follows_the_pipeline():
-    """Each stage is a subpackage; the commands (python -m chestxray.<tool>) stay at the top."""
+    """Each stage is a subpackage; the commands (python -m chestxray.<tool>) and the settings stay at the top."""
     graph = _package_imports()
     stages = {name.split(".")[1] for name in graph if name.count(".") >= 2}
     assert stages == {"data", "models", "evaluation", "training", "inference", "serving", "runtime"}
     top = sorted(name.split(".")[1] for name in graph if name.count(".") == 1 and name.split(".")[1] not in stages)
-    assert top == ["audit", "errors", "export", "robustness", "summary", "synthetic"]
-    later = ("chestxray.training", "chestxray.inference")
-    assert not any(d.startswith(later) for d in graph["chestxray.data.datamodule"])
+    assert top == ["audit", "errors", "export", "robustness", "settings", "summary", "synthetic"]
+
+
+def test_nothing_imports_up_the_pipeline():
+    """runtime imports no other stage, data only runtime, evaluation neither models, training, inference nor serving:
+    directly, lazily inside a function, or through a top-level module (settings imports the models' registries, so a
+    stage below models may not import settings either). chestxray.errors, the one exception type per fault, is below
+    every stage."""
+    graph = _package_imports()
+    assert "chestxray.models.ood" in graph["chestxray.settings"]  # the walk sees through a top-level module
+    wrong = []
+    for module in graph:
+        rank = _layer(module)
+        if rank is None:
+            continue
+        for dep in sorted(_reachable(graph, module)):
+            dep_rank = _layer(dep)  # a top-level module passes: the stages it reaches are in the walk as well
+            if dep_rank is not None and dep_rank > rank:
+                wrong.append(f"{module} -> {dep}")
+    assert not wrong, "imports up the pipeline:\n" + "\n".join(wrong)
 
 
 @pytest.mark.slow  # a subprocess or a whole export: the full suite

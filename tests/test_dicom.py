@@ -411,8 +411,8 @@ def test_nothing_but_the_listed_header_fields_is_parsed(grey, tmp_path):
 
 
 def test_the_lateral_setting_is_checked_and_keys_the_store(checkpoint, tmp_path):
+    from chestxray import settings
     from chestxray.errors import ConfigError
-    from chestxray.runtime import settings
 
     cfg = predict_config(tmp_path / "out", checkpoint, tmp_path, "data.lateral=maybe")
     with pytest.raises(ConfigError, match=r"data.lateral=maybe: must be one of flag, refuse"):

@@ -406,7 +406,7 @@ def test_predict_is_fp32_whatever_the_trainer_group_and_bf16_only_when_asked(tin
     from omegaconf import OmegaConf
 
     from chestxray.errors import ConfigError
-    from chestxray.runtime.settings import check_predict_overrides
+    from chestxray.settings import check_predict_overrides
 
     inputs = tiny_run["data"] / "test" / "Covid"
     amx = predict_config(tmp_path / "amx", tiny_run["ckpt"], inputs, "trainer=cpu", "report.bootstrap_resamples=0")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from chestxray import settings
 from chestxray.data.datamodule import ChestXrayDataModule
 from chestxray.data.images import ImageLimits, load_image
 from chestxray.data.preprocess import preprocess_image
@@ -17,7 +18,6 @@ from chestxray.errors import ConfigError, ResumeError
 from chestxray.evaluation.robustness import SHIFTS, shifted_views
 from chestxray.inference.predict import predict
 from chestxray.models.checkpoints import load_model
-from chestxray.runtime import settings
 from chestxray.training.resume import check_fits
 from tests.conftest import CLASSES, compose_config, predict_config, train_config
 

@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from chestxray.errors import ConfigError
-from chestxray.evaluation.robustness import SEVERITIES, SHIFTS, chosen_shifts, robustness, shifted_views
+from chestxray.evaluation.robustness import SEVERITIES, SHIFTS, chosen_shifts, shifted_views
+from chestxray.robustness import robustness
 from tests.conftest import compose_config, run_script
 
 SIZE = 64

@@ -1,4 +1,7 @@
-"""Grad-CAM (pytorch-grad-cam) on each backbone's last convolutional stage, drawn over the source image."""
+"""Grad-CAM (pytorch-grad-cam) on each backbone's last convolutional stage, drawn over the source image.
+
+A model here is anything with the classifier's `net`, `backbone` and `preprocess` (chestxray.models.classifier): the
+evaluation layer sits below the models and takes them as they are passed in, without importing them."""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from chestxray.data.images import BadImageError, ImageLimits, display_image, load_image
 from chestxray.evaluation.figures import gallery_figure, pick_gallery
-from chestxray.models.classifier import ChestXrayClassifier
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class _TrunkThenHead(torch.nn.Module):
     """The network run as trunk then head (chestxray.models.backbones): torchvision's output, without the in-place ReLU
     after DenseNet's last norm, which would rectify the activation Grad-CAM keeps for that layer."""
 
-    def __init__(self, model: ChestXrayClassifier):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
@@ -52,14 +54,14 @@ class _TrunkThenHead(torch.nn.Module):
 
 
 def gradcam_maps(
-    models: ChestXrayClassifier | Sequence[ChestXrayClassifier],
+    models: torch.nn.Module | Sequence[torch.nn.Module],
     images: torch.Tensor,
     targets: Sequence[int],
     batch_size: int = 16,
 ) -> np.ndarray:
     """Grad-CAM maps in [0, 1], N x S x S, for uint8 images N x 3 x S x S and the given target classes; for several
     models (an ensemble), the average of their maps."""
-    if not isinstance(models, ChestXrayClassifier):
+    if not hasattr(models, "backbone"):  # several members (a list, a ModuleList): the average of their maps
         return np.mean([gradcam_maps(m, images, targets, batch_size) for m in models], axis=0)
     model = models
     device = next(model.net.parameters()).device
@@ -99,7 +101,7 @@ def gradcam_gallery(
     tiles: int,
 ) -> Figure:
     """Grad-CAM of a few images (every kind of mistake first), over the source images, with the colour scale."""
-    models = [models] if isinstance(models, ChestXrayClassifier) else list(models)
+    models = [models] if hasattr(models, "backbone") else list(models)
     chosen = pick_gallery(preds.tolist(), labels.tolist(), tiles)
     size = models[0].hparams.image_size
     views = torch.from_numpy(np.stack([load_image(paths[i], size, limits) for i in chosen]))

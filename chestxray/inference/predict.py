@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from chestxray import settings
 from chestxray.data.images import BadImageError, ImageLimits, ImageTags, image_tags, load_image
 from chestxray.data.sources import InputImage, find_inputs
 from chestxray.errors import PredictError
@@ -41,7 +42,6 @@ from chestxray.evaluation.report import (
 from chestxray.evaluation.saliency import write_overlays
 from chestxray.models.checkpoints import load_models, preprocess_of
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
-from chestxray.runtime import settings
 from chestxray.runtime.console import say, tidy_lightning_output
 from chestxray.runtime.distributed import all_gather, gather_by_index
 from chestxray.runtime.parallel import available_cpus, cap_to_cores

@@ -19,9 +19,9 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from starlette.responses import HTMLResponse
 
+from chestxray import settings
 from chestxray.data.images import ImageLimits
 from chestxray.errors import ConfigError, PredictError, require
-from chestxray.runtime import settings
 
 log = logging.getLogger(__name__)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServer.run accepts

@@ -19,16 +19,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
+from chestxray import settings
 from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
-from chestxray.evaluation.callbacks import RunFigures
 from chestxray.models import ood
 from chestxray.models.calibration import identifiable_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
-from chestxray.runtime import settings
 from chestxray.runtime.console import shown, tidy_lightning_output
 from chestxray.runtime.distributed import gather_by_index
 from chestxray.runtime.files import atomic_write
+from chestxray.training.callbacks import RunFigures
 from chestxray.training.loggers import instantiate_loggers, log_hyperparameters
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from chestxray.errors import ResumeError
 from chestxray.models.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
 from chestxray.runtime.files import atomic_write
-from chestxray.runtime.settings import check_choices, hydra_choices
+from chestxray.settings import check_choices, hydra_choices
 
 
 def _setting(cfg: DictConfig, key: str):
