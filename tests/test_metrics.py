@@ -173,7 +173,8 @@ def test_the_printout_of_a_handful_of_images_is_their_accuracy_not_per_class_rat
     ev = Evaluation("predict", CLASSES, ["x", "y", "z"], labels, probs, np.zeros(3, bool))
     text = summary_text(ev.metrics(ReportSettings(bootstrap_resamples=0)))
     correct = int((probs.argmax(1) == labels).sum())
-    assert text == f"accuracy {correct / 3:.3f} ({correct}/3 labelled images)"
+    assert text.startswith(f"{correct} of 3 labelled image(s) right (below 10 images, counts")
+    assert "%" not in text and "accuracy" not in text
     labels, probs, _ = example(n_per_class=10)
     many = summary_text(
         Evaluation("p", CLASSES, list(range(30)), labels, probs, np.zeros(30, bool)).metrics(
@@ -181,3 +182,40 @@ def test_the_printout_of_a_handful_of_images_is_their_accuracy_not_per_class_rat
         )
     )
     assert "sens" in many and "confusion matrix" in many
+
+
+def test_below_a_handful_of_images_the_flags_and_sets_are_counts_and_the_set_is_named():
+    from chestxray.evaluation.report import Evaluation, ReportSettings, Uncertainty, summary_text
+
+    labels, probs, _ = example(n_per_class=1)
+    sets = np.zeros((3, 3), bool)
+    sets[np.arange(3), probs.argmax(1)] = True
+    uncertainty = Uncertainty(np.array([0.5, -1.0, np.nan]), sets, "knn_layers", 0.95, 0.9, 37)
+    ev = Evaluation("predict", CLASSES, ["x", "y", "z"], labels, probs, np.zeros(3, bool), uncertainty=uncertainty)
+    text = summary_text(ev.metrics(ReportSettings(bootstrap_resamples=0)))
+    covered = int(sets[np.arange(3), labels].sum())
+    assert "1 of 3 flagged as outside" in text and f"{covered} of 3 covered" in text
+    assert "90% prediction sets" in text and "%)" not in text  # no rate of three images
+    labels, probs, _ = example(n_per_class=10)
+    sets = np.ones((30, 3), bool)
+    uncertainty = Uncertainty(np.full(30, -1.0), sets, "knn_layers", 0.95, 0.9, 37)
+    many = Evaluation("p", CLASSES, list(range(30)), labels, probs, np.zeros(30, bool), uncertainty=uncertainty)
+    text = summary_text(many.metrics(ReportSettings(bootstrap_resamples=0)))
+    assert "0 of 30 (0.0%) flagged" in text and "30 of 30 (100.0%) covered" in text
+
+
+def test_predict_prints_the_first_answers_up_to_the_limit_and_says_how_many_more(capsys):
+    from chestxray.evaluation.report import Evaluation, Uncertainty
+    from chestxray.inference.predict import show
+
+    labels, probs, _ = example(n_per_class=10)
+    sets = np.ones((30, 3), bool)
+    uncertainty = Uncertainty(np.full(30, -1.0), sets, "knn_layers", 0.95, 0.9, 37)
+    paths = [f"img{k:02d}.png" for k in range(30)]
+    show(Evaluation("p", CLASSES, paths, labels, probs, np.zeros(30, bool), uncertainty=uncertainty), None, 20)
+    out = capsys.readouterr().out
+    assert "img00.png: " in out and "img19.png: " in out and "img20.png" not in out
+    assert "... and 10 more answer(s) in predictions.csv (print_limit=20)" in out
+    assert out.count("the 90% prediction set") == 1
+    show(Evaluation("p", CLASSES, paths, labels, probs, np.zeros(30, bool), uncertainty=uncertainty), None, 0)
+    assert "img00.png" not in capsys.readouterr().out

@@ -277,7 +277,9 @@ def test_one_labelled_image_prints_its_answer_and_accuracy_not_a_report(trained_
     image = sorted((trained_run["data"] / "test" / "Covid").iterdir())[0]
     result = run_predict(f"ckpt={trained_run['ckpt']}", f"inputs={image}", f"hydra.run.dir={tmp_path / 'one'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{image}: " in result.stdout and "labelled images)" in result.stdout
+    assert f"{image}: " in result.stdout and "of 1 labelled image(s) right" in result.stdout
+    assert "%" not in result.stdout.split("labelled image(s) right")[1].split("\n", 1)[0]  # counts, not rates
+    assert "the 90% prediction set" in result.stdout  # what set {...} means, once
     assert "sens" not in result.stdout and "confusion matrix" not in result.stdout
 
 

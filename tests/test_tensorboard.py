@@ -27,7 +27,7 @@ IMAGES = [
     "test/per_class",
     "test/reliability",
     "test/gallery",
-    "test/gradcam",
+    "test/gradcam_gallery",  # one scheme for every evaluated set: eval/<name>/gradcam_gallery beside it
 ]
 
 

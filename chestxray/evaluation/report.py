@@ -69,6 +69,7 @@ class Uncertainty:
             result["out_of_distribution"] = {
                 "detector": self.detector,
                 "pass_rate_target": self.pass_rate,
+                "images": len(flagged),
                 "flagged": int(flagged.sum()),
                 "share_flagged": float(flagged.mean()) if len(flagged) else None,
             }
@@ -78,12 +79,21 @@ class Uncertainty:
             single = sizes == 1
             result["prediction_sets"] = {
                 "coverage_target": self.coverage,
+                "images": len(labels),
+                "covered": int(covered.sum()),
                 "empirical_coverage": float(covered.mean()),
                 "mean_set_size": float(sizes.mean()),
                 "singletons": int(single.sum()),
                 "singleton_accuracy": float(covered[single].mean()) if single.any() else None,
             }
         return result
+
+
+def _count(k: int | None, n: int | None, share: float) -> str:
+    """k of n (a share of 5 images says no more than the count), with the percentage from SMALL_SET images on."""
+    if k is None or n is None:  # a metrics.json written before the counts were kept
+        return f"{100 * share:.1f}%"
+    return f"{k} of {n}" if n < SMALL_SET else f"{k} of {n} ({100 * share:.1f}%)"
 
 
 def uncertainty_text(numbers: dict | None) -> list[str]:
@@ -93,16 +103,18 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
     lines, n = [], numbers["validation_images"]
     ood = numbers.get("out_of_distribution")
     if ood and ood["share_flagged"] is not None:
+        images = ood.get("images")
         lines.append(
             f"out of distribution ({ood['detector']}, threshold passing {100 * ood['pass_rate_target']:.0f}% of "
-            f"{n} validation images): {ood['flagged']} flagged ({100 * ood['share_flagged']:.1f}%) as "
-            f"{FLAG_TEXT}"
+            f"{n} validation images): {_count(ood['flagged'], images, ood['share_flagged'])} flagged as {FLAG_TEXT}"
         )
     sets = numbers.get("prediction_sets")
     if sets:
+        target = f"{100 * sets['coverage_target']:.0f}%"
+        covered = _count(sets.get("covered"), sets.get("images"), sets["empirical_coverage"])
         lines.append(
-            f"prediction sets (target coverage {100 * sets['coverage_target']:.0f}%, guarantee from {n} validation "
-            f"images): coverage {100 * sets['empirical_coverage']:.1f}%, mean size {sets['mean_set_size']:.2f}"
+            f"{target} prediction sets (guarantee from {n} validation images): {covered} covered, mean size "
+            f"{sets['mean_set_size']:.2f}"
         )
     if not lines:
         lines.append("no out-of-distribution detector or prediction sets: the checkpoint carries no fit")
@@ -303,7 +315,8 @@ def summary_text(report: dict) -> str:
     if report["n"] < SMALL_SET:
         return "\n".join(
             [
-                f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['n']} labelled images)",
+                f"{report['correct']} of {report['n']} labelled image(s) right (below {SMALL_SET} images, counts: a "
+                "rate would say no more)",
                 *uncertainty_text(report.get("uncertainty")),
             ]
         )

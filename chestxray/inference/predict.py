@@ -334,19 +334,28 @@ LATERAL_MARK = "  [lateral view: the model was trained on frontal (PA/AP) views]
 
 
 def show(evaluation: Evaluation, report: dict | None, limit: int, lateral: set[str] = frozenset()) -> None:
-    """Each image's answer when there are few, the report when labels are known: on stdout and in predict.log.
+    """The first `limit` answers (and how many more the CSV holds), the report when labels are known: on stdout and in
+    predict.log.
     Side views (lateral, DICOM ViewPosition) are marked on their line, and counted when the lines are not shown."""
-    if len(evaluation.paths) <= limit:
-        extra = evaluation.uncertainty
-        for k, (path, p) in enumerate(zip(evaluation.paths, evaluation.probs, strict=True)):
-            ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
-            line = f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})"
-            if extra is not None and extra.sets is not None:
-                members = [c for c, s in zip(evaluation.classes, extra.sets[k], strict=True) if s]
-                line += "  set {" + ", ".join(members) + "}"
-            if extra is not None and extra.ood_scores[k] > 0:
-                line += f"  [{FLAG_TEXT}]"
-            say(line + (LATERAL_MARK if str(path) in lateral else ""))
+    extra = evaluation.uncertainty
+    shown_count = min(len(evaluation.paths), limit)
+    if shown_count and extra is not None and extra.sets is not None:
+        say(
+            f"set {{...}}: the {100 * extra.coverage:.0f}% prediction set, the classes that hold the true one "
+            f"{100 * extra.coverage:.0f} times in 100 on images like the validation images"
+        )
+    for k in range(shown_count):
+        path, p = evaluation.paths[k], evaluation.probs[k]
+        ranked = ", ".join(f"{c} {v:.3f}" for c, v in zip(evaluation.classes, p, strict=True))
+        line = f"{path}: {evaluation.classes[int(p.argmax())]}  ({ranked})"
+        if extra is not None and extra.sets is not None:
+            members = [c for c, s in zip(evaluation.classes, extra.sets[k], strict=True) if s]
+            line += "  set {" + ", ".join(members) + "}"
+        if extra is not None and extra.ood_scores[k] > 0:
+            line += f"  [{FLAG_TEXT}]"
+        say(line + (LATERAL_MARK if str(path) in lateral else ""))
+    if len(evaluation.paths) > shown_count:
+        say(f"... and {len(evaluation.paths) - shown_count} more answer(s) in predictions.csv (print_limit={limit})")
     if lateral:
         say(
             f"{len(lateral)} lateral view(s) predicted (view column of predictions.csv; data.lateral=refuse skips "

@@ -128,7 +128,6 @@ class ReportWriter(L.Callback):
             report, images = write_report(evaluation, folder, settings, pl_module, predictions=True)
             for figure_name, image in images.items():
                 tag = f"{set_prefix(name)}/{figure_name}"
-                tag = "test/gradcam" if tag == "test/gradcam_gallery" else tag
                 log_figure(trainer, tag, image, folder / f"{figure_name}.png", trainer.global_step)
             if report:
                 self.reports[name] = report
