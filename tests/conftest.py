@@ -1,7 +1,8 @@
 """Shared fixtures: the real dataset where it exists (a generated one where not), Hydra configs composed for tiny
 CPU runs, and trained checkpoints.
 
-Two tiers: `python -m pytest -m "not slow"` (about two minutes: unit tests, config composition, a fast_dev_run
+Two tiers: `python -m pytest -m "not slow" -n auto` (about two minutes on 2 cores with pytest-xdist's workers, one
+torch thread each: unit tests, config composition, a fast_dev_run
 through train, test and report, predict in-process on a two-epoch checkpoint) and the whole suite (subprocesses,
 trainings that learn, DDP, sweeps, servers).
 
@@ -54,6 +55,11 @@ LEARNS = [
 def pytest_configure(config):
     # Decoded-image stores of the tests go to a folder of their own, shared by the tests' subprocesses.
     config.chestxray_cache = os.environ["CHESTXRAY_CACHE"] = tempfile.mkdtemp(prefix="chestxray-test-cache-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # and each test's subprocesses
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config):
