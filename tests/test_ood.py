@@ -349,3 +349,30 @@ def test_knn_layers_flags_photographs_pages_and_noise(tiny_run, tmp_path):
     auroc = roc_auc_score(y, np.r_[inside.scores[:, k], outside.scores[:, k]])
     assert model.ood_detector == "knn_layers" and auroc > 0.95, auroc
     assert outside.in_distribution.mean() < 0.15 and inside.in_distribution.mean() > 0.7
+
+
+@pytest.mark.parametrize("with_training_features", [True, False])
+def test_one_image_per_class_fits_without_a_singular_covariance(with_training_features, caplog):
+    """A tiny split (one training image per class, or two validation images fitted out of fold) leaves no spread within
+    the classes: the Mahalanobis fit is skipped with one line instead of crashing the whole fit (LinAlgError), and
+    the other detectors and the sets are still fitted."""
+    g = torch.Generator().manual_seed(0)
+    detector = ood.OodDetector(num_classes=3, width=8, stage_widths=(4, 4))
+    n = 3 if with_training_features else 2
+    reference = (torch.randn(3, 16, generator=g), torch.arange(3)) if with_training_features else None
+    with caplog.at_level(logging.WARNING, logger="chestxray.models.ood"):
+        result = ood.fit(
+            torch.randn(n, 3, generator=g),
+            torch.randn(n, 16, generator=g),
+            torch.arange(n),
+            1.0,
+            0.95,
+            0.9,
+            reference,
+            detector=detector,
+        )
+    assert result is not None and result.n == n
+    assert torch.isfinite(result.state["ood.thresholds"]).all()
+    assert not result.state["ood.precision"].any()
+    skipped = [r.message.split(":")[0] for r in caplog.records]  # one line per fit that cannot be made
+    assert skipped == ["mahalanobis not fitted", "prediction sets not calibrated"]

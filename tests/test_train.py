@@ -566,3 +566,17 @@ def test_checkpoints_are_written_beside_their_place_and_renamed_into_it(tmp_path
     assert not list(elsewhere.iterdir())
     _, _, trainer = build(train_config(tmp_path / "built", synthetic_dir, "debug=fdr"))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_one_fit_image_per_class_trains_calibrates_and_reports(tmp_path):
+    """Two images per class split half and half: the fit still ends with a test report and a best.ckpt that carries
+    the detector and the sets (the Mahalanobis fit on one image per class used to raise LinAlgError: exit 1)."""
+    from chestxray.synthetic import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(data, {"train": 2, "test": 2}, size=48, seed=1)
+    out = tmp_path / "run"
+    train(train_config(out, data, "data.val_fraction=0.5", "data.batch_size=1", *CHEAP_REPORT))
+    state = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert bool(state["ood.fitted"]) and bool(state["conformal.fitted"])
+    assert (out / "metrics.json").is_file()

@@ -214,13 +214,17 @@ def prediction_sets(probs: torch.Tensor, min_prob: torch.Tensor) -> torch.Tensor
 
 
 def fit_gaussian(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means (of the classes present) and the precision of the shared Ledoit-Wolf-shrunk covariance."""
+    """Class means (of the classes present) and the precision of the shared Ledoit-Wolf-shrunk covariance.
+
+    The precision is the pseudo-inverse: shrinkage makes the covariance invertible whenever the images spread at all
+    within their classes, but with one image per class (a tiny split) the centred features are all zero and so is
+    the shrunk covariance; its pseudo-inverse (zero) makes every Mahalanobis score 0 instead of crashing the fit."""
     x, y = features.double().numpy(), labels.numpy()
     present = np.unique(y)
     means = np.stack([x[y == c].mean(0) for c in present])
     centred = x - means[np.searchsorted(present, y)]
     covariance, _ = ledoit_wolf(centred, assume_centered=True)
-    precision = np.linalg.inv(covariance)
+    precision = np.linalg.pinv(covariance, hermitian=True)
     return torch.from_numpy(means).float(), torch.from_numpy(precision).float()
 
 
@@ -302,6 +306,12 @@ def fit(
     else:
         ref_pooled, ref_layers, ref_labels = pooled, layers, labels
     means, precision = fit_gaussian(ref_pooled, ref_labels)  # the classes present (a tiny split may lack one)
+    if not precision.any():
+        log.warning(
+            "mahalanobis not fitted: its %d reference images do not vary within their classes (one image per class), "
+            "so there is no covariance to fit; it scores every image 0 (the other detectors are fitted)",
+            len(ref_pooled),
+        )
     keep = torch.randperm(len(ref_pooled), generator=torch.Generator().manual_seed(0))[:MAX_BANK].sort().values
     bank, layer_banks = unit(ref_pooled[keep]), [unit(layer[keep]) for layer in ref_layers]
     if ref_pooled is pooled:
@@ -322,6 +332,13 @@ def fit(
     )
     thresholds = torch.quantile(validation.double(), pass_rate, dim=0, interpolation="higher").float()
     min_prob = conformal_min_prob(probs, labels, coverage)
+    if math.ceil((len(labels) + 1) * coverage) > len(labels):
+        log.warning(
+            "prediction sets not calibrated: %d validation images are too few for %.0f%% coverage (the rank "
+            "ceil((n+1) coverage) exceeds n); every set holds every class",
+            len(labels),
+            100 * coverage,
+        )
     sets = prediction_sets(probs, torch.tensor(min_prob))
     n = torch.tensor(len(labels))
     state = {
