@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from chestxray.errors import ConfigError, ResumeError
-from chestxray.training.fit import best_checkpoint_callback, train
+from chestxray.training.fit import best_checkpoint_callback, check_files, train
 from tests.conftest import train_config
 from tests.scripted import ScriptedClassifier
 
@@ -141,3 +141,16 @@ def test_a_run_that_learns_nothing_says_so(tmp_path, synthetic_dir, caplog):
     lines = [r.getMessage() for r in caplog.records if "learned nothing" in r.getMessage()]
     assert len(lines) == 1 and "predicted one class for every validation image in every epoch" in lines[0]
     assert all(h["val/classes"] == 1 for h in json.loads((out / "history.json").read_text()))
+
+
+@pytest.mark.parametrize("max_epochs", [2, 1])
+def test_a_checkpoint_with_no_epochs_left_is_refused_before_training(tmp_path, tiny_run, max_epochs):
+    """ckpt_path= of a finished 2-epoch run with trainer.max_epochs not above 2 would train zero epochs, test the other
+    run's weights and fail at the end (val/acc_best not logged, exit 2): refused at once, in one line."""
+    out = tmp_path / "run"
+    last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
+    cfg = train_config(out, tiny_run["data"], f"trainer.max_epochs={max_epochs}", f"ckpt_path={last}")
+    with pytest.raises(ResumeError, match=rf"ckpt_path=.*trainer.max_epochs={max_epochs} but the checkpoint has "):
+        train(cfg)
+    assert not (out / "checkpoints").exists()
+    check_files(train_config(out, tiny_run["data"], "trainer.max_epochs=3", f"ckpt_path={last}"))  # one epoch left

@@ -68,6 +68,7 @@ def check_files(cfg: DictConfig) -> None:
         where = f"resume={cfg.paths.output_dir}" if continues_this_run(cfg) else f"ckpt_path={cfg.ckpt_path}"
         check_fits(checkpoint, cfg, where)
         check_same_optimizer(checkpoint, cfg, where)
+        check_epochs_left(checkpoint, cfg, where)
 
 
 def continues_this_run(cfg: DictConfig) -> bool:
@@ -75,6 +76,30 @@ def continues_this_run(cfg: DictConfig) -> bool:
     its records (best checkpoint, curves, running best) are this run's too; another run's checkpoint gives none."""
     ckpt = cfg.get("ckpt_path")
     return bool(ckpt) and Path(ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve())
+
+
+def epochs_trained(checkpoint: dict) -> int | None:
+    """The epochs a checkpoint has finished: its fit loop's processed epochs (a checkpoint written at the end of an
+    epoch is saved before Lightning counts that epoch completed, and one written mid-epoch has not finished it).
+    None for a checkpoint without the loop's state."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_epochs_left(checkpoint: dict, cfg: DictConfig, where: str) -> None:
+    """Lightning continues a checkpoint from its epoch count up to trainer.max_epochs: with no epoch left it trains
+    none, warns, tests the checkpoint's weights and fails at the end on a val/acc_best it never logged. Refused
+    here, before any image is decoded."""
+    done, max_epochs = epochs_trained(checkpoint), cfg.trainer.get("max_epochs")
+    if done is None or max_epochs is None or max_epochs < 0:  # -1: no limit on epochs
+        return
+    if max_epochs <= done:
+        raise ResumeError(
+            f"{where}: trainer.max_epochs={max_epochs} but the checkpoint has already trained {done} epochs, so "
+            f"there is nothing left to train; set trainer.max_epochs above {done}"
+        )
 
 
 def check_same_optimizer(checkpoint: dict, cfg: DictConfig, where: str) -> None:
