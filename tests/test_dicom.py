@@ -274,16 +274,44 @@ def test_a_12_bit_png_in_16_bits_looks_like_its_8_bit_version(grey, tmp_path):
 
 
 def test_sbit_is_used_where_declared(grey, tmp_path):
-    """A dark 12-bit image: with sBIT 12 it is scaled by 4095 (stays dark); without, by the 11 bits its greatest
-    value needs; a PNG scaled to 16 bits as the PNG specification says (values above its sBIT) by 65535."""
+    """A dark 12-bit image: with sBIT 12 it is scaled by 4095 (stays dark); without, by the 12 bits of the smallest
+    detector depth that holds it (not the 11 its greatest value needs); a PNG scaled to 16 bits as the PNG
+    specification says (values above its sBIT) by 65535."""
     dark = stored(grey, 12) // 3
     (tmp_path / "sbit.png").write_bytes(png16(dark, 12))
     (tmp_path / "plain.png").write_bytes(png16(dark))
     (tmp_path / "spec.png").write_bytes(png16(grey.astype(np.uint16) * 257, 8))
     assert close(as_grey(tmp_path / "sbit.png"), np.rint(dark.astype(float) * 255 / 4095))
-    top = 2 ** int(dark.max()).bit_length() - 1
-    assert top == 2047 and close(as_grey(tmp_path / "plain.png"), np.rint(dark.astype(float) * 255 / top))
+    assert int(dark.max()).bit_length() == 11 and close(as_grey(tmp_path / "plain.png"), as_grey(tmp_path / "sbit.png"))
     assert close(as_grey(tmp_path / "spec.png"), grey)
+
+
+def test_brightness_does_not_hang_on_the_brightest_pixel(grey, tmp_path):
+    """Without sBIT, an unscaled image whose brightest pixel is 2047 and the same with one pixel at 2048 decode
+    alike (both 12 bits, the detector depth that holds them), not at twice the brightness of the other."""
+    dark = np.rint(grey.astype(float) * 2047 / 255).astype(np.uint16)
+    one_more = dark.copy()
+    one_more[0, 0] = 2048
+    (tmp_path / "2047.png").write_bytes(png16(dark))
+    (tmp_path / "2048.png").write_bytes(png16(one_more))
+    a, b = as_grey(tmp_path / "2047.png"), as_grey(tmp_path / "2048.png")
+    assert close(a[1:, 1:], b[1:, 1:]) and close(a, np.rint(dark.astype(float) * 255 / 4095))
+
+
+@pytest.mark.parametrize("sbit", [12, None])
+def test_a_dark_png_scaled_as_the_spec_says_stays_dark(grey, tmp_path, sbit):
+    """A dark 12-bit image scaled to 16 bits as the PNG specification says (left shift, the top bits replicated into
+    the low ones) is full-range: decoded by 65535, not 16x too bright by 4095; with or without its sBIT 12. The
+    source's 12 bits are recognised from the replication (the audit's bit depth)."""
+    source = stored(grey, 12) // 16  # values below 256 of 4095
+    scaled = images.replicate(source, 12).astype(np.uint16)
+    assert int(scaled.max()) <= 4095  # within sBIT 12: the old rule took it for unscaled 12-bit samples
+    (tmp_path / "spec.png").write_bytes(png16(scaled, sbit))
+    got = as_grey(tmp_path / "spec.png")
+    assert close(got, np.rint(source.astype(float) * 255 / 4095)) and got.mean() < 20
+    assert images.decode((tmp_path / "spec.png").read_bytes(), "spec.png").bits == 12
+    assert images.replicated_bits(grey.astype(np.uint16) * 257) == 8
+    assert images.replicated_bits(stored(grey, 12)) is None  # unscaled samples: no replication
 
 
 def test_tiff_8_and_16_bit_grey(grey, tmp_path):
