@@ -380,6 +380,16 @@ def test_patient_key_is_a_salted_hash_never_the_id(grey, tmp_path):
     assert dicom.patient_key(nobody) is None and dicom.patient_key(tmp_path / "x.png") is None
 
 
+def test_a_dicom_file_is_dicom_by_its_content_whatever_its_name(grey, tmp_path):
+    """A DICOM file named .png is decoded as DICOM (by the 'DICM' magic): it gets its patient key and its header's
+    tags by the same rule, so its patient is grouped like any other DICOM file's."""
+    named_png = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "scan.png")
+    same = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "scan.dcm")
+    assert images.decode(named_png.read_bytes(), named_png).header.dicom is not None
+    assert dicom.patient_key(named_png) == dicom.patient_key(same) is not None
+    assert dicom.read_tags(named_png) == dicom.read_tags(same) == ("DX", "PA")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """The 0.3.0 checkpoint of tests/compat.py (32 px VGG19, seeded weights): predictions without a training run."""

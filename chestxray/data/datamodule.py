@@ -68,7 +68,7 @@ def train_transform() -> v2.Transform:
 
 def patient_of(path: Path, listed: str | None) -> str | None:
     """Whose image this is, for grouping only: a label file's patient column, else a DICOM file's PatientID as an
-    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it; only files that may be DICOM are opened);
+    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it; DICOM by content, whatever the name);
     None for other files."""
     return listed if listed is not None else dicom.patient_key(path)
 
