@@ -484,3 +484,32 @@ def test_a_dicom_patients_images_stay_on_one_side_and_their_id_is_never_kept(gre
         assert fit and val and not fit & val, kwargs
         assert dm.split_groups["val"]["images"] == 3 * dm.split_groups["val"]["groups"]
     assert "PID-" not in repr(vars(dm))
+
+
+def test_a_patient_in_train_and_test_is_leakage_for_the_audit_and_the_leak_free_numbers(grey, tmp_path, capsys):
+    """A patient with a train image and a test image (different pictures, so no duplicate finds them) is reported by
+    the audit and left out of the leak-free numbers (the test set's leaking mask), the patient never named."""
+    from chestxray.data.datamodule import ChestXrayDataModule
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 1)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for k in range(n):
+                cv2.imwrite(str(root / split / name / f"{k}.png"), rng.integers(0, 256, (SIDE, SIDE), np.uint8))
+    save(dataset(stored(grey, 12), **IDENTIFIERS), root / "train" / "Covid" / "seen.dcm")
+    save(dataset(stored(np.flipud(grey.T), 12), **IDENTIFIERS), root / "test" / "Covid" / "again.png")  # DICOM
+    save(dataset(stored(255 - grey, 12), PatientID="PID000001"), root / "test" / "Normal" / "new.dcm")
+    assert audit.main([str(root), "--out", str(tmp_path / "audit")]) == 0
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["summary"]["patients_train_test"] == 1
+    assert report["patients_train_test"] == [{"files": ["test/Covid/again.png", "train/Covid/seen.dcm"]}]
+    assert "leak (same patient): test/Covid/again.png, train/Covid/seen.dcm" in capsys.readouterr().out
+    written = (tmp_path / "audit" / "audit.json").read_text() + (tmp_path / "audit" / "audit.md").read_text()
+    assert IDENTIFIERS["PatientID"] not in written and dicom.patient_key(root / "train/Covid/seen.dcm") not in written
+    dm = ChestXrayDataModule(str(root), image_size=32, val_fraction=0.5, check_leakage=False, download=False)
+    with pytest.warns(UserWarning, match=r"test: 1 of its 5 images are of 1 patient\(s\) who also have train images"):
+        dm.setup()
+    test = dm.test_sets["test"]
+    assert {p.name for p, k in zip(test.paths, test.leaking.tolist(), strict=True) if k} == {"again.png"}

@@ -118,7 +118,7 @@ class Evaluation:
     paths: list[Path]
     labels: np.ndarray
     probs: np.ndarray  # what the model answers (calibrated, when it is)
-    leaking: np.ndarray  # duplicates of a train image (near-duplicate or identical), per the leakage check
+    leaking: np.ndarray  # duplicates of a train image (near-duplicate or identical), or of a patient with train images
     numbers: dict | None = None  # {"all", "leak_free", "uncalibrated"} from the module's metric collections
     raw_probs: np.ndarray | None = None  # before temperature scaling, when the model was calibrated
     temperature: float | None = None  # the fitted temperature, when the model was calibrated
