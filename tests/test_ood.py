@@ -376,3 +376,29 @@ def test_one_image_per_class_fits_without_a_singular_covariance(with_training_fe
     assert not result.state["ood.precision"].any()
     skipped = [r.message.split(":")[0] for r in caplog.records]  # one line per fit that cannot be made
     assert skipped == ["mahalanobis not fitted", "prediction sets not calibrated"]
+
+
+def test_the_fit_logs_the_share_that_passes_and_the_coverage_caveat(caplog):
+    """log_fit says what share of the validation images the fitted threshold lets through (6 of 10 at pass_rate 0.5:
+    the 'higher' quantile), not the configured rate; wherever the coverage guarantee is claimed (the log, the
+    report's printout) the caveat that one validation split does four jobs is said with it."""
+    from chestxray.evaluation.metrics import COVERAGE_CAVEAT
+    from chestxray.evaluation.report import uncertainty_text
+
+    g = torch.Generator().manual_seed(0)
+    detector = ood.OodDetector(num_classes=3, width=4, stage_widths=(2, 2))
+    labels = torch.arange(10) % 3
+    result = ood.fit(torch.randn(10, 3, generator=g), torch.randn(10, 8, generator=g), labels, 1.0, 0.5, 0.9,
+                     (torch.randn(30, 8, generator=g), torch.arange(30) % 3), detector=detector)  # fmt: skip
+    assert result.passed_share("msp") == pytest.approx(0.6)
+    with caplog.at_level(logging.INFO, logger="chestxray.models.ood"):
+        ood.log_fit(result, "msp", "best.ckpt")
+    line = caplog.records[-1].getMessage()
+    assert "60% of them pass (target 50%)" in line and COVERAGE_CAVEAT in line
+    numbers = {
+        "validation_images": 10,
+        "prediction_sets": {"coverage_target": 0.9, "empirical_coverage": 0.9, "mean_set_size": 1.2},
+    }
+    printed = uncertainty_text(numbers)
+    claim = next(i for i, text in enumerate(printed) if "guarantee from 10 validation images" in text)
+    assert COVERAGE_CAVEAT in printed[claim + 1]

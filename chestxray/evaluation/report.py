@@ -104,6 +104,7 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
             f"prediction sets (target coverage {100 * sets['coverage_target']:.0f}%, guarantee from {n} validation "
             f"images): coverage {100 * sets['empirical_coverage']:.1f}%, mean size {sets['mean_set_size']:.2f}"
         )
+        lines.append(f"  caveat: {metrics.COVERAGE_CAVEAT}")
     if not lines:
         lines.append("no out-of-distribution detector or prediction sets: the checkpoint carries no fit")
     return lines
