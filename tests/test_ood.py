@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -402,3 +403,49 @@ def test_the_fit_logs_the_share_that_passes_and_the_coverage_caveat(caplog):
     printed = uncertainty_text(numbers)
     claim = next(i for i, text in enumerate(printed) if "guarantee from 10 validation images" in text)
     assert COVERAGE_CAVEAT in printed[claim + 1]
+
+
+@pytest.mark.parametrize("n", [10, 19, 20, 38])
+def test_the_conformal_quantile_is_the_finite_sample_rank(n):
+    """q is exactly the ceil((n+1)(1 - alpha))-th smallest validation score (the +1 is the finite-sample correction:
+    at n = 10, 20 and 38 it picks a higher rank than ceil(n(1 - alpha)); at 19 both give the 18th)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    scores = torch.linspace(0.05, 0.6, n, dtype=torch.float64)[order]  # distinct, shuffled
+    labels = torch.arange(n) % 3
+    probs = torch.full((n, 3), 0.0, dtype=torch.float64)
+    probs[torch.arange(n), labels] = 1 - scores  # p(true class) = 1 - score; the rest on the next class
+    probs[torch.arange(n), (labels + 1) % 3] = scores
+    rank = math.ceil((n + 1) * 0.9)
+    expected = 1 - scores.sort().values[rank - 1]
+    assert ood.conformal_min_prob(probs, labels, 0.9) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_knn_layers_standardises_stages_of_very_different_scales():
+    """A stage whose distances spread widely (about 0.5 +- 0.09) beside one where every image is at nearly the same
+    distance (about 0.004 +- 0.001): images shifted by 0.1 in the quiet stage only are 100 of its standard deviations
+    out, and standardised they are caught; summed raw, the wide stage's spread hides them."""
+    torch.manual_seed(0)
+
+    def draw(n, shift=0.0):
+        pooled, wide = torch.randn(n, 4), torch.randn(n, 8)
+        quiet = torch.zeros(n, 8)
+        quiet[:, 0] = 1.0
+        quiet += 0.003 * torch.randn(n, 8)
+        quiet[:, 1] += shift
+        return torch.cat([pooled, wide, quiet], 1), torch.arange(n) % 3
+
+    detector = ood.OodDetector(3, 4, (8, 8))
+    features, labels = draw(300)
+    result = ood.fit(torch.randn(300, 3), features, labels, 1.0, 0.95, 0.9, draw(600), detector=detector)
+    state = {k.removeprefix("ood."): v for k, v in result.state.items() if k.startswith("ood.")}
+    ood.take_shapes(detector, state)
+    detector.load_state_dict(state)
+    assert state["layer_scale"][0] > 20 * state["layer_scale"][1]  # the two stages' scales differ that much
+    k = ood.DETECTORS.index("knn_layers")
+
+    def flagged(shift):
+        x, _ = draw(2000, shift)
+        scores = ood.all_scores(torch.randn(2000, 3), torch.tensor(1.0), x, detector)[:, k]
+        return float((scores > detector.thresholds[k]).double().mean())
+
+    assert flagged(0.0) < 0.1 and flagged(0.1) > 0.9
