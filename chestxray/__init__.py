@@ -29,16 +29,22 @@ def _new_folder(base):
     return new_folder(base)
 
 
+# /proc/cpuinfo flags of CPUs that compute bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX-512
+# BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later), which oneDNN's bf16 kernels use
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def cpu_precision(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """trainer=cpu's precision: bf16-mixed on CPUs with AMX bf16 units (Intel Sapphire Rapids and later: training at
-    4.3x the fp32 rate at 224 px, the same accuracy within the spread of seeds; docs/benchmarks.md), 32-true elsewhere
-    (without them, as on an AVX2-only AMD EPYC, autocast only adds conversions)."""
+    """trainer=cpu's precision: bf16-mixed on CPUs that compute bf16 natively (NATIVE_BF16_FLAGS: AMX, or AVX-512
+    BF16; with AMX, training at 4.3x the fp32 rate at 224 px, the same accuracy within the spread of seeds,
+    docs/benchmarks.md; AVX-512 BF16 without AMX not measured here), 32-true where bf16 would be emulated (an
+    AVX2-only CPU such as an older AMD EPYC: autocast there only adds conversions)."""
     try:
         with open(cpuinfo) as fh:
             flags = next((line for line in fh if line.startswith("flags")), "").split()
     except OSError:
         return "32-true"
-    return "bf16-mixed" if "amx_bf16" in flags else "32-true"
+    return "bf16-mixed" if any(flag in flags for flag in NATIVE_BF16_FLAGS) else "32-true"
 
 
 def auto_precision(accelerator: str = "auto", cpuinfo: str = "/proc/cpuinfo") -> str:

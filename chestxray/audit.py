@@ -3,7 +3,9 @@
 DATA is a folder with train/<class>/ and test/<class>/, a folder of class folders (one labelled set), or a label
 file (CSV path,label[,split]). Counts, formats, channel modes, bit depths and sizes per split and class;
 unreadable files; exact duplicates (same bytes) and near-duplicates (same picture re-encoded, resized or
-contrast-changed), within and across splits. Cross-split pairs are train/test leakage. With --against OTHER, the
+contrast-changed), within and across splits; patients with images in both train and test (DICOM PatientID, or a
+label file's patient column, compared but never written). Cross-split pairs and shared patients are train/test
+leakage. With --against OTHER, the
 images the two datasets share. Writes audit.md and audit.json and prints a summary.
 
 Files are read and hashed in parallel threads and nothing but a 32-byte hash per file is kept, so memory stays
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chestxray.data import dicom
 from chestxray.data.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
 from chestxray.data.images import BadImageError, decode, read_bytes
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
@@ -48,12 +51,15 @@ class FileRecord:
     height: int = 0
     error: str = ""
     phash: bytes | None = field(default=None, repr=False)  # 32 bytes, packed
+    # whose image: a label file's patient column, else a DICOM file's opaque key (chestxray.data.dicom.patient_key);
+    # kept in memory to find patients on both sides of train/test, never written out or printed
+    patient: str | None = field(default=None, repr=False)
 
 
-def inspect_file(path: Path, split: str, label: str) -> FileRecord:
+def inspect_file(path: Path, split: str, label: str, patient: str | None = None) -> FileRecord:
     """One full decode per file (the decode every reader uses) gives its mode, significant bits and size, validates
-    it, and feeds the perceptual hash."""
-    record = FileRecord(path, split, label)
+    it, and feeds the perceptual hash; the patient is the listed one, else a DICOM file's opaque key."""
+    record = FileRecord(path, split, label, patient=patient)
     try:
         data = read_bytes(path)
         record.bytes = len(data)
@@ -68,11 +74,14 @@ def inspect_file(path: Path, split: str, label: str) -> FileRecord:
     record.bit_depth = decoded.bits
     record.height, record.width = decoded.image.shape[:2]
     record.phash = perceptual_hash(decoded.image).tobytes()
+    if record.patient is None and info is not None:
+        record.patient = dicom.patient_key(path)
     return record
 
 
-def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, str]]:
-    """(path, split, class) of every file: train/test folders, one folder of class folders, or a label file."""
+def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, str, str | None]]:
+    """(path, split, class, listed patient) of every file: train/test folders, one folder of class folders, or a
+    label file (its patient column, if any)."""
     if data.is_file() or data.suffix.lower() == ".csv":
         groups = {split or WHOLE: files for split, files in read_index(data, classes, "audit").items()}
     elif not data.is_dir():
@@ -82,9 +91,11 @@ def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, 
     else:
         groups = {WHOLE: scan_class_folders(data, classes, "audit", strict=True)}
     return [
-        (path, split, classes[label])
+        (path, split, classes[label], patient)
         for split, files in groups.items()
-        for path, label in zip(files.paths, files.labels, strict=True)
+        for path, label, patient in zip(
+            files.paths, files.labels, files.patients or [None] * len(files.paths), strict=True
+        )
     ]
 
 
@@ -168,6 +179,7 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
         for split in splits
     }
     exact_cross_pairs = sum(1 for pair in exact_pairs if len({split_of[p] for p in pair}) > 1)
+    patients = [{"files": [rel(p) for p in files]} for files in shared_patients(records)]
     return {
         "data_dir": str(data_dir),
         "threshold_bits": threshold,
@@ -177,6 +189,7 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
         "bad_files": [{"path": rel(r.path), "reason": r.error} for r in records if r.error],
         "exact_duplicates": exact_rows,
         "near_duplicates": near_rows,
+        "patients_train_test": patients,
         "summary": {
             "bad_files": sum(1 for r in records if r.error),
             "exact_duplicate_groups": len(exact),
@@ -184,8 +197,20 @@ def summarise(records: list[FileRecord], data_dir: Path, threshold: int, classes
             "exact_duplicate_pairs_train_test": exact_cross_pairs,
             "near_duplicate_pairs": len(near_rows),
             "near_duplicate_pairs_train_test": sum(r["cross_split"] for r in near_rows),
+            "patients_train_test": len(patients),
         },
     }
+
+
+def shared_patients(records: list[FileRecord]) -> list[list[Path]]:
+    """The files of each patient who has images in both train and test: leakage as a shared image is (the model
+    has seen that chest), whatever the pictures. One sorted list of files per patient; the patient is not named."""
+    by_patient: dict[str, list[FileRecord]] = defaultdict(list)
+    for r in records:
+        if r.patient is not None and not r.error:
+            by_patient[r.patient].append(r)
+    shared = [g for g in by_patient.values() if {r.split for r in g} >= set(SPLITS)]
+    return sorted(sorted(r.path for r in g) for g in shared)
 
 
 def shared_images(
@@ -242,6 +267,10 @@ def to_markdown(report: dict) -> str:
         f"- {'**train/test leakage**: ' if g['cross_split'] else ''}" + ", ".join(f"`{f}`" for f in g["files"])
         for g in report["exact_duplicates"]
     ] or ["None."]
+    lines += ["", "## Patients in both train and test (DICOM PatientID or a label file's patient column)", ""]
+    lines += [
+        "- **train/test leakage**: " + ", ".join(f"`{f}`" for f in g["files"]) for g in report["patients_train_test"]
+    ] or ["None."]
     lines += ["", "## Near-duplicates (same picture, different bytes)", ""]
     lines += [
         f"- {'**train/test leakage**: ' if r['cross_split'] else ''}`{r['a']}` ~ `{r['b']}` ({r['distance_bits']} bits)"
@@ -269,6 +298,8 @@ def _print_summary(report: dict, seconds: float, out: Path) -> None:
     for g in report["exact_duplicates"]:
         if g["cross_split"]:
             print(f"  leak (identical bytes): {' = '.join(g['files'])}")
+    for g in report["patients_train_test"]:
+        print(f"  leak (same patient): {', '.join(g['files'])}")
     if "against" in report:
         shared = report["against"]["shared"]
         print(f"  shared with {report['against']['data_dir']}: {len(shared)} pair(s)")

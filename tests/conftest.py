@@ -36,7 +36,7 @@ TINY = [
     "model.pretrained=false",
     "data.image_size=32",
     "data.check_leakage=false",
-    "trainer.precision=32-true",  # the same numbers on every CPU (the default is bf16 on AMX: tested on its own)
+    "trainer.precision=32-true",  # the same numbers on every CPU (the default is bf16 on bf16 CPUs: tested alone)
 ]
 # A model that learns the generated classes in about half a minute, deterministically (experiment=quickstart at
 # 32 px: VGG19 from scratch needs Adam here).

@@ -42,3 +42,18 @@ class ConstantClassifier(ChestXrayClassifier):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         out = super().logits(images)
         return out + torch.tensor([100.0, 0.0, 0.0], device=out.device)
+
+
+class SplitAwareClassifier(ChestXrayClassifier):
+    """Calibration sees scripted logits: spread-out ones for the validation images (predict loader 0) and uniform
+    ones for the training images (loader 1), so a conformal fit on the wrong split gives another threshold (a real
+    model's probabilities on both sit near 1/3 in a tiny run, where the two agree to 1e-4)."""
+
+    @staticmethod
+    def scripted_logits(index: torch.Tensor, loader: int) -> torch.Tensor:
+        table = 3.0 * torch.randn(4096, 3, generator=torch.Generator().manual_seed(0))
+        return table[index] if loader == 0 else torch.zeros(len(index), 3)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        index, raw, features = super().predict_step(batch, batch_idx, dataloader_idx)
+        return index, self.scripted_logits(index.cpu(), dataloader_idx).to(raw), features

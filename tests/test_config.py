@@ -290,17 +290,20 @@ def test_each_entry_point_has_its_own_help():
     assert serve.startswith("python serve.py ckpt=CHECKPOINT") and "max_upload_mb" in serve and "token" in serve
 
 
-def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeypatch):
+def test_trainer_cpu_trains_in_bf16_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
+    """bf16-mixed with AMX or AVX-512 BF16 (native bf16 arithmetic), fp32 where bf16 would be emulated (AVX2 only)."""
     from chestxray import auto_precision, cpu_precision
 
     amx = tmp_path / "amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
     epyc = tmp_path / "epyc"
     epyc.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 fma\n")
-    bf16_without_amx = tmp_path / "cooper-lake"  # bf16 instructions but no AMX tiles: autocast only adds work
-    bf16_without_amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    bf16_without_amx = tmp_path / "zen4"  # AVX-512 BF16 instructions, no AMX tiles: still native bf16
+    bf16_without_amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    avx512_only = tmp_path / "skylake"  # AVX-512 without its BF16 extension: bf16 emulated
+    avx512_only.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
     assert cpu_precision(str(amx)) == "bf16-mixed" and cpu_precision(str(epyc)) == "32-true"
-    assert cpu_precision(str(bf16_without_amx)) == "32-true"
+    assert cpu_precision(str(bf16_without_amx)) == "bf16-mixed" and cpu_precision(str(avx512_only)) == "32-true"
     assert cpu_precision(str(tmp_path / "none")) == "32-true"
     cfg = compose_config("train", ["trainer=cpu", "paths.output_dir=/tmp/unused"])
     assert cfg.trainer.precision == cpu_precision() and cfg.trainer.accelerator == "cpu"
@@ -308,6 +311,7 @@ def test_trainer_cpu_trains_in_bf16_only_where_the_cpu_has_amx(tmp_path, monkeyp
     assert compose_config("train", ["paths.output_dir=/tmp/unused"]).trainer.precision == cpu_precision()
     assert auto_precision("cpu", str(amx)) == auto_precision("auto", str(amx)) == "bf16-mixed"
     assert auto_precision("gpu", str(amx)) == "32-true" and auto_precision("auto", str(epyc)) == "32-true"
+    assert auto_precision("cpu", str(bf16_without_amx)) == "bf16-mixed"
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert auto_precision("auto", str(amx)) == "32-true"
     assert compose_config("train", ["trainer=gpu", "paths.output_dir=/tmp/unused"]).trainer.precision == "32-true"

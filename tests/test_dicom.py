@@ -274,16 +274,44 @@ def test_a_12_bit_png_in_16_bits_looks_like_its_8_bit_version(grey, tmp_path):
 
 
 def test_sbit_is_used_where_declared(grey, tmp_path):
-    """A dark 12-bit image: with sBIT 12 it is scaled by 4095 (stays dark); without, by the 11 bits its greatest
-    value needs; a PNG scaled to 16 bits as the PNG specification says (values above its sBIT) by 65535."""
+    """A dark 12-bit image: with sBIT 12 it is scaled by 4095 (stays dark); without, by the 12 bits of the smallest
+    detector depth that holds it (not the 11 its greatest value needs); a PNG scaled to 16 bits as the PNG
+    specification says (values above its sBIT) by 65535."""
     dark = stored(grey, 12) // 3
     (tmp_path / "sbit.png").write_bytes(png16(dark, 12))
     (tmp_path / "plain.png").write_bytes(png16(dark))
     (tmp_path / "spec.png").write_bytes(png16(grey.astype(np.uint16) * 257, 8))
     assert close(as_grey(tmp_path / "sbit.png"), np.rint(dark.astype(float) * 255 / 4095))
-    top = 2 ** int(dark.max()).bit_length() - 1
-    assert top == 2047 and close(as_grey(tmp_path / "plain.png"), np.rint(dark.astype(float) * 255 / top))
+    assert int(dark.max()).bit_length() == 11 and close(as_grey(tmp_path / "plain.png"), as_grey(tmp_path / "sbit.png"))
     assert close(as_grey(tmp_path / "spec.png"), grey)
+
+
+def test_brightness_does_not_hang_on_the_brightest_pixel(grey, tmp_path):
+    """Without sBIT, an unscaled image whose brightest pixel is 2047 and the same with one pixel at 2048 decode
+    alike (both 12 bits, the detector depth that holds them), not at twice the brightness of the other."""
+    dark = np.rint(grey.astype(float) * 2047 / 255).astype(np.uint16)
+    one_more = dark.copy()
+    one_more[0, 0] = 2048
+    (tmp_path / "2047.png").write_bytes(png16(dark))
+    (tmp_path / "2048.png").write_bytes(png16(one_more))
+    a, b = as_grey(tmp_path / "2047.png"), as_grey(tmp_path / "2048.png")
+    assert close(a[1:, 1:], b[1:, 1:]) and close(a, np.rint(dark.astype(float) * 255 / 4095))
+
+
+@pytest.mark.parametrize("sbit", [12, None])
+def test_a_dark_png_scaled_as_the_spec_says_stays_dark(grey, tmp_path, sbit):
+    """A dark 12-bit image scaled to 16 bits as the PNG specification says (left shift, the top bits replicated into
+    the low ones) is full-range: decoded by 65535, not 16x too bright by 4095; with or without its sBIT 12. The
+    source's 12 bits are recognised from the replication (the audit's bit depth)."""
+    source = stored(grey, 12) // 16  # values below 256 of 4095
+    scaled = images.replicate(source, 12).astype(np.uint16)
+    assert int(scaled.max()) <= 4095  # within sBIT 12: the old rule took it for unscaled 12-bit samples
+    (tmp_path / "spec.png").write_bytes(png16(scaled, sbit))
+    got = as_grey(tmp_path / "spec.png")
+    assert close(got, np.rint(source.astype(float) * 255 / 4095)) and got.mean() < 20
+    assert images.decode((tmp_path / "spec.png").read_bytes(), "spec.png").bits == 12
+    assert images.replicated_bits(grey.astype(np.uint16) * 257) == 8
+    assert images.replicated_bits(stored(grey, 12)) is None  # unscaled samples: no replication
 
 
 def test_tiff_8_and_16_bit_grey(grey, tmp_path):
@@ -350,6 +378,16 @@ def test_patient_key_is_a_salted_hash_never_the_id(grey, tmp_path):
     assert len(key) == 64 and "837261" not in key and key != __import__("hashlib").sha256(b"PID837261").hexdigest()
     assert dicom.patient_key(one, salt=b"site secret") != key
     assert dicom.patient_key(nobody) is None and dicom.patient_key(tmp_path / "x.png") is None
+
+
+def test_a_dicom_file_is_dicom_by_its_content_whatever_its_name(grey, tmp_path):
+    """A DICOM file named .png is decoded as DICOM (by the 'DICM' magic): it gets its patient key and its header's
+    tags by the same rule, so its patient is grouped like any other DICOM file's."""
+    named_png = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "scan.png")
+    same = save(dataset(stored(grey, 12), PatientID="PID837261"), tmp_path / "scan.dcm")
+    assert images.decode(named_png.read_bytes(), named_png).header.dicom is not None
+    assert dicom.patient_key(named_png) == dicom.patient_key(same) is not None
+    assert dicom.read_tags(named_png) == dicom.read_tags(same) == ("DX", "PA")
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +484,32 @@ def test_a_dicom_patients_images_stay_on_one_side_and_their_id_is_never_kept(gre
         assert fit and val and not fit & val, kwargs
         assert dm.split_groups["val"]["images"] == 3 * dm.split_groups["val"]["groups"]
     assert "PID-" not in repr(vars(dm))
+
+
+def test_a_patient_in_train_and_test_is_leakage_for_the_audit_and_the_leak_free_numbers(grey, tmp_path, capsys):
+    """A patient with a train image and a test image (different pictures, so no duplicate finds them) is reported by
+    the audit and left out of the leak-free numbers (the test set's leaking mask), the patient never named."""
+    from chestxray.data.datamodule import ChestXrayDataModule
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 1)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for k in range(n):
+                cv2.imwrite(str(root / split / name / f"{k}.png"), rng.integers(0, 256, (SIDE, SIDE), np.uint8))
+    save(dataset(stored(grey, 12), **IDENTIFIERS), root / "train" / "Covid" / "seen.dcm")
+    save(dataset(stored(np.flipud(grey.T), 12), **IDENTIFIERS), root / "test" / "Covid" / "again.png")  # DICOM
+    save(dataset(stored(255 - grey, 12), PatientID="PID000001"), root / "test" / "Normal" / "new.dcm")
+    assert audit.main([str(root), "--out", str(tmp_path / "audit")]) == 0
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["summary"]["patients_train_test"] == 1
+    assert report["patients_train_test"] == [{"files": ["test/Covid/again.png", "train/Covid/seen.dcm"]}]
+    assert "leak (same patient): test/Covid/again.png, train/Covid/seen.dcm" in capsys.readouterr().out
+    written = (tmp_path / "audit" / "audit.json").read_text() + (tmp_path / "audit" / "audit.md").read_text()
+    assert IDENTIFIERS["PatientID"] not in written and dicom.patient_key(root / "train/Covid/seen.dcm") not in written
+    dm = ChestXrayDataModule(str(root), image_size=32, val_fraction=0.5, check_leakage=False, download=False)
+    with pytest.warns(UserWarning, match=r"test: 1 of its 5 images are of 1 patient\(s\) who also have train images"):
+        dm.setup()
+    test = dm.test_sets["test"]
+    assert {p.name for p, k in zip(test.paths, test.leaking.tolist(), strict=True) if k} == {"again.png"}

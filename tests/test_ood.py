@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -349,3 +350,102 @@ def test_knn_layers_flags_photographs_pages_and_noise(tiny_run, tmp_path):
     auroc = roc_auc_score(y, np.r_[inside.scores[:, k], outside.scores[:, k]])
     assert model.ood_detector == "knn_layers" and auroc > 0.95, auroc
     assert outside.in_distribution.mean() < 0.15 and inside.in_distribution.mean() > 0.7
+
+
+@pytest.mark.parametrize("with_training_features", [True, False])
+def test_one_image_per_class_fits_without_a_singular_covariance(with_training_features, caplog):
+    """A tiny split (one training image per class, or two validation images fitted out of fold) leaves no spread within
+    the classes: the Mahalanobis fit is skipped with one line instead of crashing the whole fit (LinAlgError), and
+    the other detectors and the sets are still fitted."""
+    g = torch.Generator().manual_seed(0)
+    detector = ood.OodDetector(num_classes=3, width=8, stage_widths=(4, 4))
+    n = 3 if with_training_features else 2
+    reference = (torch.randn(3, 16, generator=g), torch.arange(3)) if with_training_features else None
+    with caplog.at_level(logging.WARNING, logger="chestxray.models.ood"):
+        result = ood.fit(
+            torch.randn(n, 3, generator=g),
+            torch.randn(n, 16, generator=g),
+            torch.arange(n),
+            1.0,
+            0.95,
+            0.9,
+            reference,
+            detector=detector,
+        )
+    assert result is not None and result.n == n
+    assert torch.isfinite(result.state["ood.thresholds"]).all()
+    assert not result.state["ood.precision"].any()
+    skipped = [r.message.split(":")[0] for r in caplog.records]  # one line per fit that cannot be made
+    assert skipped == ["mahalanobis not fitted", "prediction sets not calibrated"]
+
+
+def test_the_fit_logs_the_share_that_passes_and_the_coverage_caveat(caplog):
+    """log_fit says what share of the validation images the fitted threshold lets through (6 of 10 at pass_rate 0.5:
+    the 'higher' quantile), not the configured rate; wherever the coverage guarantee is claimed (the log, the
+    report's printout) the caveat that one validation split does four jobs is said with it."""
+    from chestxray.evaluation.metrics import COVERAGE_CAVEAT
+    from chestxray.evaluation.report import uncertainty_text
+
+    g = torch.Generator().manual_seed(0)
+    detector = ood.OodDetector(num_classes=3, width=4, stage_widths=(2, 2))
+    labels = torch.arange(10) % 3
+    result = ood.fit(torch.randn(10, 3, generator=g), torch.randn(10, 8, generator=g), labels, 1.0, 0.5, 0.9,
+                     (torch.randn(30, 8, generator=g), torch.arange(30) % 3), detector=detector)  # fmt: skip
+    assert result.passed_share("msp") == pytest.approx(0.6)
+    with caplog.at_level(logging.INFO, logger="chestxray.models.ood"):
+        ood.log_fit(result, "msp", "best.ckpt")
+    line = caplog.records[-1].getMessage()
+    assert "60% of them pass (target 50%)" in line and COVERAGE_CAVEAT in line
+    numbers = {
+        "validation_images": 10,
+        "prediction_sets": {"coverage_target": 0.9, "empirical_coverage": 0.9, "mean_set_size": 1.2},
+    }
+    printed = uncertainty_text(numbers)
+    claim = next(i for i, text in enumerate(printed) if "guarantee from 10 validation images" in text)
+    assert COVERAGE_CAVEAT in printed[claim + 1]
+
+
+@pytest.mark.parametrize("n", [10, 19, 20, 38])
+def test_the_conformal_quantile_is_the_finite_sample_rank(n):
+    """q is exactly the ceil((n+1)(1 - alpha))-th smallest validation score (the +1 is the finite-sample correction:
+    at n = 10, 20 and 38 it picks a higher rank than ceil(n(1 - alpha)); at 19 both give the 18th)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    scores = torch.linspace(0.05, 0.6, n, dtype=torch.float64)[order]  # distinct, shuffled
+    labels = torch.arange(n) % 3
+    probs = torch.full((n, 3), 0.0, dtype=torch.float64)
+    probs[torch.arange(n), labels] = 1 - scores  # p(true class) = 1 - score; the rest on the next class
+    probs[torch.arange(n), (labels + 1) % 3] = scores
+    rank = math.ceil((n + 1) * 0.9)
+    expected = 1 - scores.sort().values[rank - 1]
+    assert ood.conformal_min_prob(probs, labels, 0.9) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_knn_layers_standardises_stages_of_very_different_scales():
+    """A stage whose distances spread widely (about 0.5 +- 0.09) beside one where every image is at nearly the same
+    distance (about 0.004 +- 0.001): images shifted by 0.1 in the quiet stage only are 100 of its standard deviations
+    out, and standardised they are caught; summed raw, the wide stage's spread hides them."""
+    torch.manual_seed(0)
+
+    def draw(n, shift=0.0):
+        pooled, wide = torch.randn(n, 4), torch.randn(n, 8)
+        quiet = torch.zeros(n, 8)
+        quiet[:, 0] = 1.0
+        quiet += 0.003 * torch.randn(n, 8)
+        quiet[:, 1] += shift
+        return torch.cat([pooled, wide, quiet], 1), torch.arange(n) % 3
+
+    detector = ood.OodDetector(3, 4, (8, 8))
+    features, labels = draw(300)
+    result = ood.fit(torch.randn(300, 3), features, labels, 1.0, 0.95, 0.9, draw(600), detector=detector)
+    state = {k.removeprefix("ood."): v for k, v in result.state.items() if k.startswith("ood.")}
+    ood.take_shapes(detector, state)
+    detector.load_state_dict(state)
+    assert state["layer_scale"][0] > 20 * state["layer_scale"][1]  # the two stages' scales differ that much
+    k = ood.DETECTORS.index("knn_layers")
+
+    def flagged(shift):
+        x, _ = draw(2000, shift)
+        scores = ood.all_scores(torch.randn(2000, 3), torch.tensor(1.0), x, detector)[:, k]
+        return float((scores > detector.thresholds[k]).double().mean())
+
+    assert flagged(0.0) < 0.1 and flagged(0.1) > 0.9

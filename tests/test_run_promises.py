@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from chestxray.errors import ConfigError, ResumeError
-from chestxray.training.fit import best_checkpoint_callback, train
+from chestxray.training.fit import best_checkpoint_callback, check_files, check_same_optimizer, train
 from tests.conftest import train_config
 from tests.scripted import ScriptedClassifier
 
@@ -132,6 +132,7 @@ def test_another_kind_of_optimizer_cannot_continue_a_checkpoint(tmp_path, tiny_r
             )
         )
     assert not (out / "checkpoints").exists()
+    assert ckpt(tiny_run["dir"] / "checkpoints" / "last.ckpt")["optimizer_classes"] == ["torch.optim.sgd.SGD"]
 
 
 def test_a_run_that_learns_nothing_says_so(tmp_path, synthetic_dir, caplog):
@@ -141,3 +142,35 @@ def test_a_run_that_learns_nothing_says_so(tmp_path, synthetic_dir, caplog):
     lines = [r.getMessage() for r in caplog.records if "learned nothing" in r.getMessage()]
     assert len(lines) == 1 and "predicted one class for every validation image in every epoch" in lines[0]
     assert all(h["val/classes"] == 1 for h in json.loads((out / "history.json").read_text()))
+
+
+@pytest.mark.parametrize("max_epochs", [2, 1])
+def test_a_checkpoint_with_no_epochs_left_is_refused_before_training(tmp_path, tiny_run, max_epochs):
+    """ckpt_path= of a finished 2-epoch run with trainer.max_epochs not above 2 would train zero epochs, test the other
+    run's weights and fail at the end (val/acc_best not logged, exit 2): refused at once, in one line."""
+    out = tmp_path / "run"
+    last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
+    cfg = train_config(out, tiny_run["data"], f"trainer.max_epochs={max_epochs}", f"ckpt_path={last}")
+    with pytest.raises(ResumeError, match=rf"ckpt_path=.*trainer.max_epochs={max_epochs} but the checkpoint has "):
+        train(cfg)
+    assert not (out / "checkpoints").exists()
+    check_files(train_config(out, tiny_run["data"], "trainer.max_epochs=3", f"ckpt_path={last}"))  # one epoch left
+
+
+def test_an_optimizer_state_from_an_older_torch_continues_the_same_optimizer(tmp_path, synthetic_dir):
+    """The resumed optimizer must be of the checkpoint's kind; torch adds settings over versions (Adam's
+    decoupled_weight_decay), so a checkpoint saved without one is still Adam (torch's load_state_dict accepts it).
+    Another kind is still refused: by its settings for a checkpoint without the class, by class where it has it."""
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    group = {k: v for k, v in adam.state_dict()["param_groups"][0].items() if k != "decoupled_weight_decay"}
+    older = {"optimizer_states": [{"state": {}, "param_groups": [group]}]}
+    cfg = train_config(tmp_path / "run", synthetic_dir, "optimizer=adam")
+    check_same_optimizer(older, cfg, "ckpt_path=old.ckpt")  # no ResumeError
+    adam.load_state_dict(older["optimizer_states"][0])  # what Lightning will do with it
+    sgd = train_config(tmp_path / "run", synthetic_dir, "optimizer=sgd")
+    with pytest.raises(ResumeError, match=r"optimizer=torch.optim.SGD is not the kind .* \(its settings: amsgrad, "):
+        check_same_optimizer(older, sgd, "ckpt_path=old.ckpt")
+    recorded = {**older, "optimizer_classes": ["torch.optim.adam.Adam"]}
+    check_same_optimizer(recorded, cfg, "ckpt_path=old.ckpt")
+    with pytest.raises(ResumeError, match=r"SGD is not the kind .* \(it was torch.optim.adam.Adam\)"):
+        check_same_optimizer(recorded, sgd, "ckpt_path=old.ckpt")

@@ -55,8 +55,12 @@ def test_the_real_train_folders_copies_stay_on_one_side(real_data_dir):
         }
         for cls, a, b in copies:
             assert side[(cls, a)] == side[(cls, b)], (kwargs, cls, a, b)
-        sizes = dm.split_groups
-        assert sizes["fit"]["groups"] < sizes["fit"]["images"] or sizes["val"]["groups"] < sizes["val"]["images"]
+        # each side counts a joined pair as one group: its images exceed its groups by the pairs on that side, and
+        # over both sides by all 5 the train folder has (the 3 copies above and 2 near-duplicate pairs)
+        joined = {s: dm.split_groups[s]["images"] - dm.split_groups[s]["groups"] for s in ("fit", "val")}
+        assert joined["fit"] + joined["val"] == 5, (kwargs, joined)
+        for s in ("fit", "val"):
+            assert joined[s] >= sum(side[(cls, a)] == s for cls, a, _ in copies), (kwargs, s, joined)
 
 
 def test_a_label_files_patients_stay_on_one_side(synthetic_dir, tmp_path):

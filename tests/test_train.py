@@ -566,3 +566,41 @@ def test_checkpoints_are_written_beside_their_place_and_renamed_into_it(tmp_path
     assert not list(elsewhere.iterdir())
     _, _, trainer = build(train_config(tmp_path / "built", synthetic_dir, "debug=fdr"))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_one_fit_image_per_class_trains_calibrates_and_reports(tmp_path):
+    """Two images per class split half and half: the fit still ends with a test report and a best.ckpt that carries
+    the detector and the sets (the Mahalanobis fit on one image per class used to raise LinAlgError: exit 1)."""
+    from chestxray.synthetic import make_dataset
+
+    data = tmp_path / "data"
+    make_dataset(data, {"train": 2, "test": 2}, size=48, seed=1)
+    out = tmp_path / "run"
+    train(train_config(out, data, "data.val_fraction=0.5", "data.batch_size=1", *CHEAP_REPORT))
+    state = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    assert bool(state["ood.fitted"]) and bool(state["conformal.fitted"])
+    assert (out / "metrics.json").is_file()
+
+
+def test_the_conformal_threshold_is_fitted_on_the_validation_splits_logits(tmp_path, synthetic_dir):
+    """best.ckpt's conformal threshold is the one of the validation split's calibrated probabilities, not of the
+    training images' (scripted to differ: tests.scripted.SplitAwareClassifier)."""
+    from hydra.utils import instantiate
+
+    from chestxray.models import ood
+    from tests.scripted import SplitAwareClassifier
+
+    out = tmp_path / "run"
+    target = "model._target_=tests.scripted.SplitAwareClassifier"
+    cfg = train_config(out, synthetic_dir, target, "trainer.max_epochs=1", "test=false", *CHEAP_REPORT)
+    train(cfg)
+    state = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    dm = instantiate(cfg.data)
+    dm.setup()
+    val, fit = dm.datasets["val"].labels, dm.datasets["train"].labels
+    logits = SplitAwareClassifier.scripted_logits(torch.arange(len(val)), 0)
+    expected = ood.conformal_min_prob((logits / state["temperature"]).softmax(1), val, 0.9)
+    train_logits = SplitAwareClassifier.scripted_logits(torch.arange(len(fit)), 1)
+    on_train = ood.conformal_min_prob((train_logits / state["temperature"]).softmax(1), fit, 0.9)
+    assert abs(expected - on_train) > 0.05  # the test can tell the two apart
+    assert float(state["conformal.min_prob"]) == pytest.approx(expected, abs=1e-5)

@@ -68,9 +68,15 @@ def train_transform() -> v2.Transform:
 
 def patient_of(path: Path, listed: str | None) -> str | None:
     """Whose image this is, for grouping only: a label file's patient column, else a DICOM file's PatientID as an
-    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it; only files that may be DICOM are opened);
+    opaque key (chestxray.data.dicom.patient_key: the ID never leaves it; DICOM by content, whatever the name);
     None for other files."""
     return listed if listed is not None else dicom.patient_key(path)
+
+
+def patients_of(paths: Sequence[Path], source: LabelledFiles) -> list[str | None]:
+    """patient_of for each decoded file of a set, with its label file's patient column where it has one."""
+    listed = dict(zip(source.paths, source.patients, strict=False))
+    return [patient_of(p, listed.get(p)) for p in paths]
 
 
 def split_size(positions: np.ndarray | None, groups: np.ndarray) -> dict[str, int]:
@@ -161,7 +167,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         self.settings = DecodeSettings(int(image_size), limits)
         self.datasets: dict[str, ImageDataset] = {}  # train, val
         self.test_sets: dict[str, ImageDataset] = {}  # test, then each evaluation set
-        self.leaking: dict[str, np.ndarray] = {}  # per test set: which images duplicate a train image
+        self.leaking: dict[str, np.ndarray] = {}  # per test set: images that duplicate a train image or its patient
         self.shared_with_test: dict[str, int] = {}  # per evaluation set: images the test folder has too
         self.split_groups: dict[str, dict[str, int]] = {}  # fit and val: images and groups (the test report says)
         self.skipped: list[BadImageError] = []
@@ -220,14 +226,15 @@ class ChestXrayDataModule(L.LightningDataModule):
         mode = self._store_mode(sources)
         sets = {name: self._readable(name, files, mode) for name, files in sources.items()}
         dropped, pairs = self._check_leakage(sets) if self.hparams.check_leakage else (np.zeros(0, np.int64), [])
+        patients = {name: patients_of(decoded.paths, sources[name]) for name, (decoded, _) in sets.items()}
         for name, (decoded, labels) in sets.items():
             if name != "train":
-                self.leaking.setdefault(name, np.zeros(len(labels), bool))
+                shared = self._mark_shared_patients(name, patients[name], patients["train"])
+                self.leaking[name] = self.leaking.get(name, np.zeros(len(labels), bool)) | shared
                 self.test_sets[name] = ImageDataset(decoded.paths, decoded.images, labels, leaking=self.leaking[name])
         decoded, labels = sets["train"]
         train = ImageDataset(decoded.paths, decoded.images, labels)
-        listed = dict(zip(sources["train"].paths, sources["train"].patients, strict=False))
-        groups = group_ids(len(labels), [patient_of(p, listed.get(p)) for p in decoded.paths], pairs)
+        groups = group_ids(len(labels), patients["train"], pairs)
         fit, val = self._split(labels, groups)
         # data.drop_leaking: the split is drawn over every train image first, so the other images keep their side
         # (and fold) whether the leaking copies are dropped or not: drop and no-drop runs validate on the same images
@@ -236,6 +243,22 @@ class ChestXrayDataModule(L.LightningDataModule):
         augment = train_transform() if self.hparams.augment else None
         self.datasets["train"] = train.subset(fit, augment)
         self.datasets["val"] = self.test_sets["test"] if val is None else train.subset(val)
+
+    @staticmethod
+    def _mark_shared_patients(name: str, patients: list[str | None], train: list[str | None]) -> np.ndarray:
+        """Which images of a test set are of a patient with train images: they leak as a shared image does (the
+        model has seen that patient's chest), so the leak-free numbers leave them out, whatever data.drop_leaking
+        says (it drops copies, not patients). One line with the counts; never the patients."""
+        known = {p for p in train if p is not None}
+        shared = np.array([p is not None and p in known for p in patients], dtype=bool)
+        if shared.any():
+            count = len({p for p, s in zip(patients, shared, strict=True) if s})
+            warnings.warn(
+                f"{name}: {int(shared.sum())} of its {len(patients)} images are of {count} patient(s) who also have "
+                "train images: counted as leaking (left out of the leak-free numbers)",
+                stacklevel=3,
+            )
+        return shared
 
     def _readable(self, name: str, files: LabelledFiles, mode: str) -> tuple[DecodedImages, list[int]]:
         """Decoded images of a set and the labels of its readable files; bad files reported per the setting."""

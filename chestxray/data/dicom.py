@@ -225,8 +225,9 @@ def patient_key(path: str | os.PathLike, salt: bytes | None = None) -> str | Non
 
 
 def may_be_dicom(path: str | os.PathLike) -> bool:
-    """Whether a file is worth reading 132 bytes of: a DICOM extension, none, or a numeric one (files named by their
-    UID, 1.2.840...). A .png, .jpeg or .tif is never opened to look for a DICOM header."""
+    """Whether listing a folder should read 132 bytes of a file it would otherwise skip: a DICOM extension, none, or
+    a numeric one (files named by their UID, 1.2.840...). Only for listing: whether a listed file IS DICOM is decided
+    by its content everywhere (has_preamble: the decoder, header, patient_key), whatever its name says."""
     suffix = Path(path).suffix
     return suffix.lower() in DICOM_SUFFIXES or suffix == "" or suffix[1:].isdigit()
 
@@ -234,9 +235,10 @@ def may_be_dicom(path: str | os.PathLike) -> bool:
 def header(path: str | os.PathLike, tags: list[str]):
     """The named elements of a DICOM file's header (the pixel data is never read), or None if the file is not DICOM
     or its header cannot be read (the decoder names the file and the reason when the image itself is read).
-    pydicom's warnings are dropped: they can quote header values."""
-    if not may_be_dicom(path):
-        return None
+    pydicom's warnings are dropped: they can quote header values.
+
+    Decided by content as the decoder decides (the 'DICM' magic at offset 128), not by name: a DICOM file named .png
+    is decoded as DICOM, so it gets its patient key and tags too."""
     import pydicom
 
     try:

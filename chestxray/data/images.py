@@ -5,9 +5,11 @@ TIFF or a DICOM file (not just named like one), and its header must declare a si
 30,000 PNG of 1 MB would otherwise take 4.5 GB to decode). JPEG and TIFF orientation is applied, as `cv2.imread`
 does. DICOM goes through chestxray.data.dicom (modality and VOI LUTs, MONOCHROME1, BitsStored) to the same uint8.
 
-16-bit PNG and TIFF are scaled by their significant bits: the PNG sBIT chunk or the TIFF MaxSampleValue tag where
-the file declares them, else the fewest bits (8 to 16) that hold the image's greatest value. A 12-bit image stored
-in 16 bits (values up to 4095) is therefore scaled by 255/4095, not 255/65535 (nearly black).
+16-bit PNG and TIFF are scaled by their significant bits (sample_depth has the rule): full range where the samples
+carry the PNG specification's bit replication (a b-bit source scaled to 16 bits), else the PNG sBIT chunk or the
+TIFF MaxSampleValue tag where the file declares them, else the smallest detector depth (8, 10, 12, 14 or 16 bits)
+that holds the image's greatest value. A 12-bit image stored unscaled in 16 bits (values up to 4095) is therefore
+scaled by 255/4095, not 255/65535 (nearly black).
 """
 
 from __future__ import annotations
@@ -245,18 +247,62 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image if flip is None else cv2.flip(image, flip)
 
 
-def significant_top(image: np.ndarray, declared: int | None = None) -> int:
-    """The value that becomes 255 in a 16-bit image: the declared greatest value (PNG sBIT, TIFF MaxSampleValue)
-    when the pixels keep to it, else 2^b - 1 for the fewest bits b (8 to 16) that hold the greatest pixel.
+# The depths detectors store radiographs at: a 16-bit file without a declared depth whose samples are not the PNG
+# specification's scaling is taken to hold the smallest of these that fits its greatest value.
+STANDARD_DEPTHS = (8, 10, 12, 14, 16)
 
-    A PNG whose pixels exceed its sBIT was scaled to the full 16 bits as the PNG specification says; the greatest
-    pixel then needs 16 bits and the rule gives 65535, the scaling that file expects.
+
+def replicate(top_bits: np.ndarray, bits: int) -> np.ndarray:
+    """`bits`-bit values scaled to 16 bits as the PNG specification recommends: shifted left, with their own top bits
+    repeated into the low bits (so 0 stays 0 and 2^bits - 1 becomes 65535)."""
+    top_bits = top_bits.astype(np.int64)
+    out = np.zeros_like(top_bits)
+    for shift in range(16 - bits, -bits, -bits):
+        out |= top_bits << shift if shift >= 0 else top_bits >> -shift
+    return out
+
+
+def replicated_bits(image: np.ndarray) -> int | None:
+    """The smallest depth b (1 to 15) whose scaling to 16 bits (replicate) gives every sample of a 16-bit image, or
+    None. A b-bit source scaled as the PNG specification says carries its own top bits again in its low bits: every
+    sample v is replicate(v >> (16 - b), b). Samples that are all 0 say nothing (None)."""
+    values = np.flatnonzero(np.bincount(image.ravel(), minlength=65536))
+    if values.size == 0 or values[-1] == 0:
+        return None
+    for bits in range(1, 16):
+        if np.array_equal(replicate(values >> (16 - bits), bits), values):
+            return bits
+    return None
+
+
+def sample_depth(image: np.ndarray, declared: int | None = None) -> tuple[int, int]:
+    """(top, bits) of a 16-bit image: the value that becomes 255, and the significant bits of its source.
+
+    The rule, in order (the colour channels only; alpha is always a fraction of 65535):
+    1. Samples scaled to 16 bits as the PNG specification says (every sample is its top b bits replicated into its
+       low bits, replicated_bits) are full-range: top 65535, whatever sBIT or the brightest pixel say; the source
+       had b bits. A dark 12-bit image scaled so is 16x too bright when read as 12 bits.
+    2. Else a declared greatest value (PNG sBIT, TIFF MaxSampleValue) that the pixels keep to: top = declared.
+       (Pixels above it: the file was scaled to 16 bits in some other way; rule 3 then gives 65535.)
+    3. Else, without a declaration: the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that
+       holds the greatest pixel: top 2^b - 1. Samples stored unscaled, as many radiograph exports do, get their
+       detector's range, and one pixel more or less does not change the image's brightness except where it proves
+       the larger depth (4096 cannot be a 12-bit value).
     """
     colour = image if image.ndim == 2 or image.shape[2] < 4 else image[:, :, :3]
     greatest = int(colour.max()) if colour.size else 0
+    bits = replicated_bits(colour)
+    if bits is not None:
+        return 65535, bits
     if declared and 0 < greatest <= declared:
-        return declared
-    return 2 ** max(8, greatest.bit_length()) - 1
+        return declared, declared.bit_length()
+    bits = next(b for b in STANDARD_DEPTHS if greatest < 2**b)
+    return 2**bits - 1, bits
+
+
+def significant_top(image: np.ndarray, declared: int | None = None) -> int:
+    """The value that becomes 255 in a 16-bit image (sample_depth's rule)."""
+    return sample_depth(image, declared)[0]
 
 
 def to_rgb8(image: np.ndarray, declared: int | None = None) -> np.ndarray:
@@ -333,7 +379,7 @@ def _decode_opencv(data: bytes, path: str | os.PathLike, header: Header, target:
         image = apply_orientation(image, header.orientation)
         channels = 1 if image.ndim == 2 else image.shape[2]
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
-        bits = 8 if image.dtype == np.uint8 else (header.top or 65535).bit_length()
+        bits = 8 if image.dtype == np.uint8 else sample_depth(image, header.top)[1]
         return Decoded(to_rgb8(image, header.top), header, mode, bits)
 
 

@@ -29,6 +29,13 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 from torchmetrics.functional.classification.calibration_error import _binning_bucketize
 
+# Said wherever a coverage guarantee is claimed (the report's printout, training's log of the fit): the validation
+# split does four jobs, so the guarantee holds for images exchangeable with it and is optimistic even for those.
+COVERAGE_CAVEAT = (
+    "the same validation images pick the best epoch, fit the temperature, set the detector thresholds and calibrate "
+    "the sets, so the coverage is a guarantee only for images exchangeable with them, and optimistic"
+)
+
 # What every stage logs, as <stage>/<name>: train/acc, val/loss, test/acc, eval/<set>/loss, ... Every logged name is
 # spelt by metric_name() from these; conf/ names VAL_ACC and BEST too, which tests/test_config.py checks.
 ACC, LOSS = "acc", "loss"

@@ -116,6 +116,7 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
             f"{target} prediction sets (guarantee from {n} validation images): {covered} covered, mean size "
             f"{sets['mean_set_size']:.2f}"
         )
+        lines.append(f"  caveat: {metrics.COVERAGE_CAVEAT}")
     if not lines:
         lines.append("no out-of-distribution detector or prediction sets: the checkpoint carries no fit")
     return lines
@@ -130,7 +131,7 @@ class Evaluation:
     paths: list[Path]
     labels: np.ndarray
     probs: np.ndarray  # what the model answers (calibrated, when it is)
-    leaking: np.ndarray  # duplicates of a train image (near-duplicate or identical), per the leakage check
+    leaking: np.ndarray  # duplicates of a train image (near-duplicate or identical), or of a patient with train images
     numbers: dict | None = None  # {"all", "leak_free", "uncalibrated"} from the module's metric collections
     raw_probs: np.ndarray | None = None  # before temperature scaling, when the model was calibrated
     temperature: float | None = None  # the fitted temperature, when the model was calibrated

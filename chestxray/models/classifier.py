@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
+def optimizer_class(optimizer: torch.optim.Optimizer) -> str:
+    """An optimizer's class as a dotted name (torch.optim.adam.Adam): what a checkpoint records of it."""
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
 @dataclass
 class TestResult:
     """One evaluated set after trainer.test: the collections' numbers and each image's probabilities."""
@@ -137,6 +142,13 @@ class ChestXrayClassifier(L.LightningModule):
         for module in self.frozen:
             module.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The optimizers' classes by name, which a run continuing this checkpoint must use too
+        (chestxray.training.fit.check_same_optimizer): the names of an optimizer's settings change over torch
+        versions, its class does not."""
+        if self._trainer is not None and self.trainer.optimizers:
+            checkpoint["optimizer_classes"] = [optimizer_class(o) for o in self.trainer.optimizers]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints written before temperature scaling existed load as uncalibrated (T = 1); before detectors and

@@ -39,7 +39,10 @@ adapts the set size to the image but is larger on average and needs randomisatio
 whose calibrated probability is at least 1 - q, where q is the ceil((n+1)(1 - alpha))-th smallest validation score,
 plus the predicted class (so never empty; this only adds coverage). The guarantee is marginal and rests on the
 validation and new images being exchangeable: it says nothing for images outside the distribution, and with n
-validation images the achieved coverage varies around the target by about sqrt(alpha(1-alpha)/n).
+validation images the achieved coverage varies around the target by about sqrt(alpha(1-alpha)/n). And the same
+validation images pick the best epoch, fit the temperature, set the detector thresholds and calibrate the sets
+(evaluation.metrics.COVERAGE_CAVEAT, said wherever the coverage is claimed): the guarantee holds only for images
+exchangeable with them, and is optimistic.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from sklearn.covariance import ledoit_wolf
 from torch import nn
 
 from chestxray.errors import ConfigError
+from chestxray.evaluation.metrics import COVERAGE_CAVEAT
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +218,17 @@ def prediction_sets(probs: torch.Tensor, min_prob: torch.Tensor) -> torch.Tensor
 
 
 def fit_gaussian(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means (of the classes present) and the precision of the shared Ledoit-Wolf-shrunk covariance."""
+    """Class means (of the classes present) and the precision of the shared Ledoit-Wolf-shrunk covariance.
+
+    The precision is the pseudo-inverse: shrinkage makes the covariance invertible whenever the images spread at all
+    within their classes, but with one image per class (a tiny split) the centred features are all zero and so is
+    the shrunk covariance; its pseudo-inverse (zero) makes every Mahalanobis score 0 instead of crashing the fit."""
     x, y = features.double().numpy(), labels.numpy()
     present = np.unique(y)
     means = np.stack([x[y == c].mean(0) for c in present])
     centred = x - means[np.searchsorted(present, y)]
     covariance, _ = ledoit_wolf(centred, assume_centered=True)
-    precision = np.linalg.inv(covariance)
+    precision = np.linalg.pinv(covariance, hermitian=True)
     return torch.from_numpy(means).float(), torch.from_numpy(precision).float()
 
 
@@ -275,6 +283,12 @@ class Fit:
     coverage: float
     validation_coverage: float  # in-sample: at least the target by construction
     n_reference: int  # images the detectors' statistics come from
+    passed: tuple[float, ...] = ()  # per detector (DETECTORS order): the share of validation images that pass
+
+    def passed_share(self, detector: str) -> float:
+        """The share of the validation images that the fitted threshold of `detector` actually lets through: at
+        least pass_rate (the 'higher' quantile; ties can add more), NaN where the detector has no score."""
+        return self.passed[DETECTORS.index(detector)] if self.passed else float("nan")
 
 
 def fit(
@@ -302,6 +316,12 @@ def fit(
     else:
         ref_pooled, ref_layers, ref_labels = pooled, layers, labels
     means, precision = fit_gaussian(ref_pooled, ref_labels)  # the classes present (a tiny split may lack one)
+    if not precision.any():
+        log.warning(
+            "mahalanobis not fitted: its %d reference images do not vary within their classes (one image per class), "
+            "so there is no covariance to fit; it scores every image 0 (the other detectors are fitted)",
+            len(ref_pooled),
+        )
     keep = torch.randperm(len(ref_pooled), generator=torch.Generator().manual_seed(0))[:MAX_BANK].sort().values
     bank, layer_banks = unit(ref_pooled[keep]), [unit(layer[keep]) for layer in ref_layers]
     if ref_pooled is pooled:
@@ -322,6 +342,13 @@ def fit(
     )
     thresholds = torch.quantile(validation.double(), pass_rate, dim=0, interpolation="higher").float()
     min_prob = conformal_min_prob(probs, labels, coverage)
+    if math.ceil((len(labels) + 1) * coverage) > len(labels):
+        log.warning(
+            "prediction sets not calibrated: %d validation images are too few for %.0f%% coverage (the rank "
+            "ceil((n+1) coverage) exceeds n); every set holds every class",
+            len(labels),
+            100 * coverage,
+        )
     sets = prediction_sets(probs, torch.tensor(min_prob))
     n = torch.tensor(len(labels))
     state = {
@@ -340,7 +367,9 @@ def fit(
         "conformal.n_fit": n,
     }
     covered = float(sets[torch.arange(len(labels)), labels].double().mean())
-    return Fit(state, len(labels), pass_rate, coverage, covered, len(ref_pooled))
+    scored = ~torch.isnan(validation).all(0)
+    passed = torch.where(scored, (validation <= thresholds).double().mean(0), torch.nan)
+    return Fit(state, len(labels), pass_rate, coverage, covered, len(ref_pooled), tuple(passed.tolist()))
 
 
 def log_fit(result: Fit | None, detector: str, where: str) -> None:
@@ -349,14 +378,16 @@ def log_fit(result: Fit | None, detector: str, where: str) -> None:
         return
     log.info(
         "out-of-distribution detector %s (statistics of %d images) and prediction sets fitted on %d validation "
-        "images: %.0f%% of them pass; sets aim at %.0f%% coverage (%.0f%% on the validation images themselves) "
-        "(saved in %s)",
+        "images: %.0f%% of them pass (target %.0f%%); sets aim at %.0f%% coverage (%.0f%% on the validation images "
+        "themselves; caveat: %s) (saved in %s)",
         detector,
         result.n_reference,
         result.n,
+        100 * result.passed_share(detector),
         100 * result.pass_rate,
         100 * result.coverage,
         100 * result.validation_coverage,
+        COVERAGE_CAVEAT,
         where,
     )
 

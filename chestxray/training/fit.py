@@ -25,6 +25,7 @@ from chestxray.evaluation import metrics
 from chestxray.models import ood
 from chestxray.models.calibration import identifiable_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
+from chestxray.models.classifier import optimizer_class
 from chestxray.runtime.console import shown, tidy_lightning_output
 from chestxray.runtime.distributed import gather_by_index
 from chestxray.runtime.files import atomic_write
@@ -68,6 +69,7 @@ def check_files(cfg: DictConfig) -> None:
         where = f"resume={cfg.paths.output_dir}" if continues_this_run(cfg) else f"ckpt_path={cfg.ckpt_path}"
         check_fits(checkpoint, cfg, where)
         check_same_optimizer(checkpoint, cfg, where)
+        check_epochs_left(checkpoint, cfg, where)
 
 
 def continues_this_run(cfg: DictConfig) -> bool:
@@ -77,21 +79,53 @@ def continues_this_run(cfg: DictConfig) -> bool:
     return bool(ckpt) and Path(ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve())
 
 
+def epochs_trained(checkpoint: dict) -> int | None:
+    """The epochs a checkpoint has finished: its fit loop's processed epochs (a checkpoint written at the end of an
+    epoch is saved before Lightning counts that epoch completed, and one written mid-epoch has not finished it).
+    None for a checkpoint without the loop's state."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_epochs_left(checkpoint: dict, cfg: DictConfig, where: str) -> None:
+    """Lightning continues a checkpoint from its epoch count up to trainer.max_epochs: with no epoch left it trains
+    none, warns, tests the checkpoint's weights and fails at the end on a val/acc_best it never logged. Refused
+    here, before any image is decoded."""
+    done, max_epochs = epochs_trained(checkpoint), cfg.trainer.get("max_epochs")
+    if done is None or max_epochs is None or max_epochs < 0:  # -1: no limit on epochs
+        return
+    if max_epochs <= done:
+        raise ResumeError(
+            f"{where}: trainer.max_epochs={max_epochs} but the checkpoint has already trained {done} epochs, so "
+            f"there is nothing left to train; set trainer.max_epochs above {done}"
+        )
+
+
 def check_same_optimizer(checkpoint: dict, cfg: DictConfig, where: str) -> None:
     """A checkpoint's optimizer state (momentum buffers, Adam's moments) continues only the same kind of optimizer:
-    its settings (optimizer.lr, ...) may change, its kind may not. Compared by the names of the settings each kind
-    has, so no optimizer class is imported from the checkpoint."""
+    its settings (optimizer.lr, ...) may change, its kind may not.
+
+    Compared by class name where the checkpoint records it (ChestXrayClassifier.on_save_checkpoint), so no optimizer
+    class is imported from the checkpoint. Older checkpoints are compared by the names of their settings, which must
+    all be settings of the configured optimizer: torch adds settings over versions (Adam's decoupled_weight_decay),
+    so a checkpoint from an older torch lacks some, which load_state_dict accepts."""
     saved = checkpoint.get("optimizer_states") or []
     if not saved or not saved[0].get("param_groups"):
         return
-    have = set(saved[0]["param_groups"][0]) - {"params", "initial_lr"}
     probe = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
-    want = set(probe.param_groups[0]) - {"params"}
-    if have != want:
+    have = set(saved[0]["param_groups"][0]) - {"params", "initial_lr"}
+    classes = checkpoint.get("optimizer_classes")
+    if classes:
+        same, what = classes[0] == optimizer_class(probe), f"it was {classes[0]}"
+    else:
+        same, what = have <= set(probe.param_groups[0]) - {"params"}, f"its settings: {', '.join(sorted(have))}"
+    if not same:
         raise ResumeError(
             f"{where}: optimizer={cfg.optimizer._target_} is not the kind of optimizer the checkpoint was trained with "
-            f"(its settings: {', '.join(sorted(have))}): its state cannot continue another kind; keep that optimizer "
-            "(its settings may change), or start a new run without the checkpoint"
+            f"({what}): its state cannot continue another kind; keep that optimizer (its settings may change), or "
+            "start a new run without the checkpoint"
         )
 
 
