@@ -3,6 +3,7 @@ test the best epoch; keep the reported numbers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from chestxray import settings
 from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
-from chestxray.models import ood
+from chestxray.models import ood, selection
 from chestxray.models.calibration import identifiable_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.runtime.console import shown, tidy_lightning_output
@@ -265,13 +266,17 @@ def calibrate(
     uncertainty = ood.fit(
         logits, features, labels, temperature, model.pass_rate, model.coverage, reference, detector=model.ood
     )
+    accepting = fit_acceptance(model, logits, features, labels, temperature, uncertainty)
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
         checkpoint["state_dict"]["calibrated"] = torch.tensor(fitted)
         checkpoint["state_dict"].update(uncertainty.state if uncertainty else {})
+        checkpoint["state_dict"].update(accepting[0] if accepting else {})
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, best)  # as Lightning wrote it: whole or not at all
         ood.log_fit(uncertainty, model.ood_detector, best)
+        if accepting:
+            log.info("%s (saved in %s)", selection.certificate_text(accepting[1]), best)
     if trainer.is_global_zero and fitted:
         log.info(
             "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
@@ -283,6 +288,28 @@ def calibrate(
         )
     trainer.strategy.barrier()
     return temperature
+
+
+def fit_acceptance(model, logits, features, labels, temperature: float, uncertainty: ood.Fit | None):
+    """The acceptance threshold (chestxray.models.selection) of the validation images, with the detector just fitted
+    deciding which of them are in distribution; None without a detector fit (fewer than 2 validation images)."""
+    if uncertainty is None:
+        return None
+    margin = detector_margin(model, logits, features, temperature, uncertainty.state)
+    probs = (logits.float() / temperature).softmax(1).numpy()
+    return selection.fit(probs, np.asarray(labels), margin, model.hparams.get("selective"))
+
+
+def detector_margin(model, logits, features, temperature: float, state: dict) -> np.ndarray:
+    """The chosen detector's score minus its threshold for these images, with the statistics of `state` (a fit's
+    "ood." entries): what predict.py would give them."""
+    detector = copy.deepcopy(model.ood).cpu()
+    fitted = {k.removeprefix("ood."): v for k, v in state.items() if k.startswith("ood.")}
+    ood.take_shapes(detector, fitted)
+    detector.load_state_dict(fitted)
+    scores = ood.all_scores(logits.float().cpu(), torch.tensor(temperature), features.float().cpu(), detector)
+    k = ood.DETECTORS.index(model.ood_detector)
+    return (scores[:, k] - detector.thresholds[k]).double().numpy()
 
 
 def ood_reference_loader(datamodule):
