@@ -149,3 +149,25 @@ def test_too_few_images_of_a_class_are_refused_in_one_line_with_exit_2(tiny_run,
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "AdaptError" in line]
     assert len(lines) == 1 and "Covid has 2 image(s)" in lines[0] and "min_per_class=3" in lines[0]
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_network_weights_only(tiny_run, tmp_path):
+    from chestxray.errors import CheckpointError, ConfigError
+    from chestxray.training.fit import instantiate_model
+    from tests.conftest import train_config
+
+    saved = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    cfg = train_config(tmp_path / "run", tiny_run["data"], f"model.init_from={tiny_run['ckpt']}")
+    model = instantiate_model(cfg)
+    fresh = instantiate_model(train_config(tmp_path / "run2", tiny_run["data"]))
+    for key, value in model.state_dict().items():
+        if key.startswith("net."):
+            assert torch.equal(value, saved[key]), key
+    head = "net.classifier.4.weight"
+    assert not torch.equal(fresh.state_dict()[head], saved[head])  # without it, a new initialisation
+    assert "init_from" not in model.hparams and cfg.model.init_from == str(tiny_run["ckpt"])
+    with pytest.raises(CheckpointError, match="model.init_from=.*file not found"):
+        instantiate_model(train_config(tmp_path / "r3", tiny_run["data"], f"model.init_from={tmp_path}/none.ckpt"))
+    with pytest.raises(ConfigError, match="pick one"):
+        both = [f"model.init_from={tiny_run['ckpt']}", f"ckpt_path={tiny_run['ckpt']}"]
+        instantiate_model(train_config(tmp_path / "r4", tiny_run["data"], *both))

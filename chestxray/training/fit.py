@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from chestxray import settings
 from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
@@ -144,7 +144,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if cfg.model.get("cache_features") and cfg.data.get("augment"):
         raise ConfigError("model.cache_features=true computes features once, so it needs data.augment=false")
     datamodule = _instantiate(cfg.data)
-    model = _instantiate(cfg.model)
+    model = instantiate_model(cfg)
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
     best_checkpoint_callback(callbacks)  # refused now, before any image is decoded
@@ -154,6 +154,40 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
     return datamodule, model, trainer
+
+
+def instantiate_model(cfg: DictConfig) -> L.LightningModule:
+    """The model group's classifier; with model.init_from=FILE, its network's weights are that checkpoint's (read
+    with weights_only): a new run from them, with a fresh optimizer, epoch count and records (unlike ckpt_path=).
+    init_from is not a hyper-parameter of the classifier: its checkpoints do not need the file to load."""
+    init_from = cfg.model.get("init_from")
+    if init_from and cfg.get("ckpt_path"):
+        raise ConfigError("model.init_from and ckpt_path: pick one (weights only, or weights, optimizer and epoch)")
+    with open_dict(cfg):
+        cfg.model.pop("init_from", None)
+    try:
+        model = _instantiate(cfg.model)
+    finally:
+        with open_dict(cfg):
+            cfg.model["init_from"] = init_from
+    if init_from:
+        load_weights(model, init_from)
+    return model
+
+
+def load_weights(model: L.LightningModule, path: str) -> None:
+    """The network's weights (net.*) of a checkpoint, which must have the same backbone and classes."""
+    state = read_checkpoint(path, "model.init_from")["state_dict"]
+    weights = {k: v for k, v in state.items() if k.startswith("net.")}
+    mine = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
+    differ = [k for k in mine if k not in weights or weights[k].shape != mine[k].shape]
+    if differ or not weights:
+        raise ConfigError(
+            f"model.init_from={path}: its network does not fit this model (e.g. {differ[0] if differ else 'no net.*'}"
+            "): the same model.backbone and data.classes are needed"
+        )
+    model.load_state_dict(weights, strict=False)
+    log.info("network weights from %s (model.init_from): a new run, with a fresh optimizer and epoch count", path)
 
 
 def train(cfg: DictConfig) -> float | None:
