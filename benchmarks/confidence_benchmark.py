@@ -69,7 +69,8 @@ def validation_images(ckpt: Path, model) -> tuple[torch.Tensor, np.ndarray] | No
         return None
     data = OmegaConf.load(config).data
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"report_dir": tmp, "check_leakage": False, "store": "memory", "eval_sets": {}, "download": False}
+        # with the leakage check, as the run: it groups near-duplicates, and so decides the split
+        overrides = {"report_dir": tmp, "store": "memory", "eval_sets": {}, "download": False}
         data = OmegaConf.merge(data, overrides)
         data.seed = OmegaConf.load(config).seed
         datamodule = instantiate(data)
@@ -103,7 +104,7 @@ def candidates(model, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.n
         "doctor": selective.doctor(probs),
         "neg_energy": selective.neg_energy(calibrated),
         "minus ood_score": -margin,
-        "max_probability, flagged last": np.where(passes, msp, msp - 1.0),
+        "max_probability_gated (flagged last)": np.where(passes, msp, msp - 1.0),
     }
     return scores, probs.argmax(1), ~passes
 

@@ -41,7 +41,7 @@ def test_the_threshold_accepts_in_distribution_confident_answers_only():
     state, certificate = selection.fit(probs, labels, margin, {"risk": 0.1, "delta": 0.1})
     assert certificate.accepts_any and certificate.bound <= 0.1
     chosen = selection.select([fake_model(state)], probs, margin)
-    confidence = probs.max(1)
+    confidence = probs.max(1) - (margin > 0)
     assert np.array_equal(chosen.accepted, (margin <= 0) & (confidence >= certificate.threshold))
     assert not chosen.accepted[margin > 0].any()  # flagged answers are never accepted, however confident
     assert (chosen.accepted & (probs.argmax(1) != labels)).mean() / chosen.accepted.mean() <= 0.1
@@ -74,6 +74,15 @@ def test_settings_are_checked():
     with pytest.raises(ConfigError, match="model.selective.confidence"):
         selection.check_settings({"confidence": "energy"})
     assert selection.check_settings({"confidence": "doctor"}) == ("doctor", 0.1, 0.1)
+    assert selection.check_settings({})[0] == "max_probability_gated"
+
+
+def test_the_gated_confidence_ranks_every_flagged_answer_below_every_passed_one():
+    probs = np.array([[0.99, 0.005, 0.005], [0.5, 0.3, 0.2], [0.9, 0.05, 0.05]])
+    margin = np.array([2.0, -1.0, np.nan])  # flagged, passed, no detector
+    gated = selection.confidence_of(probs, "max_probability_gated", margin)
+    assert np.allclose(gated, [-0.01, 0.5, 0.9]) and gated[0] < gated[1]
+    assert np.allclose(selection.confidence_of(probs, "max_probability", margin), [0.99, 0.5, 0.9])
 
 
 def test_training_fits_the_threshold_into_the_checkpoint_and_old_checkpoints_load_without_it(
@@ -102,7 +111,9 @@ def test_predict_writes_confidence_and_accepted_and_reports_them_with_the_alarm(
         rows = list(csv.DictReader(fh))
     assert all(r["confidence"] and r["accepted"] in ("0", "1") for r in rows)
     probs = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in rows])
-    assert np.allclose([float(r["confidence"]) for r in rows], probs.max(1), atol=1e-5)  # max_probability
+    flagged = np.array([r["in_distribution"] == "0" for r in rows])
+    expected = probs.max(1) - flagged  # max_probability_gated: flagged answers lowered by 1
+    assert np.allclose([float(r["confidence"]) for r in rows], expected, atol=1e-5)
     accepted = np.array([r["accepted"] == "1" for r in rows])
     assert not accepted[np.array([r["in_distribution"] == "0" for r in rows])].any()
     report = json.loads((out / "metrics.json").read_text())["uncertainty"]
