@@ -155,7 +155,7 @@ def selective_text(numbers: dict) -> str:
         return (
             f"accepted: none: the {numbers['calibration_images']} calibration images could not certify {target} (the "
             f"best they certify is {100 * numbers['best_certifiable_risk']:.0f}%"
-            + (f"; roughly {needed} would be needed" if needed else "")
+            + (f"; roughly {needed} accepted answers at the lowest error rate seen would be needed" if needed else "")
             + f"){ranking}"
         )
     if not k:

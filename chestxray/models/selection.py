@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # 0.68 on actualmed-site), and in distribution, where few are flagged, it is the probability itself.
 CONFIDENCE_KINDS = ("max_probability_gated", "max_probability", "margin", "doctor")
 DEFAULT_CONFIDENCE = "max_probability_gated"
+# certify()'s `needed`: accepted answers, at the lowest error rate among the thresholds it tested, that would certify
+# the risk; calibration images needed are more (only a share of them is accepted)
+NEEDED = "; roughly {} accepted answers at the lowest error rate seen would be needed"
 DEFAULTS = {"confidence": DEFAULT_CONFIDENCE, "risk": 0.1, "delta": 0.1}
 
 
@@ -104,7 +107,7 @@ def certificate_text(certificate: selective.Certificate) -> str:
             f"acceptance threshold {certificate.threshold:.4f} on {certificate.images} calibration images: accepts "
             f"{certificate.accepted} ({certificate.errors} wrong), certified {target} (bound {certificate.bound:.3f})"
         )
-    needed = f"; roughly {certificate.needed} images would be needed" if certificate.needed else ""
+    needed = NEEDED.format(certificate.needed) if certificate.needed else ""
     return (
         f"no acceptance threshold: {certificate.images} calibration images cannot certify {target} (the best they "
         f"certify is {certificate.best_bound:.3f}){needed}; no answer is accepted"

@@ -483,7 +483,7 @@ def what_it_tells(report: dict) -> list[str]:
         lines.append(
             f"Accepting answers at an error of at most {acceptance['risk']:.0%} cannot be certified from {n} images "
             f"(the best they certify is {acceptance['best_bound']:.0%})"
-            + (f"; roughly {needed} images would be needed at this error rate" if needed else "")
+            + (selection.NEEDED.format(needed) if needed else "")
             + ": the adapted checkpoint accepts no answer."
         )
     return lines
