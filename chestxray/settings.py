@@ -177,6 +177,19 @@ PREDICT_RULES = [
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
 ]
+ADAPT_RULES = [
+    _int("folds", 2),
+    _int("min_per_class", 2),
+    _bool("finetune"),
+    _number("finetune_level", 0, 1, low_open=True, high_open=True),
+    _int("max_training_images", 0),
+    _int("epochs", 1),
+    _number("lr", 0, low_open=True),
+    _number("weight_decay", 0),
+    _int("seed", 0, 2**32 - 1),
+    _int("max_pixels", 1),
+    _int("min_image_side", 1),
+]
 ROBUSTNESS_RULES = [
     _int("max_pixels", 1),
     _int("min_image_side", 1),

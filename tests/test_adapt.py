@@ -171,3 +171,13 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_network_weights_only(tiny
     with pytest.raises(ConfigError, match="pick one"):
         both = [f"model.init_from={tiny_run['ckpt']}", f"ckpt_path={tiny_run['ckpt']}"]
         instantiate_model(train_config(tmp_path / "r4", tiny_run["data"], *both))
+
+
+def test_adapt_settings_out_of_range_are_refused_naming_the_setting(tmp_path):
+    from chestxray import settings
+    from chestxray.errors import ConfigError
+
+    for override, name in (("folds=1", "folds"), ("finetune_level=1.5", "finetune_level"), ("epochs=0", "epochs")):
+        cfg = compose_config("adapt", ["ckpt=x.ckpt", "site=y", f"paths.output_dir={tmp_path}", override])
+        with pytest.raises(ConfigError, match=rf"^{name}="):
+            settings.check(cfg, settings.ADAPT_RULES)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest
 from sklearn.model_selection import StratifiedGroupKFold
 
+from chestxray import settings
 from chestxray.data.images import BadImageError, ImageLimits, load_image
 from chestxray.data.sources import find_inputs
 from chestxray.errors import AdaptError
@@ -310,6 +311,7 @@ def adapt(cfg: DictConfig) -> dict:
     for key in ("ckpt", "site"):
         if OmegaConf.is_missing(cfg, key):
             raise AdaptError(f"{key}= is required: python adapt.py ckpt=CHECKPOINT site=FOLDER")
+    settings.check(cfg, settings.ADAPT_RULES)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.ckpt)
