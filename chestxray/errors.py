@@ -40,6 +40,10 @@ class PredictError(UserError):
     """A reason predict.py cannot produce any prediction."""
 
 
+class AdaptError(UserError):
+    """adapt.py cannot adapt to the site's images (too few per class, no labels): names the folder and the class."""
+
+
 class MissingExtraError(UserError):
     """An optional feature whose packages are not installed: names the extra that brings them."""
 

@@ -21,6 +21,7 @@ from chestxray.data.preprocess import PREPROCESS
 from chestxray.errors import ConfigError
 from chestxray.models.backbones import BACKBONES, XRV_WEIGHTS
 from chestxray.models.ood import DETECTORS
+from chestxray.models.selection import CONFIDENCE_KINDS
 
 
 def _lightning_precisions() -> tuple[str, ...]:
@@ -138,6 +139,9 @@ TRAIN_RULES = [
     _choice("model.ood.detector", DETECTORS),
     _number("model.ood.pass_rate", 0, 1, low_open=True, high_open=True),
     _number("model.conformal.coverage", 0, 1, low_open=True, high_open=True),
+    _choice("model.selective.confidence", CONFIDENCE_KINDS),
+    _number("model.selective.risk", 0, 1, low_open=True, high_open=True),
+    _number("model.selective.delta", 0, 1, low_open=True, high_open=True),
     _number("optimizer.lr", 0, low_open=True),
     _number("optimizer.weight_decay", 0),
     _number("optimizer.momentum", 0, 1, high_open=True),
@@ -172,6 +176,19 @@ PREDICT_RULES = [
     _int("report.seed", 0, 2**32 - 1),
     _int("report.gallery_tiles", 0),
     _int("report.gradcam_tiles", 0),
+]
+ADAPT_RULES = [
+    _int("folds", 2),
+    _int("min_per_class", 2),
+    _bool("finetune"),
+    _number("finetune_level", 0, 1, low_open=True, high_open=True),
+    _int("max_training_images", 0),
+    _int("epochs", 1),
+    _number("lr", 0, low_open=True),
+    _number("weight_decay", 0),
+    _int("seed", 0, 2**32 - 1),
+    _int("max_pixels", 1),
+    _int("min_image_side", 1),
 ]
 ROBUSTNESS_RULES = [
     _int("max_pixels", 1),

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from chestxray import settings
 from chestxray.errors import ConfigError
-from chestxray.training.fit import instantiate_callbacks
+from chestxray.training.fit import instantiate_callbacks, instantiate_model
 from chestxray.training.loggers import instantiate_loggers
 from tests.conftest import CONF, ROOT, compose_config, run_script
 
@@ -59,7 +59,7 @@ def _build(cfg, built_models: dict) -> None:
     optimizer_cfg, scheduler_cfg = network.pop("optimizer"), network.pop("scheduler")
     key = json.dumps(network, sort_keys=True)
     if key not in built_models:  # building a network takes a second: once per distinct network config
-        built_models[key] = instantiate(cfg.model)
+        built_models[key] = instantiate_model(cfg)  # as train.py builds it (model.init_from is not the model's)
     model = built_models[key]
     # this combination's own optimizer and scheduler (Adam(momentum=...) fails here), on the model's parameters
     model.optimizer_factory = instantiate(optimizer_cfg)

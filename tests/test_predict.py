@@ -20,11 +20,12 @@ import torch
 from chestxray.data.sources import find_inputs
 from chestxray.data.store import DecodeSettings, decode_in_memory
 from chestxray.errors import CheckpointError, PredictError
-from chestxray.evaluation.report import UNCERTAINTY_FIELDS
+from chestxray.evaluation.report import SELECTIVE_FIELDS, UNCERTAINTY_FIELDS
 from chestxray.inference.predict import PredictionWriter, csv_row, predict
 from chestxray.models import classifier as model_module
 from chestxray.models.checkpoints import load_model
 from chestxray.models.classifier import Probabilities
+from chestxray.models.selection import select
 from chestxray.runtime.files import default_cache_dir as cache_dir
 from tests.conftest import CLASSES, predict_config, run_script, signal_when
 from tests.test_images import exif_rotated_jpeg, png_bytes
@@ -136,10 +137,13 @@ def test_streamed_csv_equals_the_all_at_once_csv_row_for_row(tiny_run, tmp_path)
         batches = [Probabilities([model]).answers(images[k : k + 8]) for k in range(0, len(images), 8)]
         probs, scores, sets = (torch.cat(part).numpy() for part in zip(*batches, strict=True))
     fields = ["path", "label", "modality", "view", "pred", *[f"prob_{c}" for c in model.classes]]
-    fields += [*UNCERTAINTY_FIELDS, "error"]
+    fields += [*UNCERTAINTY_FIELDS, *SELECTIVE_FIELDS, "error"]
+    chosen = select([model], probs, scores)
     reference = [  # the non-empty fields (modality and view are empty for PNG and JPEG files)
-        {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set).items() if str(v)}
-        for i, p, score, in_set in zip(inputs, probs, scores, sets, strict=True)
+        {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set, None, c, a).items() if str(v)}
+        for i, p, score, in_set, c, a in zip(
+            inputs, probs, scores, sets, chosen.confidence, chosen.accepted, strict=True
+        )
     ]
     streamed = read_rows(out)
     assert list(streamed[0]) == fields
@@ -261,7 +265,8 @@ def test_bad_and_hostile_files_get_error_rows_and_the_rest_is_predicted(trained_
         rows[n]["pred"] and not rows[n]["error"]
         for n in ("a photo ñ.jpeg", f"b{good[1].suffix.upper()}", "rotated.jpg")
     )
-    assert not (out / "metrics.json").exists()  # no labels: no metrics
+    unlabelled = json.loads((out / "metrics.json").read_text())  # no labels: only what needs none
+    assert unlabelled["n"] == 0 and "accuracy" not in unlabelled and "shift_alarm" in unlabelled["uncertainty"]
     answer = f"{folder / 'rotated.jpg'}: {rows['rotated.jpg']['pred']}  (Normal "
     assert answer in result.stdout and answer in (out / "predict.log").read_text()  # printed, and in the log
 

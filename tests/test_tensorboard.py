@@ -28,6 +28,7 @@ IMAGES = [
     "test/reliability",
     "test/gallery",
     "test/gradcam_gallery",  # one scheme for every evaluated set: eval/<name>/gradcam_gallery beside it
+    "test/risk_coverage",
 ]
 
 
@@ -113,7 +114,8 @@ def test_tensorboard_serves_scalars_images_and_hparams(server, trained_run):
 @pytest.mark.slow
 def test_every_picture_is_in_the_run_folder(trained_run):
     out = trained_run["dir"]
-    for name in ("samples", "curves", "confusion_matrix", "per_class", "reliability", "gallery", "gradcam_gallery"):
+    names = ("samples", "curves", "confusion_matrix", "per_class", "reliability", "gallery", "gradcam_gallery")
+    for name in (*names, "risk_coverage"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(trained_run["cfg"].trainer.max_epochs))

@@ -99,6 +99,29 @@ def reliability_figure(labels: Sequence[int], panels: dict[str, tuple[np.ndarray
     return fig
 
 
+def risk_coverage_figure(
+    confidence: np.ndarray, correct: np.ndarray, accepted: np.ndarray | None = None, risk: float | None = None
+) -> Figure:
+    """The error rate of the most confident answers against the share answered (Geifman and El-Yaniv's
+    risk-coverage curve): where the accepted answers sit on it, and the risk they were certified for."""
+    from chestxray.evaluation.selective import aurc, risk_coverage
+
+    coverage, risks = risk_coverage(confidence, correct)
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(coverage, risks, lw=1.5, label=f"by confidence (AURC {aurc(confidence, correct):.3f})")
+    ax.axhline(1 - float(np.mean(correct)), color="grey", ls=":", lw=1, label="answering everything")
+    if risk is not None:
+        ax.axhline(risk, color="k", ls="--", lw=1, label=f"target risk {risk:.0%}")
+    if accepted is not None and accepted.any():
+        share, err = accepted.mean(), 1 - float(np.mean(np.asarray(correct)[accepted]))
+        ax.plot([share], [err], "o", color="C3", label=f"accepted: {share:.0%} answered, {err:.1%} wrong")
+    ax.set(xlim=(0, 1), ylim=(0, max(0.05, float(risks.max()) * 1.1)), xlabel="coverage (share answered)")
+    ax.set(ylabel="error rate of the answered", title=f"risk-coverage (n={len(correct)})")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
 def pick_gallery(preds: Sequence[int], labels: Sequence[int | None], limit: int = 24) -> list[int]:
     """Tiles that cover every (truth, prediction) cell: mistakes of every kind and correct images of every class.
 

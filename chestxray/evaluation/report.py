@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from chestxray.data.images import DEFAULT_LIMITS, BadImageError, ImageLimits, ImageTags, display_image, image_tags
-from chestxray.evaluation import figures, metrics
+from chestxray.evaluation import figures, metrics, selective
 from chestxray.runtime.files import atomic_write, atomic_writer
 
 UNCERTAINTY_FIELDS = ("ood_score", "in_distribution", "prediction_set")  # chestxray.models.ood
+SELECTIVE_FIELDS = ("confidence", "accepted")  # chestxray.models.selection
 FLAG_TEXT = "outside what the model was trained on"  # how a flagged answer is marked where it is printed
 SMALL_SET = 10  # below this many labelled images a report prints each answer and the accuracy, no per-class table
 
@@ -47,10 +48,13 @@ class Uncertainty:
     pass_rate: float
     coverage: float
     validation_images: int  # what the threshold and the coverage guarantee rest on
+    confidence: np.ndarray | None = None  # per image, higher = more likely right (chestxray.models.selection)
+    accepted: np.ndarray | None = None  # per image (None: no acceptance threshold)
+    selective: dict | None = None  # the threshold's settings and certificate (Selection.as_dict)
 
     @classmethod
-    def of(cls, model, ood_scores: np.ndarray, sets: np.ndarray | None) -> Uncertainty:
-        """From a loaded model (the first member of an ensemble) and its outputs."""
+    def of(cls, model, ood_scores: np.ndarray, sets: np.ndarray | None, selection=None) -> Uncertainty:
+        """From a loaded model (the first member of an ensemble), its outputs and their Selection."""
         fitted = bool(model.conformal.fitted)
         return cls(
             ood_scores,
@@ -59,10 +63,29 @@ class Uncertainty:
             model.pass_rate,
             model.coverage,
             int(model.ood.n_fit),
+            None if selection is None else selection.confidence,
+            None if selection is None else selection.accepted,
+            None if selection is None else selection.as_dict(),
         )
 
-    def numbers(self, labels: np.ndarray) -> dict:
-        """Share flagged; for labelled images, empirical coverage and set sizes (metrics.json's "uncertainty")."""
+    def subset(self, keep: np.ndarray) -> Uncertainty:
+        """The same for some of the images (a boolean mask)."""
+
+        def part(values):
+            return None if values is None else values[keep]
+
+        changed = {k: part(getattr(self, k)) for k in ("ood_scores", "sets", "confidence", "accepted")}
+        return Uncertainty(**{**self.__dict__, **changed})
+
+    def alarm(self) -> selective.Alarm | None:
+        """The folder-level alarm (chestxray.evaluation.selective.shift_alarm): None without a detector."""
+        if np.isnan(self.ood_scores).all() or not len(self.ood_scores):
+            return None
+        return selective.shift_alarm(int((self.ood_scores > 0).sum()), len(self.ood_scores), self.pass_rate)
+
+    def numbers(self, labels: np.ndarray, probs: np.ndarray | None = None) -> dict:
+        """Share flagged and the folder-level alarm; for labelled images, empirical coverage and set sizes, and the
+        accepted answers' share and accuracy (metrics.json's "uncertainty")."""
         result: dict = {"validation_images": self.validation_images}
         if not np.isnan(self.ood_scores).all():
             flagged = self.ood_scores > 0
@@ -73,6 +96,11 @@ class Uncertainty:
                 "flagged": int(flagged.sum()),
                 "share_flagged": float(flagged.mean()) if len(flagged) else None,
             }
+            alarm = self.alarm()
+            if alarm is not None:
+                result["shift_alarm"] = {**alarm.as_dict(), "text": alarm.text()}
+        if self.confidence is not None and probs is not None and len(labels):
+            result["selective"] = selective_numbers(self, labels, probs)
         if self.sets is not None and len(labels):
             sizes = self.sets.sum(1)
             covered = self.sets[np.arange(len(labels)), labels]
@@ -96,6 +124,60 @@ def _count(k: int | None, n: int | None, share: float) -> str:
     return f"{k} of {n}" if n < SMALL_SET else f"{k} of {n} ({100 * share:.1f}%)"
 
 
+def selective_numbers(uncertainty: Uncertainty, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """The accepted answers of labelled images: how many, how often right (Wilson interval), and how well the
+    confidence ranks right above wrong answers (failure AUROC, AURC)."""
+    correct = probs.argmax(1) == labels
+    confidence = uncertainty.confidence
+    result = {
+        **(uncertainty.selective or {}),
+        "failure_auroc": _finite(selective.failure_auroc(confidence, correct)),
+        "aurc": _finite(selective.aurc(confidence, correct)),
+    }
+    accepted = uncertainty.accepted
+    if accepted is None:
+        return result
+    k, right = int(accepted.sum()), int(correct[accepted].sum())
+    result |= {
+        "accepted": k,
+        "share_accepted": k / len(labels),
+        "accepted_correct": right,
+        "accuracy_accepted": right / k if k else None,
+        "accuracy_accepted_ci95": metrics.wilson_interval(right, k) if k else None,
+    }
+    return result
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def selective_text(numbers: dict) -> str:
+    """The printed line of metrics.json's "selective"."""
+    target = f"error at most {100 * numbers['risk_target']:.0f}% with probability {100 * (1 - numbers['delta']):.0f}%"
+    auroc = numbers.get("failure_auroc")
+    ranking = f"; failure AUROC of {numbers['confidence']} {auroc:.3f}" if auroc is not None else ""
+    if "accepted" not in numbers:
+        return f"accepted: none decided ({numbers.get('why_not') or 'no acceptance threshold'}){ranking}"
+    k, n = numbers["accepted"], round(numbers["accepted"] / numbers["share_accepted"]) if numbers["accepted"] else 0
+    if not numbers["certified"]:
+        needed = numbers.get("images_needed")
+        return (
+            f"accepted: none: the {numbers['calibration_images']} calibration images could not certify {target} (the "
+            f"best they certify is {100 * numbers['best_certifiable_risk']:.0f}%"
+            + (f"; roughly {needed} accepted answers at the lowest error rate seen would be needed" if needed else "")
+            + f"){ranking}"
+        )
+    if not k:
+        return f"accepted: 0 answers (threshold certified for {target}){ranking}"
+    lo, hi = numbers["accuracy_accepted_ci95"]
+    return (
+        f"accepted: {k} of {n} answers ({100 * numbers['share_accepted']:.1f}%), {numbers['accepted_correct']} right "
+        f"(accuracy {numbers['accuracy_accepted']:.3f}, 95% CI {lo:.3f}-{hi:.3f}, Wilson; certified for {target} on "
+        f"{numbers['calibration_images']} calibration images){ranking}"
+    )
+
+
 def uncertainty_text(numbers: dict | None) -> list[str]:
     """The printed lines of metrics.json's "uncertainty" (none when nothing was fitted)."""
     if not numbers:
@@ -117,6 +199,10 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
             f"{sets['mean_set_size']:.2f}"
         )
         lines.append(f"  caveat: {metrics.COVERAGE_CAVEAT}")
+    if numbers.get("selective"):
+        lines.append(selective_text(numbers["selective"]))
+    if numbers.get("shift_alarm"):
+        lines.append(numbers["shift_alarm"]["text"])
     if not lines:
         lines.append("no out-of-distribution detector or prediction sets: the checkpoint carries no fit")
     return lines
@@ -172,14 +258,7 @@ class Evaluation:
         if self.splits:
             result["splits"] = self.splits
         if self.uncertainty is not None:
-            labelled_only = Uncertainty(
-                **{
-                    **self.uncertainty.__dict__,
-                    "ood_scores": self.uncertainty.ood_scores[labelled],
-                    "sets": None if self.uncertainty.sets is None else self.uncertainty.sets[labelled],
-                }
-            )
-            result["uncertainty"] = labelled_only.numbers(y)
+            result["uncertainty"] = self.uncertainty.subset(labelled).numbers(y, p)
         return result
 
 
@@ -197,7 +276,8 @@ def leak_free(report: dict) -> dict | None:
 def prediction_fields(classes: Sequence[str]) -> list[str]:
     """predictions.csv's columns, the same in training's test reports and predict.py (which adds error).
     modality and view come from a DICOM header (empty for other files): nothing else of a header is written."""
-    return ["path", "label", "modality", "view", "pred", *[f"prob_{c}" for c in classes], *UNCERTAINTY_FIELDS]
+    probs = [f"prob_{c}" for c in classes]
+    return ["path", "label", "modality", "view", "pred", *probs, *UNCERTAINTY_FIELDS, *SELECTIVE_FIELDS]
 
 
 def prediction_row(
@@ -208,10 +288,13 @@ def prediction_row(
     ood_score: float | None = None,
     in_set: np.ndarray | None = None,
     tags: ImageTags | None = None,
+    confidence: float | None = None,
+    accepted: bool | None = None,
 ) -> dict[str, str]:
     """One image's row of predictions.csv: the file's modality and view (read from its header when not given); the
     predicted class and every class's probability (none without probs: an error row); the detector's score minus its
-    threshold and whether that passes; the prediction set, classes joined by '|' (empty when not fitted)."""
+    threshold and whether that passes; the prediction set, classes joined by '|' (empty when not fitted); the
+    answer's confidence and whether it is accepted (empty without an acceptance threshold)."""
     tags = image_tags(path) if tags is None else tags
     row = {"path": str(path), "label": label, "modality": tags.modality, "view": tags.view}
     if probs is None:
@@ -222,6 +305,8 @@ def prediction_row(
     row["ood_score"] = f"{ood_score:.6f}" if known else ""
     row["in_distribution"] = str(int(ood_score <= 0)) if known else ""
     row["prediction_set"] = "|".join(c for c, k in zip(classes, in_set, strict=True) if k) if in_set is not None else ""
+    row["confidence"] = f"{confidence:.6f}" if confidence is not None else ""
+    row["accepted"] = str(int(accepted)) if accepted is not None else ""
     return row
 
 
@@ -231,13 +316,23 @@ def write_predictions(evaluation: Evaluation, path: Path) -> None:
     n = len(evaluation.paths)
     scores = extra.ood_scores if extra else [None] * n
     sets = extra.sets if extra and extra.sets is not None else [None] * n
+    confidence = extra.confidence if extra and extra.confidence is not None else [None] * n
+    accepted = extra.accepted if extra and extra.accepted is not None else [None] * n
     with atomic_writer(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*prediction_fields(classes), "leaking"])
         writer.writeheader()
-        for p, y, probs, leak, score, in_set in zip(
-            evaluation.paths, evaluation.labels, evaluation.probs, evaluation.leaking, scores, sets, strict=True
+        for p, y, probs, leak, score, in_set, conf, acc in zip(
+            evaluation.paths,
+            evaluation.labels,
+            evaluation.probs,
+            evaluation.leaking,
+            scores,
+            sets,
+            confidence,
+            accepted,
+            strict=True,
         ):
-            row = prediction_row(p, classes[y] if y >= 0 else "", classes, probs, score, in_set)
+            row = prediction_row(p, classes[y] if y >= 0 else "", classes, probs, score, in_set, None, conf, acc)
             writer.writerow(row | {"leaking": int(leak)})
 
 
@@ -268,6 +363,12 @@ def report_figures(evaluation: Evaluation, report: dict, settings: ReportSetting
             confidence[chosen].tolist(),
         ),
     }
+    extra = evaluation.uncertainty
+    if extra is not None and extra.confidence is not None:
+        chosen_answers = None if extra.accepted is None else extra.accepted[labelled]
+        result["risk_coverage"] = figures.risk_coverage_figure(
+            extra.confidence[labelled], preds == labels, chosen_answers, (extra.selective or {}).get("risk_target")
+        )
     if models is not None and settings.gradcam_tiles:
         from chestxray.evaluation.saliency import gradcam_gallery
 

@@ -185,7 +185,8 @@ class Alarm:
 
     def text(self, validate_command: str = "python adapt.py ckpt=CHECKPOINT site=FOLDER") -> str:
         share = self.flagged / self.images if self.images else 0.0
-        seen = f"{self.flagged} of {self.images} images flagged out of distribution ({share:.0%})"
+        rate = f" ({share:.0%})" if self.images >= 10 else ""  # below 10 images, the count says as much
+        seen = f"{self.flagged} of {self.images} images flagged out of distribution{rate}"
         where = f"where about {self.expected:.0%} is expected (binomial test p = {self.p_value:.2g})"
         if not self.fired:
             return f"{seen}, {where}: no sign that the set as a whole is unlike the training images"

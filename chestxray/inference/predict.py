@@ -9,6 +9,7 @@ show. Unreadable files become error rows without a forward pass.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -40,10 +41,12 @@ from chestxray.evaluation.report import (
     write_report,
 )
 from chestxray.evaluation.saliency import write_overlays
+from chestxray.models import selection
 from chestxray.models.checkpoints import load_models, preprocess_of
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
 from chestxray.runtime.console import say, tidy_lightning_output
 from chestxray.runtime.distributed import all_gather, gather_by_index
+from chestxray.runtime.files import atomic_write
 from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
 log = logging.getLogger(__name__)
@@ -74,11 +77,13 @@ def csv_row(
     ood_score: float | None = None,
     in_set: np.ndarray | None = None,
     tags: ImageTags | None = None,
+    confidence: float | None = None,
+    accepted: bool | None = None,
 ) -> dict:
     """predictions.csv's row of one input; tags (modality, view) read from the file's header when not given."""
     label = classes[item.label] if item.label is not None else ""
     if probs is not None and not error:
-        return prediction_row(item.path, label, classes, probs, ood_score, in_set, tags)
+        return prediction_row(item.path, label, classes, probs, ood_score, in_set, tags, confidence, accepted)
     return prediction_row(item.path, label, classes, None, tags=tags) | {"error": error or "not predicted"}
 
 
@@ -127,14 +132,19 @@ class PredictionWriter(BasePredictionWriter):
         probs_of = dict(zip(positions, probs.float().cpu().numpy(), strict=True))
         ood_of = dict(zip(positions, ood_scores.double().cpu().numpy(), strict=True))
         sets_of = dict(zip(positions, sets.bool().cpu().numpy(), strict=True))
+        chosen = self._selection(probs.float().cpu().numpy(), ood_scores.double().cpu().numpy())
+        confidence_of = dict(zip(positions, chosen.confidence if chosen else [None] * len(positions), strict=True))
+        accepted = chosen.accepted if chosen and chosen.accepted is not None else [None] * len(positions)
+        accepted_of = dict(zip(positions, accepted, strict=True))
         for position, error in zip(batch[1].tolist(), errors, strict=True):
             p, score = probs_of.get(position), ood_of.get(position)
             in_set = sets_of.get(position) if self.with_sets else None
+            extra = {"confidence": confidence_of.get(position), "accepted": accepted_of.get(position)}
             # the header's modality and view, read again here: the batch carries pixels only (Predictor's contract)
             tags = image_tags(self.inputs[position].path)
             if tags.lateral and not error:
                 self.lateral.append(position)
-            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, score, in_set, tags))
+            self._writer.writerow(csv_row(self.inputs[position], self.classes, p, error, score, in_set, tags, **extra))
             if error:
                 self.errors[position] = error
                 log.warning("cannot predict %s: %s", self.inputs[position].path, error)
@@ -158,6 +168,10 @@ class PredictionWriter(BasePredictionWriter):
                 self.classes,
                 self.limits,
             )
+
+    def _selection(self, probs: np.ndarray, ood_scores: np.ndarray) -> selection.Selection | None:
+        """Each answer's confidence and acceptance (chestxray.models.selection); None without the models."""
+        return selection.select(self.models, probs, ood_scores) if self.models and len(probs) else None
 
     def _overlay_name(self, path: Path) -> str:
         """<class folder>_<file stem>.png, made unique (test/x.jpg and train/x.jpg, x.jpg and x.png)."""
@@ -187,7 +201,8 @@ class PredictionWriter(BasePredictionWriter):
             positions, probs, scores, sets = (t.numpy() for t in gathered)
         else:
             positions, probs, scores, sets = np.zeros(0, int), probs.numpy(), scores.numpy(), sets.numpy()
-        self.uncertainty = Uncertainty.of(self.models[0], scores, sets) if self.models else None
+        chosen = self._selection(probs, scores)
+        self.uncertainty = Uncertainty.of(self.models[0], scores, sets, chosen) if self.models else None
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
         self.lateral = sorted({k for part in all_gather(self.lateral) for k in part})
         return positions, probs, errors
@@ -269,6 +284,8 @@ def predict(cfg: DictConfig) -> dict:
     evaluation = writer.evaluation(positions, probs)
     report_settings = ReportSettings(**OmegaConf.to_container(cfg.report), limits=limits)
     report, _ = write_report(evaluation, out, report_settings, models)
+    if report is None:
+        report_unlabelled(evaluation, out)
     show(evaluation, report, cfg.print_limit, {str(inputs[i].path) for i in writer.lateral})
     if str(cfg.precision) not in ("32", "32-true") and cfg.runtime == "torch":
         say(
@@ -276,6 +293,17 @@ def predict(cfg: DictConfig) -> dict:
             "training run's test report (they differ in the second or third decimal)"
         )
     return {"predicted": len(positions), "errors": len(errors), "output_dir": str(out), "metrics": report}
+
+
+def report_unlabelled(evaluation: Evaluation, out: Path) -> None:
+    """No labels, no accuracy: metrics.json holds what needs none (the share flagged and the folder-level alarm),
+    and the alarm is printed."""
+    if evaluation.uncertainty is None:
+        return
+    numbers = evaluation.uncertainty.numbers(np.zeros(0, np.int64))
+    atomic_write(out / "metrics.json", json.dumps({"name": evaluation.name, "n": 0, "uncertainty": numbers}, indent=2))
+    if numbers.get("shift_alarm"):
+        say(numbers["shift_alarm"]["text"])
 
 
 def file_loader(
@@ -353,6 +381,10 @@ def show(evaluation: Evaluation, report: dict | None, limit: int, lateral: set[s
             line += "  set {" + ", ".join(members) + "}"
         if extra is not None and extra.ood_scores[k] > 0:
             line += f"  [{FLAG_TEXT}]"
+        if extra is not None and extra.confidence is not None:
+            line += f"  confidence {extra.confidence[k]:.3f}"
+            if extra.accepted is not None:
+                line += ", accepted" if extra.accepted[k] else ", not accepted"
         say(line + (LATERAL_MARK if str(path) in lateral else ""))
     if len(evaluation.paths) > shown_count:
         say(f"... and {len(evaluation.paths) - shown_count} more answer(s) in predictions.csv (print_limit={limit})")

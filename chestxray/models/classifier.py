@@ -24,6 +24,7 @@ from torchmetrics import MaxMetric
 from chestxray.errors import ConfigError, NonFiniteLossError
 from chestxray.evaluation import metrics
 from chestxray.models import ood as ood_lib
+from chestxray.models import selection
 from chestxray.models.backbones import XRV, XRV_WEIGHTS, build_network, freeze_stages, get_backbone
 from chestxray.runtime.distributed import gather_by_index
 
@@ -70,6 +71,7 @@ class ChestXrayClassifier(L.LightningModule):
         calibrate: bool = True,
         ood: dict | None = None,
         conformal: dict | None = None,
+        selective: dict | None = None,
         xrv_weights: str = XRV_WEIGHTS[0],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable | None = None,
@@ -82,6 +84,7 @@ class ChestXrayClassifier(L.LightningModule):
         if compile not in COMPILE_MODES:
             raise ConfigError(f"model.compile={compile}: must be false, true, reduce-overhead or max-autotune")
         ood_lib.check_settings(dict(ood or {}), dict(conformal or {}))
+        selection.check_settings(selective)
         if cache_features and freeze != "features":
             raise ConfigError("model.cache_features=true needs model.freeze=features (a frozen backbone)")
         if backbone == XRV and (list(mean) != [0.5] * 3 or list(std) != [0.5] * 3):
@@ -107,6 +110,8 @@ class ChestXrayClassifier(L.LightningModule):
         # The out-of-distribution detector and the conformal threshold (chestxray.models.ood), fitted with T.
         self.ood = ood_lib.OodDetector(num_classes, self.backbone.width, self.backbone.stage_widths)
         self.conformal = ood_lib.ConformalSets()
+        # The acceptance threshold (chestxray.models.selection), fitted with them.
+        self.selective = selection.AcceptanceThreshold()
         self.train_metrics = metrics.stage_metrics(num_classes).clone(prefix="train/")
         self.val_metrics = metrics.stage_metrics(num_classes).clone(prefix="val/")
         # In the checkpoint, so that a resumed run's best covers the epochs before the interruption too.
@@ -165,6 +170,13 @@ class ChestXrayClassifier(L.LightningModule):
         if ood_lib.upgrade_state(state) and "detector" not in (self.hparams.get("ood") or {}):
             # fitted before knn_layers existed: keep the default its thresholds were fitted for
             self.hparams["ood"] = {**(self.hparams.get("ood") or {}), "detector": ood_lib.DEFAULT_BEFORE_KNN_LAYERS}
+        if "selective.fitted" not in state and "ood.fitted" in state:
+            log.warning(
+                "this checkpoint carries no acceptance threshold (written before it existed): confidence is given, "
+                "accepted stays empty"
+            )
+        for name, buffer in self.selective.named_buffers():
+            state.setdefault(f"selective.{name}", buffer.clone())
         ood_lib.take_shapes(self.ood, state, "ood.")
         ood_lib.take_shapes(self.conformal, state, "conformal.")
 
@@ -280,6 +292,8 @@ class ChestXrayClassifier(L.LightningModule):
         self.ood.fitted.fill_(False)
         self.ood.thresholds.fill_(float("nan"))
         self.conformal.fitted.fill_(False)
+        self.selective.fitted.fill_(False)
+        self.selective.threshold.fill_(float("nan"))
 
     def on_train_start(self) -> None:
         # The sanity check's few batches must not count towards the validation metrics.

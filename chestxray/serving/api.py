@@ -16,6 +16,7 @@ from fastapi import HTTPException, Request
 from chestxray.data.images import DISPLAY_SIDE, BadImageError, ImageLimits, decode_bytes
 from chestxray.models.checkpoints import load_models, read_checkpoint
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble
+from chestxray.models.selection import select
 
 try:
     import litserve as ls
@@ -24,7 +25,7 @@ except ImportError:  # the serve extra is optional: chestxray.serving.server say
 
 # Fields a model's output may carry (the out-of-distribution check, conformal prediction sets): passed through to
 # the JSON answer when the predictor provides them, absent otherwise.
-OPTIONAL_FIELDS = ("ood_score", "in_distribution", "prediction_set")
+OPTIONAL_FIELDS = ("ood_score", "in_distribution", "prediction_set", "confidence", "accepted")
 LOW_CONFIDENCE = 0.5
 
 
@@ -111,6 +112,16 @@ def build_answer(
     return answer
 
 
+def selective_extras(models: Sequence[ChestXrayClassifier], probs: np.ndarray, margin: np.ndarray) -> dict[str, list]:
+    """Each answer's confidence and acceptance, as predict.py writes them (chestxray.models.selection): accepted is
+    absent when the checkpoint carries no acceptance threshold (or for an ensemble)."""
+    chosen = select(models, probs, margin)
+    extras: dict[str, list] = {"confidence": [float(c) for c in chosen.confidence]}
+    if chosen.accepted is not None:
+        extras["accepted"] = [bool(a) for a in chosen.accepted]
+    return extras
+
+
 class ClassifierAPI(ls.LitAPI if ls else object):
     """setup: load_models (weights_only) on the worker's device; predict: the Ensemble's fp32 probabilities."""
 
@@ -155,6 +166,7 @@ class ClassifierAPI(ls.LitAPI if ls else object):
             probs, margin, sets = self.ensemble.probabilities(views.to(self.torch_device))
             probs = probs.float().cpu()
             extras = self._extras(margin.float().cpu(), sets.cpu())
+            extras |= selective_extras(self.models, probs.numpy(), margin.double().cpu().numpy())
         answers = []
         for k, item in enumerate(items):
             p = probs[k].numpy()

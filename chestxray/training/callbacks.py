@@ -24,6 +24,7 @@ from chestxray.evaluation.report import (
     summary_text,
     write_report,
 )
+from chestxray.models.selection import select
 from chestxray.runtime.console import shown
 from chestxray.runtime.files import atomic_write
 from chestxray.training.loggers import log_figure
@@ -122,7 +123,9 @@ class ReportWriter(L.Callback):
                 temperature=float(pl_module.temperature) if calibrated else None,
                 shares_with_test=datamodule.shared_with_test.get(name),
                 splits=datamodule.split_groups if name == "test" else None,
-                uncertainty=Uncertainty.of(pl_module, result.ood_scores, result.sets),
+                uncertainty=Uncertainty.of(
+                    pl_module, result.ood_scores, result.sets, select([pl_module], result.probs, result.ood_scores)
+                ),
             )
             folder = report_folder(self.output_dir, name)
             report, images = write_report(evaluation, folder, settings, pl_module, predictions=True)

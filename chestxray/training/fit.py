@@ -3,6 +3,7 @@ test the best epoch; keep the reported numbers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,12 +18,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from chestxray import settings
 from chestxray.errors import ConfigError, OutputDirError, ResumeError, UserError
 from chestxray.evaluation import metrics
-from chestxray.models import ood
+from chestxray.models import ood, selection
 from chestxray.models.calibration import identifiable_temperature, nll_at
 from chestxray.models.checkpoints import AtomicCheckpointIO, read_checkpoint
 from chestxray.models.classifier import optimizer_class
@@ -177,7 +178,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if cfg.model.get("cache_features") and cfg.data.get("augment"):
         raise ConfigError("model.cache_features=true computes features once, so it needs data.augment=false")
     datamodule = _instantiate(cfg.data)
-    model = _instantiate(cfg.model)
+    model = instantiate_model(cfg)
     loggers = instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), with_logger=bool(loggers))
     best_checkpoint_callback(callbacks)  # refused now, before any image is decoded
@@ -187,6 +188,40 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if isinstance(trainer.accelerator, CUDAAccelerator) and cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)  # TF32 tensor cores for fp32 matmuls and convs
     return datamodule, model, trainer
+
+
+def instantiate_model(cfg: DictConfig) -> L.LightningModule:
+    """The model group's classifier; with model.init_from=FILE, its network's weights are that checkpoint's (read
+    with weights_only): a new run from them, with a fresh optimizer, epoch count and records (unlike ckpt_path=).
+    init_from is not a hyper-parameter of the classifier: its checkpoints do not need the file to load."""
+    init_from = cfg.model.get("init_from")
+    if init_from and cfg.get("ckpt_path"):
+        raise ConfigError("model.init_from and ckpt_path: pick one (weights only, or weights, optimizer and epoch)")
+    with open_dict(cfg):
+        cfg.model.pop("init_from", None)
+    try:
+        model = _instantiate(cfg.model)
+    finally:
+        with open_dict(cfg):
+            cfg.model["init_from"] = init_from
+    if init_from:
+        load_weights(model, init_from)
+    return model
+
+
+def load_weights(model: L.LightningModule, path: str) -> None:
+    """The network's weights (net.*) of a checkpoint, which must have the same backbone and classes."""
+    state = read_checkpoint(path, "model.init_from")["state_dict"]
+    weights = {k: v for k, v in state.items() if k.startswith("net.")}
+    mine = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
+    differ = [k for k in mine if k not in weights or weights[k].shape != mine[k].shape]
+    if differ or not weights:
+        raise ConfigError(
+            f"model.init_from={path}: its network does not fit this model (e.g. {differ[0] if differ else 'no net.*'}"
+            "): the same model.backbone and data.classes are needed"
+        )
+    model.load_state_dict(weights, strict=False)
+    log.info("network weights from %s (model.init_from): a new run, with a fresh optimizer and epoch count", path)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -299,13 +334,17 @@ def calibrate(
     uncertainty = ood.fit(
         logits, features, labels, temperature, model.pass_rate, model.coverage, reference, detector=model.ood
     )
+    accepting = fit_acceptance(model, logits, features, labels, temperature, uncertainty)
     if trainer.is_global_zero:
         checkpoint = torch.load(best, map_location="cpu", weights_only=True)
         checkpoint["state_dict"]["temperature"] = torch.tensor(temperature)
         checkpoint["state_dict"]["calibrated"] = torch.tensor(fitted)
         checkpoint["state_dict"].update(uncertainty.state if uncertainty else {})
+        checkpoint["state_dict"].update(accepting[0] if accepting else {})
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, best)  # as Lightning wrote it: whole or not at all
         ood.log_fit(uncertainty, model.ood_detector, best)
+        if accepting:
+            log.info("%s (saved in %s)", selection.certificate_text(accepting[1]), best)
     if trainer.is_global_zero and fitted:
         log.info(
             "calibrated on %d validation images: temperature %.3f, validation NLL %.3f -> %.3f (saved in %s)",
@@ -317,6 +356,28 @@ def calibrate(
         )
     trainer.strategy.barrier()
     return temperature
+
+
+def fit_acceptance(model, logits, features, labels, temperature: float, uncertainty: ood.Fit | None):
+    """The acceptance threshold (chestxray.models.selection) of the validation images, with the detector just fitted
+    deciding which of them are in distribution; None without a detector fit (fewer than 2 validation images)."""
+    if uncertainty is None:
+        return None
+    margin = detector_margin(model, logits, features, temperature, uncertainty.state)
+    probs = (logits.float() / temperature).softmax(1).numpy()
+    return selection.fit(probs, np.asarray(labels), margin, model.hparams.get("selective"))
+
+
+def detector_margin(model, logits, features, temperature: float, state: dict) -> np.ndarray:
+    """The chosen detector's score minus its threshold for these images, with the statistics of `state` (a fit's
+    "ood." entries): what predict.py would give them."""
+    detector = copy.deepcopy(model.ood).cpu()
+    fitted = {k.removeprefix("ood."): v for k, v in state.items() if k.startswith("ood.")}
+    ood.take_shapes(detector, fitted)
+    detector.load_state_dict(fitted)
+    scores = ood.all_scores(logits.float().cpu(), torch.tensor(temperature), features.float().cpu(), detector)
+    k = ood.DETECTORS.index(model.ood_detector)
+    return (scores[:, k] - detector.thresholds[k]).double().numpy()
 
 
 def ood_reference_loader(datamodule):

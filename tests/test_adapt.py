@@ -1,0 +1,183 @@
+"""adapt.py and the folder-level alarm: the alarm fires on a shifted folder and not on an exchangeable one; every
+after-adaptation number comes from models that never saw the image; the command end to end on generated data;
+too few images per class refused in one line."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chestxray.data.images import load_image
+from chestxray.data.sources import find_inputs
+from chestxray.evaluation.robustness import SHIFTS
+from chestxray.evaluation.selective import shift_alarm
+from chestxray.models import ood
+from chestxray.models.checkpoints import load_model
+from chestxray.synthetic import make_dataset
+from chestxray.training import adapt as adapt_module
+from tests.conftest import compose_config, run_script
+
+PATIENT = "PATIENT-SECRET-"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """A generated site: 6 images per class in class folders, two images per patient, named in MANIFEST.tsv."""
+    root = tmp_path_factory.mktemp("site")
+    make_dataset(root / "gen", {"train": 6}, size=96, seed=7)
+    folder = root / "site"
+    rows = []
+    for k, path in enumerate(sorted((root / "gen" / "train").rglob("*.*"))):
+        target = folder / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        rows.append({"path": f"{path.parent.name}/{path.name}", "patient": f"{PATIENT}{k // 2}"})
+    with open(folder / "MANIFEST.tsv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "patient"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def adapt_config(out: Path, ckpt: Path, site: Path, *overrides: str):
+    return compose_config(
+        "adapt", [f"ckpt={ckpt}", f"site={site}", f"paths.output_dir={out}", "epochs=5", "folds=3", *overrides]
+    )
+
+
+def test_the_alarm_fires_on_a_shifted_folder_and_not_on_an_exchangeable_one(tiny_run):
+    model = load_model(tiny_run["ckpt"])
+    inputs = find_inputs(str(tiny_run["data"] / "test"), model.classes)
+    images = np.stack([load_image(i.path, 32) for i in inputs])
+
+    def shifted(image: np.ndarray) -> np.ndarray:
+        hwc = SHIFTS["contrast"].apply(image.transpose(1, 2, 0), 4, 32, 0)
+        return SHIFTS["noise"].apply(hwc, 5, 32, 0).transpose(2, 0, 1)
+
+    alarms = {}
+    for name, batch in (("exchangeable", images), ("shifted", np.stack([shifted(i) for i in images]))):
+        flagged = int((~ood.score_images(model, batch).in_distribution).sum())
+        alarms[name] = shift_alarm(flagged, len(batch), model.pass_rate)
+    assert not alarms["exchangeable"].fired and alarms["shifted"].fired
+    assert alarms["shifted"].text().startswith("ALARM") and "python adapt.py" in alarms["shifted"].text()
+    # exchangeable sets, flagged at the threshold's own rate, fire about `level` of the time, no more
+    rng = np.random.default_rng(0)
+    fired = [shift_alarm(int(rng.binomial(66, 0.05)), 66, 0.95).fired for _ in range(2000)]
+    assert np.mean(fired) <= 0.01
+
+
+def test_after_adaptation_answers_never_come_from_a_model_that_saw_the_image(tiny_run, site, tmp_path, monkeypatch):
+    """Every fitting call (recalibration and fine-tuning) of a fold is given none of that fold's held-out images,
+    and each patient is on one side only: a fitter that leaked the held-out images would fail here."""
+    seen_site: list[torch.Tensor] = []
+    fits: list[torch.Tensor] = []
+    trunk, fitted = adapt_module.trunk_features, adapt_module.adapted_model
+
+    def record_trunk(model, images, batch_size=32):
+        features = trunk(model, images, batch_size)
+        seen_site.append(features)
+        return features
+
+    def record_fit(model, candidate, features, labels, extra, tuning):
+        fits.append(features)
+        return fitted(model, candidate, features, labels, extra, tuning)
+
+    monkeypatch.setattr(adapt_module, "trunk_features", record_trunk)
+    monkeypatch.setattr(adapt_module, "adapted_model", record_fit)
+    splits_seen = []
+    split = adapt_module.split
+    monkeypatch.setattr(adapt_module, "split", lambda *a: splits_seen.append(split(*a)) or splits_seen[-1])
+    adapt_module.adapt(adapt_config(tmp_path / "out", tiny_run["ckpt"], site))
+    site_features = seen_site[0]
+    folds = splits_seen[0]
+    candidates = 2
+    assert len(fits) == candidates * len(folds) + 1  # each candidate once per fold, then the final fit on all
+    site_obj = adapt_module.read_site(site, load_model(tiny_run["ckpt"]), adapt_module.ImageLimits(10**8, 32))
+    for k, features in enumerate(fits[:-1]):
+        fit_idx, held_idx = folds[k % len(folds)]
+        assert not set(site_obj.groups[fit_idx]) & set(site_obj.groups[held_idx])  # patients on one side
+        rows = {tuple(r.tolist()) for r in features}
+        assert all(tuple(site_features[i].tolist()) not in rows for i in held_idx)
+        assert all(tuple(site_features[i].tolist()) in rows for i in fit_idx)
+    assert sorted(np.concatenate([h for _, h in folds]).tolist()) == list(range(len(site_features)))
+
+
+def test_cross_fit_refuses_a_fold_whose_fitting_images_include_held_out_ones():
+    leaky = [(np.arange(6), np.array([4, 5]))]
+    with pytest.raises(ValueError, match="held-out"):
+        adapt_module.cross_fit(6, leaky, lambda fit, held: {"x": np.zeros(len(held))})
+
+
+def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny_run, site, tmp_path):
+    out = tmp_path / "adapt"
+    result = run_script("adapt.py", f"ckpt={tiny_run['ckpt']}", f"site={site}", f"hydra.run.dir={out}", "epochs=5")
+    report = json.loads((out / "site_report.json").read_text())
+    assert report["images"] == 18 and report["grouped_by_patient"] and report["groups"] == 9
+    for side in (report["before"], *report["after"].values()):
+        assert 0 <= side["accuracy"] <= 1 and side["accuracy_ci95"][0] <= side["accuracy"] <= side["accuracy_ci95"][1]
+        assert {"share_flagged", "alarm", "set_coverage", "share_accepted", "failure_auroc"} <= set(side)
+    assert report["chosen"] in report["after"]
+    assert "Site report" in (out / "site_report.md").read_text() and (out / "site_risk_coverage.png").exists()
+    assert "accuracy" in result.stdout and "adapted checkpoint" in result.stdout
+    for written in [*out.rglob("*.json"), *out.rglob("*.md"), *out.rglob("*.log"), out / "site_report.md"]:
+        assert PATIENT not in written.read_text(errors="ignore"), written  # no patient identifier in any output
+    model = load_model(out / "checkpoints" / "adapted.ckpt")
+    assert bool(model.selective.fitted) and int(model.ood.n_fit) == 18 and len(model.ood.bank) > 18
+    predicted = run_script(
+        "predict.py",
+        f"ckpt={out / 'checkpoints' / 'adapted.ckpt'}",
+        f"inputs={site}",
+        f"hydra.run.dir={tmp_path / 'pred'}",
+        "trainer.accelerator=cpu",
+        "report.bootstrap_resamples=0",
+    )
+    assert "accepted" in predicted.stdout
+
+
+def test_too_few_images_of_a_class_are_refused_in_one_line_with_exit_2(tiny_run, site, tmp_path):
+    small = tmp_path / "small"
+    for name in ("Normal", "Covid", "Viral Pneumonia"):
+        files = sorted(p for p in (site / name).iterdir() if p.is_file())
+        for path in files[:2] if name == "Covid" else files:
+            (small / name).mkdir(parents=True, exist_ok=True)
+            (small / name / path.name).write_bytes(path.read_bytes())
+    args = (f"ckpt={tiny_run['ckpt']}", f"site={small}", f"hydra.run.dir={tmp_path / 'o'}")
+    result = run_script("adapt.py", *args, ok=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "AdaptError" in line]
+    assert len(lines) == 1 and "Covid has 2 image(s)" in lines[0] and "min_per_class=3" in lines[0]
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_network_weights_only(tiny_run, tmp_path):
+    from chestxray.errors import CheckpointError, ConfigError
+    from chestxray.training.fit import instantiate_model
+    from tests.conftest import train_config
+
+    saved = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    cfg = train_config(tmp_path / "run", tiny_run["data"], f"model.init_from={tiny_run['ckpt']}")
+    model = instantiate_model(cfg)
+    fresh = instantiate_model(train_config(tmp_path / "run2", tiny_run["data"]))
+    for key, value in model.state_dict().items():
+        if key.startswith("net."):
+            assert torch.equal(value, saved[key]), key
+    head = "net.classifier.4.weight"
+    assert not torch.equal(fresh.state_dict()[head], saved[head])  # without it, a new initialisation
+    assert "init_from" not in model.hparams and cfg.model.init_from == str(tiny_run["ckpt"])
+    with pytest.raises(CheckpointError, match="model.init_from=.*file not found"):
+        instantiate_model(train_config(tmp_path / "r3", tiny_run["data"], f"model.init_from={tmp_path}/none.ckpt"))
+    with pytest.raises(ConfigError, match="pick one"):
+        both = [f"model.init_from={tiny_run['ckpt']}", f"ckpt_path={tiny_run['ckpt']}"]
+        instantiate_model(train_config(tmp_path / "r4", tiny_run["data"], *both))
+
+
+def test_adapt_settings_out_of_range_are_refused_naming_the_setting(tmp_path):
+    from chestxray import settings
+    from chestxray.errors import ConfigError
+
+    for override, name in (("folds=1", "folds"), ("finetune_level=1.5", "finetune_level"), ("epochs=0", "epochs")):
+        cfg = compose_config("adapt", ["ckpt=x.ckpt", "site=y", f"paths.output_dir={tmp_path}", override])
+        with pytest.raises(ConfigError, match=rf"^{name}="):
+            settings.check(cfg, settings.ADAPT_RULES)
