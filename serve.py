@@ -1,5 +1,7 @@
 """Serve a trained checkpoint over HTTP with a web page: python serve.py ckpt=PATH; python serve.py --help."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -17,5 +19,15 @@ def main(cfg: DictConfig) -> None:
         say(f"serve.py: stopped serving http://{summary['host']}:{summary['port']}/")
 
 
+def refuse_token_argument() -> None:
+    """token= never reaches Hydra, which would write it into the run's .hydra files (and argv shows it in `ps`)."""
+    from chestxray.serving.server import TOKEN_ON_COMMAND_LINE, token_argument
+
+    if token_argument(sys.argv[1:]):
+        print(f"serve.py: error: ConfigError: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    refuse_token_argument()
     main()

@@ -10,6 +10,14 @@ threads each with its own connection sending the images in turn as raw bodies un
 throughput and p50/p99 latency per N. Then --rss-requests requests at the largest N while the resident memory of
 the server's processes (serve.py, its HTTP and inference workers; summed from /proc) is sampled: the peak of the
 first and of the last thousand requests. Every failed request (not 200) is counted.
+
+    python benchmarks/serve_benchmark.py --ckpt FILE --attack 20 [--markdown FILE]
+
+Attack mode (issue 35): a server with a token ($CHESTXRAY_SERVE_TOKEN), 8 good clients sending test images for
+--attack seconds alone ("quiet"), then the same 8 beside 2 hostile clients for as long ("under attack"); the hostile
+ones loop over a 10000 x 10000 PNG bomb and a deflated 10000 x 10000 DICOM bomb (with and without the token),
+garbage, a 2 MB upload without the token, and a slow body (1 kB every 0.5 s). Reports good requests failed, good
+p50 and p99 of both phases, what the hostile requests got, and the server's peak resident memory per phase.
 """
 
 from __future__ import annotations
@@ -152,7 +160,7 @@ def load(url: str, images: list[bytes], clients: int, count: int, on_done=None) 
     }
 
 
-def start_server(ckpt: Path, out: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, out: Path, extra: list[str], headers: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -168,7 +176,7 @@ def start_server(ckpt: Path, out: Path, extra: list[str]) -> tuple[subprocess.Po
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
+            if requests.get(url + "/health", headers=headers, timeout=2).status_code == 200:
                 return proc, url
         except requests.ConnectionError:
             time.sleep(0.3)
@@ -201,6 +209,150 @@ def rss_run(url: str, pid: int, images: list[bytes], clients: int, count: int) -
     return {**result, "rss_first_mb": first, "rss_last_mb": last, "rss_peak_mb": max(m for _, m in samples)}
 
 
+def bombs() -> dict[str, bytes]:
+    """A PNG and a deflated DICOM that declare 10000 x 10000 pixels, about 100 and 200 kB on the wire."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    buffer = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(buffer, "PNG", optimize=True)
+    png = buffer.getvalue()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.ViewPosition, ds.Rows, ds.Columns = "DX", "PA", 10_000, 10_000
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.zeros((10_000, 10_000), np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return {"png bomb": png, "dicom bomb": buffer.getvalue()}
+
+
+def timed_load(url: str, images: list[bytes], clients: int, seconds: float, headers: dict) -> dict:
+    """`clients` threads sending images for `seconds`: latencies, failures (not 200)."""
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(offset: int) -> None:
+        session = requests.Session()
+        k = offset
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            try:
+                ok = session.post(url, data=images[k % len(images)], headers=headers, timeout=120).status_code == 200
+            except requests.RequestException:
+                ok = False
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                failures[0] += not ok
+            k += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "failed": failures[0],
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def hostile(url: str, token: str, stop: threading.Event, answers: dict[str, int], lock: threading.Lock) -> None:
+    """Bombs, garbage and slow bodies in a loop, with and without the token, until stopped."""
+    payloads = bombs()
+    payloads["garbage"] = os.urandom(50_000)
+    payloads["2 MB"] = os.urandom(2_000_000)
+    good = {"Authorization": f"Bearer {token}"}
+
+    def slow_body():
+        for _ in range(40):
+            if stop.is_set():
+                return
+            yield b"\0" * 1000
+            time.sleep(0.5)
+
+    attacks = [(name, data, good) for name, data in payloads.items() if name != "2 MB"]
+    attacks += [(name + " without token", data, {}) for name, data in payloads.items()]
+    attacks += [("slow body", None, good)]
+    session, k = requests.Session(), 0
+    while not stop.is_set():
+        name, data, headers = attacks[k % len(attacks)]
+        k += 1
+        try:
+            status = str(session.post(url, data=slow_body() if data is None else data, headers=headers, timeout=60)
+                         .status_code)  # fmt: skip
+        except requests.RequestException as err:
+            status = type(err).__name__
+        with lock:
+            key = f"{name}: {status}"
+            answers[key] = answers.get(key, 0) + 1
+
+
+def peak_rss(pid: int, stop: threading.Event, peaks: list[float]) -> None:
+    while not stop.is_set():
+        peaks.append(tree_rss_mb(pid))
+        time.sleep(0.25)
+
+
+def attack(args, images: list[bytes]) -> str:
+    """The quiet and the attacked phase on one server: the table of docs/benchmarks.md's attack section."""
+    token = os.urandom(16).hex()
+    os.environ["CHESTXRAY_SERVE_TOKEN"] = token  # the server's token, never on its command line
+    auth = {"Authorization": f"Bearer {token}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_server(args.ckpt, Path(tmp) / "serve", args.server_args, auth)
+        try:
+            timed_load(url + "/predict", images, 8, 3, auth)  # warm-up
+            phases = {}
+            for name, hostiles in (("quiet", 0), ("under attack", 2)):
+                stop, peaks, answers, lock = threading.Event(), [], {}, threading.Lock()
+                sampler = threading.Thread(target=peak_rss, args=(proc.pid, stop, peaks))
+                enemies = [threading.Thread(target=hostile, args=(url + "/predict", token, stop, answers, lock))
+                           for _ in range(hostiles)]  # fmt: skip
+                for t in [sampler, *enemies]:
+                    t.start()
+                row = timed_load(url + "/predict", images, 8, args.attack, auth)
+                stop.set()
+                for t in [sampler, *enemies]:
+                    t.join()
+                phases[name] = {**row, "rss_peak_mb": max(peaks), "rss_first_mb": peaks[0], "hostile": answers}
+                print(name, phases[name], flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    lines = [
+        f"Machine: {machine()}. 8 good clients, {args.attack:g} s per phase, one server (token set, defaults).",
+        "",
+        "| phase | good requests | good failed | good p50 ms | good p99 ms | server RSS start MB | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in phases.items():
+        lines.append(
+            f"| {name} | {r['requests']} | {r['failed']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r['rss_first_mb']:.0f} | {r['rss_peak_mb']:.0f} |"
+        )
+    quiet, attacked = phases["quiet"], phases["under attack"]
+    lines += [
+        "",
+        f"p99 under attack / quiet: {attacked['p99_ms'] / quiet['p99_ms']:.2f}x. Hostile requests (answer: count): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(attacked["hostile"].items())),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, required=True)
@@ -211,9 +363,16 @@ def main() -> None:
     parser.add_argument("--rss-requests", type=int, default=10_000)
     parser.add_argument("--server-args", nargs="*", default=[])
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables to this file")
+    parser.add_argument("--attack", type=float, default=0, help="attack mode: seconds per phase (see the docstring)")
     args = parser.parse_args()
 
     images = [p.read_bytes() for p in sorted(args.inputs.rglob("*")) if p.suffix.lower() in (".jpeg", ".jpg", ".png")]
+    if args.attack:
+        text = attack(args, images)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return
     baseline = predict_rate(args.ckpt, args.inputs, args.repeats)
     print(f"predict.py: {baseline:.1f} images/s on {len(images)} images", flush=True)
     rows, rss = [], None

@@ -26,7 +26,7 @@ from chestxray.errors import ConfigError
 from chestxray.inference import predict as predict_module
 from chestxray.serving.api import build_answer, warnings_for
 from chestxray.serving.intake import IntakeSettings, Refused, decode
-from chestxray.serving.server import check, loopback_warning
+from chestxray.serving.server import TOKEN_VARIABLE, check, loopback_warning
 from tests.conftest import CLASSES, ROOT, compose_config, predict_config
 from tests.test_images import png_bytes
 
@@ -46,7 +46,9 @@ def serve_config(*overrides: str):
         ("max_batch_size=0", "max_batch_size=0"),
         ("max_upload_mb=0", "max_upload_mb=0"),
         ("accelerator=tpu", "accelerator=tpu"),
-        ("token=' '", "token= is empty"),
+        ("max_pixels=0", "max_pixels=0"),
+        ("max_waiting=0", "max_waiting=0"),
+        ("+token=s3cret", "token= on the command line is refused"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line_naming_the_setting(override, message):
@@ -59,18 +61,115 @@ def test_only_non_loopback_hosts_are_warned_about():
     assert "host=0.0.0.0 serves every network" in loopback_warning("0.0.0.0")
 
 
-def test_optional_model_outputs_pass_through_and_absent_ones_stay_absent():
+def test_the_answer_is_predict_py_row_nan_is_not_scored_and_new_columns_pass_through(monkeypatch):
+    from chestxray.data.images import ImageTags
+    from chestxray.serving import api
+
     probs = np.array([0.2, 0.7, 0.1], np.float32)
-    plain = build_answer(CLASSES, probs, 100, 80)
+    plain = build_answer(CLASSES, probs, 100, 80, float("nan"))
     assert plain["class"] == "Covid" and plain["width"] == 100 and plain["height"] == 80
-    assert not {"ood_score", "in_distribution", "prediction_set"} & set(plain)
-    extras = {"ood_score": np.float32(3.5).item(), "in_distribution": False, "prediction_set": ["Covid"], "x": 1}
-    rich = build_answer(CLASSES, probs, 100, 80, extras)
-    assert rich["ood_score"] == 3.5 and rich["in_distribution"] is False and rich["prediction_set"] == ["Covid"]
-    assert "x" not in rich
+    assert plain["ood_score"] is None and plain["in_distribution"] is None and plain["ood"] == "not scored"
+    assert "prediction_set" not in plain and plain["modality"] == "" and plain["view"] == ""
+    assert not any("out of distribution" in n for n in warnings_for(plain, calibrated=True, image_size=64))
+    lateral = ImageTags("DX", "LL")
+    rich = build_answer(CLASSES, probs, 100, 80, 3.5, np.array([False, True, True]), lateral)
+    assert rich["ood_score"] == 3.5 and rich["in_distribution"] is False and rich["ood"] == "out of distribution"
+    assert rich["prediction_set"] == ["Covid", "Viral Pneumonia"] and (rich["modality"], rich["view"]) == ("DX", "LL")
     notes = warnings_for(rich, calibrated=True, image_size=224)
     assert any("out of distribution" in n for n in notes) and any("enlarged" in n for n in notes)
-    assert warnings_for(plain, calibrated=True, image_size=64) == []
+    assert any("lateral view (ViewPosition LL)" in n for n in notes)
+    assert warnings_for(build_answer(CLASSES, probs, 100, 80, -1.0), calibrated=True, image_size=64) == []
+    shared = api.prediction_row  # another column from the shared per-image code reaches the answer as it is
+    monkeypatch.setattr(api, "prediction_row", lambda *a, **k: shared(*a, **k) | {"confidence": "0.7", "accepted": "0"})
+    extended = build_answer(CLASSES, probs, 100, 80, -1.0)
+    assert extended["confidence"] == 0.7 and extended["accepted"] == 0
+    assert any("not accepted" in n for n in warnings_for(extended, calibrated=True, image_size=64))
+
+
+def test_the_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path):
+    from chestxray.serving.server import TOKEN_VARIABLE, read_token, token_argument
+
+    assert token_argument(["ckpt=a", "token=x"]) and token_argument(["+token=x"]) and token_argument(["++token=x"])
+    assert not token_argument(["ckpt=a", "token_file=/t", "port=8000"])
+    assert read_token(None, {}) is None and read_token(None, {TOKEN_VARIABLE: " s3cret\n"}) == "s3cret"
+    secret = tmp_path / "token"
+    secret.write_text("f1le-secret\n")
+    assert read_token(str(secret), {TOKEN_VARIABLE: "other"}) == "f1le-secret"
+    secret.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token(str(secret), {})
+    with pytest.raises(ConfigError, match="cannot be read") as err:
+        read_token(str(tmp_path / "absent"), {})
+    assert "f1le" not in str(err.value)
+    with pytest.raises(ConfigError, match="set but empty"):
+        read_token(None, {TOKEN_VARIABLE: " "})
+    refused = subprocess.run(
+        [sys.executable, "serve.py", "ckpt=x.ckpt", "token=s3cret"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and TOKEN_VARIABLE in refused.stderr and "s3cret" not in refused.stderr
+
+
+def test_the_token_check_is_exact_and_the_drift_alarm_is_a_one_sided_binomial_test():
+    from starlette.datastructures import Headers
+
+    from chestxray.serving.gate import authorised
+    from chestxray.serving.monitor import Monitor, drift_alarm
+
+    assert authorised(Headers({}), None)
+    assert authorised(Headers({"authorization": "Bearer s3cret"}), "s3cret")
+    for sent in ("Bearer s3cre", "Bearer s3cret ", "bearer s3cret", "s3cret", "", "Bearer \u00e9"):
+        assert not authorised(Headers({"authorization": sent}), "s3cret"), sent
+    assert not drift_alarm(8, 100, 0.05).raised  # 8% flagged where 5% are expected: chance
+    assert drift_alarm(20, 100, 0.05).raised and drift_alarm(20, 100, 0.05).p_value < 1e-5
+    assert not drift_alarm(0, 0, 0.05).raised
+    monitor = Monitor(window=50, expected_flagged=0.05)
+    for k in range(60):
+        monitor.answered(k % 3 != 0)  # a third flagged
+    monitor.answered(None)  # not scored: not counted
+    summary = monitor.summary()
+    assert summary["scored"] == 50 and summary["alarm"] is True and monitor.logged
+    assert b"chestxray_ood_flagged_share" in monitor.exposition()
+
+
+def test_a_deflated_dicom_bomb_is_refused_while_inflating_and_grey_dicom_decodes_without_float64_copies():
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from chestxray.data import dicom
+    from chestxray.data.images import BadImageError, read_header
+    from tests.test_dicom import dataset
+
+    ds = dataset(np.zeros((2000, 2000), np.uint16))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    bomb = buffer.getvalue()
+    assert len(bomb) < 100_000
+    with pytest.raises(BadImageError, match="inflates beyond"):
+        read_header(bomb, "upload", ImageLimits(max_pixels=1000))
+    assert read_header(bomb, "upload", ImageLimits(max_pixels=4_000_000)).width == 2000
+    ramp = (np.arange(3000 * 3000, dtype=np.uint32) % 4096).astype(np.uint16).reshape(3000, 3000)
+    ds = dataset(ramp, 12, RescaleSlope=2, RescaleIntercept=-1)
+    ds = dicom.read_dataset(save_bytes(ds))
+    info = dicom.info_of(ds)
+    stored_bytes = ramp.nbytes
+    ds.pixel_array  # noqa: B018 - decoded once, outside the measurement
+    tracemalloc.start()
+    grey = dicom.decode_pixels(ds, info)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert grey.dtype == np.uint8 and grey.shape == ramp.shape
+    assert peak < 2 * stored_bytes, peak  # the pixels decoded once and the uint8 result; float64 copies: 8x
+    expected = np.clip(np.rint((ramp.astype(np.float64) * 2 - 1 + 1) * 255 / 8190), 0, 255).astype(np.uint8)
+    assert np.abs(grey.astype(int) - expected.astype(int)).max() <= 1
+
+
+def save_bytes(ds) -> bytes:
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def test_intake_refuses_bad_files_with_the_reason_and_decodes_good_ones():
@@ -84,8 +183,11 @@ def test_intake_refuses_bad_files_with_the_reason_and_decodes_good_ones():
         with pytest.raises(Refused, match=reason) as refused:
             decode(data, settings)
         assert refused.value.status == 422
-    view, width, height = decode(png_bytes(80, 40), settings)
-    assert view.shape == (3, 32, 32) and view.dtype == np.uint8 and (width, height) == (80, 40)
+    upload = decode(png_bytes(80, 40), settings)
+    assert (
+        upload.view.shape == (3, 32, 32) and upload.view.dtype == np.uint8 and (upload.width, upload.height) == (80, 40)
+    )
+    assert (upload.modality, upload.view_position) == ("", "")
     from pydicom.data import get_testdata_file
 
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # a TIFF header in its preamble: DICOM all the same
@@ -111,8 +213,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         cmd = [sys.executable, "serve.py", f"ckpt={ckpt}", f"port={self.port}", f"paths.output_dir={out}"]
-        cmd += ["accelerator=cpu", *overrides] + ([f"token={token}"] if token else [])
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd += ["accelerator=cpu", *overrides]
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | ({TOKEN_VARIABLE: token} if token else {})
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -204,6 +307,7 @@ def test_an_ensemble_serves_the_average_of_its_members_and_ctrl_c_stops_it(tiny_
     finally:
         seconds = srv.stop(signal.SIGINT)  # Ctrl-C
     assert srv.proc.returncode == 0 and seconds < 30, srv.stderr[-2000:]
+    assert "Traceback" not in srv.stderr and len(srv.stderr.strip().splitlines()) <= 1, srv.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -214,10 +318,12 @@ def test_every_bad_upload_gets_a_4xx_reason_and_the_next_request_is_served(serve
     cases = [
         ({"data": b"not an image at all"}, 422, "not a JPEG, PNG, TIFF or DICOM image"),
         ({"data": good[: len(good) // 2]}, 422, "truncated"),
-        ({"data": png_bytes(12_000, 10_000)}, 422, "above data.max_pixels=100,000,000"),
+        ({"data": png_bytes(6_000, 5_000)}, 422, "above max_pixels=25,000,000"),
         ({"data": big}, 413, "max_upload_mb=50"),
-        ({"data": png_bytes(20, 20)}, 422, "smaller than data.min_image_side=32"),
+        ({"data": png_bytes(20, 20)}, 422, "smaller than min_image_side=32"),
         ({"files": {"file": ("x.png", good)}}, 422, "no file in the multipart field 'image' (fields sent: file)"),
+        # a media type in capitals is still multipart (read as a form, not as a raw image body)
+        ({"data": b"--x\r\n", "headers": {"Content-Type": "Multipart/Form-Data; boundary=x"}}, 422, "sent: none"),
         ({"data": b""}, 422, "empty file"),
     ]
     for kwargs, status, reason in cases:
@@ -243,6 +349,11 @@ def test_a_hospital_dicom_is_served_as_predict_py_reads_it_and_its_header_never_
     probs = predict_probs(tiny_run["ckpt"], path, tmp_path / "pred", monkeypatch)
     answers = [assert_served(server.post(data=path.read_bytes()), probs)]
     answers.append(assert_served(server.post(files={"image": ("IM0001.dcm", path.read_bytes())}), probs))
+    assert (answers[0]["modality"], answers[0]["view"]) == ("DX", "PA")
+    assert not any("lateral" in w for w in answers[0]["warnings"])
+    side = save(dataset(4095 - stored(grey, 12), 12, "MONOCHROME1", ViewPosition="LL"), tmp_path / "IM0002")
+    lateral = server.post(data=side.read_bytes()).json()
+    assert lateral["view"] == "LL" and any("lateral view (ViewPosition LL)" in w for w in lateral["warnings"])
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     refused = server.post(data=ct)
     assert refused.status_code == 422 and "Modality CT is not a radiograph" in refused.json()["error"]
@@ -262,54 +373,213 @@ def test_a_hospital_dicom_is_served_as_predict_py_reads_it_and_its_header_never_
         assert value not in said, value
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (serve.py, its HTTP server, its inference worker)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    total = 0
+    for member in tree:
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def deflated_dicom_bomb(side: int = 10_000) -> bytes:
+    """A DX radiograph of side x side zeros, Deflated Explicit VR Little Endian: 200 MB inflated, ~200 kB sent."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.test_dicom import dataset
+
+    ds = dataset(np.zeros((side, side), np.uint16))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return save_bytes(ds)
+
+
+def metrics_of(srv) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(srv.url + "/metrics", headers=srv.auth, timeout=30)
+    assert response.status_code == 200, response.text
+    values = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            key = sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[key] = sample.value
+    return values
+
+
 @pytest.mark.slow
-def test_a_token_is_required_when_set_and_sigterm_stops_with_status_0(tiny_run, tmp_path):
-    srv = Server(tiny_run["ckpt"], tmp_path / "run", token="s3cret")
+def test_a_token_is_checked_before_any_body_is_read_and_never_written_anywhere(tiny_run, tmp_path):
+    """With a token, bombs and garbage sent without it get 401 in milliseconds and never reach the decoder (the
+    server's own decode counter); the docs are closed; every error is {"error": ...}; authorised bombs get 422
+    with the server's memory flat; /metrics parses; SIGTERM stops it quietly; the token is nowhere on disk, in the
+    output or in `ps`."""
+    token = "s3cret-" + os.urandom(6).hex()
+    run = tmp_path / "run"
+    srv = Server(tiny_run["ckpt"], run, token=token)
     try:
         image = an_image(tiny_run).read_bytes()
-        assert srv.post(data=image).status_code == 200
-        for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": ""}):
-            assert requests.post(srv.url + "/predict", data=image, headers=headers, timeout=30).status_code == 401
-            assert requests.get(srv.url + "/info", headers=headers, timeout=30).status_code == 401
+        png_bomb, dicom_bomb = png_bytes(10_000, 10_000), deflated_dicom_bomb()
+        assert len(png_bomb) < 200_000 and len(dicom_bomb) < 400_000
+        bodies = [png_bomb, dicom_bomb, b"garbage" * 1000, image, os.urandom(2_000_000)]
+        for body in bodies:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"bearer {token}"}):
+                for kwargs in ({"data": body}, {"files": {"image": ("x.png", body)}}):
+                    start = time.monotonic()
+                    response = requests.post(srv.url + "/predict", headers=headers, timeout=30, **kwargs)
+                    took = time.monotonic() - start
+                    assert response.status_code == 401 and "token" in response.json()["error"], response.text
+                    assert took < 0.5, took
+        assert metrics_of(srv)["chestxray_decodes_total"] == 0  # none of them was decoded
+        for path in ("/info", "/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/nowhere"):
+            response = requests.get(srv.url + path, timeout=30)
+            assert response.status_code == 401 and set(response.json()) == {"error"}, (path, response.text)
+        for path in ("/docs", "/redoc", "/openapi.json", "/nowhere"):
+            response = requests.get(srv.url + path, headers=srv.auth, timeout=30)
+            assert response.status_code == 404 and set(response.json()) == {"error"}, (path, response.text)
+        response = requests.get(srv.url + "/predict", headers=srv.auth, timeout=30)
+        assert response.status_code == 405 and set(response.json()) == {"error"}, response.text
         assert requests.get(srv.url + "/", timeout=30).status_code == 200  # the page holds no data
+        assert srv.post(data=image).status_code == 200
+        info = requests.get(srv.url + "/info", headers=srv.auth, timeout=30).json()
+        assert info["model"]["token_required"] is True and info["monitor"]["window"] == 200
+        before = tree_rss(srv.proc.pid)
+        for bomb, reason in ((png_bomb, "above max_pixels=25,000,000"), (dicom_bomb, "max_pixels")):
+            start = time.monotonic()
+            response = srv.post(data=bomb)
+            assert response.status_code == 422 and reason in response.json()["error"], response.text
+            assert time.monotonic() - start < 2
+        grown = tree_rss(srv.proc.pid) - before
+        assert grown < 100e6, f"the server grew {grown / 1e6:.0f} MB over two bombs"
+        assert srv.post(data=image).status_code == 200
+        metrics = metrics_of(srv)
+        assert metrics["chestxray_decodes_total"] == 4
+        assert metrics["chestxray_requests_total,endpoint=/predict,status=401"] == len(bodies) * 6
+        assert metrics["chestxray_requests_total,endpoint=/predict,status=422"] == 2
+        assert metrics["chestxray_request_seconds_count,endpoint=/predict"] >= 4
+        assert "chestxray_uploads_in_progress" in metrics and "chestxray_ood_flagged_share" in metrics
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     finally:
         seconds = srv.stop(signal.SIGTERM)
     assert srv.proc.returncode == 0 and seconds < 30, srv.stderr[-2000:]
-    assert "s3cret" not in srv.stdout + srv.stderr
+    assert "Traceback" not in srv.stderr and len(srv.stderr.strip().splitlines()) <= 1, srv.stderr[-3000:]
+    written = b"".join(f.read_bytes() for f in run.rglob("*") if f.is_file())
+    assert token not in ps and token not in srv.stdout + srv.stderr and token.encode() not in written
+    assert any(" POST /predict 401 " in line for line in (srv.stdout + srv.stderr).splitlines())  # the access log
+
+
+@pytest.mark.slow
+def test_malformed_requests_fuzzed_get_4xx_and_the_server_goes_on(server, tiny_run):
+    """Hypothesis sends malformed multipart bodies, headers and images for a bounded time: every answer is a 2xx
+    or 4xx {"error"}, and the server still answers a good image after."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = an_image(tiny_run).read_bytes()
+    heads = [good[:n] for n in (0, 8, 33, 100, 1000)] + [png_bytes(40, 40)[:-12], b"\x89PNG\r\n\x1a\n", b"II*\x00"]
+    dicm = [b"\0" * 128 + b"DICM" + tail for tail in (b"", b"\x02\x00\x10\x00UI\x04\x001.2\0", b"\xff" * 64)]
+    bodies = st.one_of(st.binary(max_size=4096), st.sampled_from(heads + dicm), st.builds(bytes.__add__,
+                       st.sampled_from(heads + dicm), st.binary(max_size=512)))  # fmt: skip
+    boundary = st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), min_size=0, max_size=20)
+    content_type = st.one_of(
+        st.just(None),
+        st.sampled_from(["image/png", "application/json", "MULTIPART/FORM-DATA", "text/plain; charset=x"]),
+        boundary.map(lambda b: f"multipart/form-data; boundary={b}"),
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, kind=content_type, boundary=boundary, wrap=st.booleans(), query=st.sampled_from(
+        ["", "?gradcam=true", "?gradcam=%ff", "?a=b&&=="]))  # fmt: skip
+    def answers_in_4xx(body, kind, boundary, wrap, query):
+        if wrap:  # a multipart body around it, well formed or not
+            body = b"--" + boundary.encode() + b"\r\nContent-Disposition: form-data; name=image; filename=x\r\n\r\n"
+            body += b"\r\n--" + boundary.encode() + b"--\r\n"
+        headers = {"Content-Type": kind} if kind else {}
+        response = server.post(data=body, headers=headers, query=query)
+        assert response.status_code < 500, (response.status_code, response.text[:200])
+        if response.status_code >= 400:
+            assert set(response.json()) == {"error"}, response.text[:200]
+
+    start = time.monotonic()
+    answers_in_4xx()
+    assert time.monotonic() - start < 120
+    assert server.post(data=good).status_code == 200
+    assert server.proc.poll() is None
 
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
+REAL_TEST_IMAGE = ROOT.parent / "shared" / "data" / "covid19-image-dataset" / "test" / "Normal" / "0101.jpeg"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 def test_the_page_in_headless_chromium_shows_predict_py_answer(server, tiny_run, tmp_path, monkeypatch):
+    """On a real test radiograph where the dataset is here (else a generated one): the image and its Grad-CAM side
+    by side with captions, predict.py's class and bars, the OOD flag, prediction set and acceptance in words, no
+    token field (this server wants none); a flagged answer is shown muted and labelled "do not trust"."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = an_image(tiny_run)
+    image = REAL_TEST_IMAGE if REAL_TEST_IMAGE.exists() else an_image(tiny_run)
     probs = predict_probs(tiny_run["ckpt"], image, tmp_path / "pred", monkeypatch)
+    answer = server.post(data=image.read_bytes()).json()
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=800,900"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,1100"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    text = lambda element_id: driver.find_element(By.ID, element_id).text  # noqa: E731
     try:
         driver.get(server.url + "/")
+        WebDriverWait(driver, 30).until(lambda d: "vgg19" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "token-field").is_displayed()
         driver.find_element(By.ID, "file").send_keys(str(image))
         WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3)
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "overlay").get_attribute("naturalWidth") != "0")
-        assert driver.find_element(By.ID, "answer").text == CLASSES[int(probs.argmax())]
+        for picture in ("source", "overlay"):
+            loaded = lambda d, i=picture: d.find_element(By.ID, i).get_attribute("naturalWidth") != "0"  # noqa: E731
+            WebDriverWait(driver, 60).until(loaded)
+        source, overlay = driver.find_element(By.ID, "source"), driver.find_element(By.ID, "overlay")
+        assert source.location["y"] == overlay.location["y"] and source.location["x"] < overlay.location["x"]
+        assert text("source-caption") == "the uploaded image" and text("overlay-caption").startswith("Grad-CAM of ")
+        assert text("answer") == CLASSES[int(probs.argmax())]
         shown = {
             e.get_attribute("data-cls"): float(e.get_attribute("data-prob"))
             for e in driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
         }
         assert np.abs(np.array([shown[c] for c in CLASSES]) - probs).max() <= 1e-6
-        assert driver.find_element(By.ID, "error").text == ""
+        assert text("error") == ""
+        flagged = answer["in_distribution"] is False
+        words = {False: "flagged: unlike the training images", True: "no: like the training images"}
+        assert text("ood") == words.get(answer["in_distribution"], "not scored (the checkpoint has no detector fit)")
+        if "prediction_set" in answer:
+            expected = "{" + ", ".join(answer["prediction_set"]) + "}"
+            assert text("set") == f"90% prediction set: {expected}: the true class is among these 9 times in 10"
+        assert text("accepted") == "not assessed by this checkpoint"
+        assert ("untrusted" in driver.find_element(By.ID, "result").get_attribute("class")) == flagged
+        assert driver.find_element(By.ID, "distrust").is_displayed() == flagged
         shot = tmp_path / "serve-page.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 1000
         if os.environ.get("CHESTXRAY_SAVE_SCREENSHOT"):  # the README's picture: docs/serve-page.png
             shutil.copy(shot, ROOT / "docs" / "serve-page.png")
+        driver.execute_script("show(arguments[0])", {**answer, "in_distribution": False, "accepted": 0})
+        assert "untrusted" in driver.find_element(By.ID, "result").get_attribute("class")
+        assert driver.find_element(By.ID, "distrust").is_displayed() and text("distrust") == "do not trust"
+        assert int(driver.find_element(By.ID, "answer").value_of_css_property("font-weight")) < 600
+        assert text("accepted") == "no: do not trust this answer"
     finally:
         driver.quit()

@@ -93,10 +93,48 @@ def _code(value) -> str:
     return text if _CODE_STRING.fullmatch(text) else "invalid"
 
 
-def read_dataset(data: bytes):
-    """The header's READ_TAGS and the pixel data; pydicom's warnings are dropped, as they may quote values."""
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-compressed
+_INFLATE_STEP = 1 << 20
+
+
+def inflated_limit(max_pixels: int) -> int:
+    """The most bytes a dataset within max_pixels can hold: 3 samples of 2 bytes per pixel, plus 1 MB of header."""
+    return 6 * max_pixels + (1 << 20)
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """A deflated dataset larger than `limit` once inflated is refused while inflating, 1 MB at a time: pydicom
+    inflates the whole dataset to read even its header, so a 200 kB file of zeros would take gigabytes."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception as err:  # noqa: BLE001 - whatever pydicom cannot parse is a bad file
+        raise DicomError(f"unreadable DICOM header ({type(err).__name__})") from None
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, data[fp.tell() :]
+    try:
+        while pending and total <= limit:
+            total += len(inflater.decompress(pending, _INFLATE_STEP))
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        raise DicomError("corrupt deflated dataset") from None
+    if total > limit:
+        raise DicomError(f"deflated dataset inflates beyond {limit:,} bytes (more than max_pixels allows)")
+
+
+def read_dataset(data: bytes, max_inflated: int | None = None):
+    """The header's READ_TAGS and the pixel data; pydicom's warnings are dropped, as they may quote values. With
+    max_inflated, a deflated file is first checked to inflate to at most that many bytes."""
     import pydicom
 
+    if max_inflated is not None:
+        _check_inflated_size(data, max_inflated)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -164,16 +202,20 @@ def check_decoder(info: DicomInfo) -> None:
         )
 
 
+def _domain(ds, info: DicomInfo) -> np.ndarray:
+    """Every stored value BitsStored allows, in order."""
+    bits = info.bits_stored
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    low = -(2 ** (bits - 1)) if signed else 0
+    return np.arange(low, low + 2**bits, dtype=np.int32 if signed else np.uint32)
+
+
 def _output_range(ds, info: DicomInfo, voi: bool) -> tuple[float, float]:
     """The least and greatest value the modality and VOI steps can give, over every value BitsStored allows (and,
     for a window, pydicom's own output bounds): this range, not the image's, becomes 0..255."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    bits = info.bits_stored
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
-    low = -(2 ** (bits - 1)) if signed else 0
-    domain = np.arange(low, low + 2**bits, dtype=np.int32 if signed else np.uint32)
-    values = apply_modality_lut(domain, ds)
+    values = apply_modality_lut(_domain(ds, info), ds)
     if voi:
         if "VOILUTSequence" not in ds:  # a window clamps to its bounds: include values beyond the stored range
             values = np.concatenate([np.asarray(values, np.float64), [-1e15, 1e15]])
@@ -181,10 +223,32 @@ def _output_range(ds, info: DicomInfo, voi: bool) -> tuple[float, float]:
     return float(np.min(values)), float(np.max(values))
 
 
-def decode_pixels(ds, info: DicomInfo) -> np.ndarray:
-    """uint8 grey (H x W) or RGB (H x W x 3), as the PNG path gives it."""
+def _grey_table(ds, info: DicomInfo) -> np.ndarray:
+    """The 8-bit grey of every stored value (modality LUT, VOI, output range, MONOCHROME1 inverted): both steps act
+    on each value alone, so the picture is this table looked up, computed over 2^BitsStored values (at most 65536)
+    instead of in float64 over every pixel (two float64 copies of a 25-megapixel image are 400 MB)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+    values = apply_modality_lut(_domain(ds, info), ds)
+    if voi:
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+    table = _to_uint8(values, *_output_range(ds, info, voi))
+    return 255 - table if info.photometric == "MONOCHROME1" else table
+
+
+def _look_up(stored: np.ndarray, table: np.ndarray, first: int, rows: int = 256) -> np.ndarray:
+    """table[stored - first], a band of rows at a time (the index array numpy makes stays a few MB)."""
+    out = np.empty(stored.shape, np.uint8)
+    for top in range(0, stored.shape[0], rows):
+        index = stored[top : top + rows].astype(np.int64) - first
+        np.clip(index, 0, len(table) - 1, out=index)  # values beyond BitsStored: the nearest end, as clipping did
+        out[top : top + rows] = table[index]
+    return out
+
+
+def decode_pixels(ds, info: DicomInfo) -> np.ndarray:
+    """uint8 grey (H x W) or RGB (H x W x 3), as the PNG path gives it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -193,13 +257,8 @@ def decode_pixels(ds, info: DicomInfo) -> np.ndarray:
             raise DicomError(f"cannot decode the pixel data ({type(err).__name__}: {err})") from None
         if info.samples == 3:
             return _to_uint8(stored, 0, 2**info.bits_stored - 1)
-        voi = "VOILUTSequence" in ds or "WindowCenter" in ds
-        values = apply_modality_lut(stored, ds)
-        if voi:
-            values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        low, high = _output_range(ds, info, voi)
-    grey = _to_uint8(values, low, high)
-    return 255 - grey if info.photometric == "MONOCHROME1" else grey
+        table = _grey_table(ds, info)
+    return _look_up(stored, table, int(_domain(ds, info)[0]))
 
 
 def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -167,15 +167,17 @@ def _check_complete(data: bytes, fmt: str) -> str | None:
     return None
 
 
-def read_header(data: bytes, path: str | os.PathLike) -> Header:
-    """Format, size and orientation from the file's header alone, or BadImageError with the reason."""
+def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None = None) -> Header:
+    """Format, size and orientation from the file's header alone, or BadImageError with the reason. With limits, a
+    deflated DICOM that inflates beyond what limits.max_pixels allows is
+    refused while inflating (dicom.read_dataset)."""
     if not data:
         raise BadImageError(path, "empty file (0 bytes)")
     fmt = _sniff_format(data)
     if fmt is None:
         raise BadImageError(path, "not a JPEG, PNG, TIFF or DICOM image (unrecognised file content)")
     if fmt == "DICOM":
-        return _dicom_header(data, path)[0]
+        return _dicom_header(data, path, limits)[0]
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
@@ -199,10 +201,10 @@ def read_header(data: bytes, path: str | os.PathLike) -> Header:
     return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1, top)
 
 
-def _dicom_header(data: bytes, path: str | os.PathLike):
+def _dicom_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None = None):
     """A DICOM file's Header and its (READ_TAGS only) dataset, for the pixel decode."""
     try:
-        ds = dicom.read_dataset(data)
+        ds = dicom.read_dataset(data, None if limits is None else dicom.inflated_limit(limits.max_pixels))
         info = dicom.info_of(ds)
     except dicom.DicomError as err:
         raise BadImageError(path, str(err)) from None
@@ -211,11 +213,13 @@ def _dicom_header(data: bytes, path: str | os.PathLike):
 
 def check_limits(header: Header, path: str | os.PathLike, limits: ImageLimits) -> None:
     """Refuse, before decoding, images too large to decode safely or too small to be a radiograph."""
-    pixels = header.width * header.height
+    frames = header.dicom.frames if header.dicom else 1  # rows x columns x frames: what decoding would hold
+    pixels = header.width * header.height * max(frames, 1)
     if pixels > limits.max_pixels:
+        size = f"{header.width} x {header.height}" + (f" x {frames} frames" if frames > 1 else "")
         raise BadImageError(
             path,
-            f"image of {header.width} x {header.height} = {pixels:,} pixels is above {limits.prefix}max_pixels="
+            f"image of {size} = {pixels:,} pixels is above {limits.prefix}max_pixels="
             f"{limits.max_pixels:,} (not decoded: a file this size can exhaust memory)",
         )
     if min(header.width, header.height) < limits.min_side:
@@ -385,7 +389,7 @@ def _decode_opencv(data: bytes, path: str | os.PathLike, header: Header, target:
 
 def _decode_dicom(data: bytes, path: str | os.PathLike, limits: ImageLimits) -> Decoded:
     """DICOM: header checks (size, modality, frames, view, decoder) before any pixel, then chestxray.data.dicom."""
-    header, ds = _dicom_header(data, path)
+    header, ds = _dicom_header(data, path, limits)
     info = header.dicom
     check_limits(header, path, limits)
     try:

@@ -6,26 +6,30 @@ import base64
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from fastapi import HTTPException, Request
 
-from chestxray.data.images import DISPLAY_SIDE, BadImageError, ImageLimits, decode_bytes
+from chestxray.data.dicom import LATERAL_VIEWS
+from chestxray.data.images import DISPLAY_SIDE, BadImageError, ImageLimits, ImageTags, decode_bytes
+from chestxray.evaluation.report import prediction_row
 from chestxray.models.checkpoints import load_models, read_checkpoint
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble
+from chestxray.models.ood import check_settings as ood_settings
 from chestxray.models.selection import select
+
+UPLOAD_NAME = "upload"  # what a row calls the file: never the client's file name
 
 try:
     import litserve as ls
 except ImportError:  # the serve extra is optional: chestxray.serving.server says which extra to install
     ls = None
 
-# Fields a model's output may carry (the out-of-distribution check, conformal prediction sets): passed through to
-# the JSON answer when the predictor provides them, absent otherwise.
-OPTIONAL_FIELDS = ("ood_score", "in_distribution", "prediction_set", "confidence", "accepted")
+# predictions.csv's columns (chestxray.evaluation.report.prediction_row, the shared per-image code) that the answer
+# carries in its own form or not at all; every other column that code adds (new per-image fields) passes through.
+ROW_HANDLED = frozenset({"path", "label", "pred", "ood_score", "in_distribution", "prediction_set"})
+NOT_SCORED = "not scored"  # the answer's "ood" when the detector gave no score (NaN), as predict.py's empty cell
 LOW_CONFIDENCE = 0.5
 
 
@@ -59,6 +63,8 @@ def model_info(paths: Sequence[str]) -> dict:
         "classes": list(first["classes"]),
         "image_size": int(first["image_size"]),
         "preprocess": str(first.get("preprocess", "none")),  # data.preprocess, applied to uploads as in training
+        "pass_rate": ood_settings(dict(first.get("ood") or {}), {})[1],  # model.ood.pass_rate: the alarm's baseline
+        "coverage": ood_settings({}, dict(first.get("conformal") or {}))[2],  # model.conformal.coverage
         "members": members,
     }
 
@@ -90,44 +96,68 @@ def warnings_for(answer: dict, calibrated: bool, image_size: int) -> list[str]:
         notes.append(f"low confidence: no class above {LOW_CONFIDENCE:.0%}")
     if min(answer["width"], answer["height"]) < image_size:
         notes.append(f"the image is smaller than the model's input ({image_size} px): it was enlarged")
+    if answer.get("view") in LATERAL_VIEWS:
+        notes.append(f"lateral view (ViewPosition {answer['view']}): the model was trained on frontal (PA/AP) views")
     if answer.get("in_distribution") is False:
         notes.append("the image looks unlike the training images (out of distribution): do not trust the answer")
+    if answer.get("accepted") in (False, 0):
+        notes.append("not accepted by the checkpoint's acceptance rule: do not trust the answer")
     return notes
 
 
+def _json_value(text: str):
+    """A predictions.csv cell as JSON: empty -> null, a number -> the number, else the text."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def build_answer(
-    classes: Sequence[str], probs: np.ndarray, width: int, height: int, extras: dict[str, Any] | None = None
+    classes: Sequence[str],
+    probs: np.ndarray,
+    width: int,
+    height: int,
+    ood_score: float | None = None,
+    in_set: np.ndarray | None = None,
+    tags: ImageTags | None = None,
+    confidence: float | None = None,
+    accepted: bool | None = None,
 ) -> dict:
-    """The JSON answer of one image; any of OPTIONAL_FIELDS that the model's output has passes through."""
+    """The JSON answer of one image, from predict.py's row of it (chestxray.evaluation.report.prediction_row): the
+    same modality and view, the same NaN handling (no score -> "ood_score" and "in_distribution" null and "ood"
+    "not scored", not a false flag), the prediction set only when fitted; every column that code adds beyond
+    those (e.g. confidence, accepted) passes through, empty cells as null."""
+    row = prediction_row(UPLOAD_NAME, "", classes, probs, ood_score, in_set, tags or ImageTags(), confidence, accepted)
     answer = {
-        "class": classes[int(np.argmax(probs))],
+        "class": row["pred"],
         "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
         "width": width,
         "height": height,
     }
-    for key in OPTIONAL_FIELDS:
-        if extras and key in extras and extras[key] is not None:
-            value = extras[key]
-            answer[key] = value.tolist() if isinstance(value, np.ndarray | torch.Tensor) else value
+    for key, value in row.items():
+        if key not in ROW_HANDLED and not key.startswith("prob_"):
+            answer[key] = _json_value(value) if key not in ("modality", "view") else value
+    scored = row["ood_score"] != ""
+    answer["ood_score"] = float(ood_score) if scored else None
+    answer["in_distribution"] = row["in_distribution"] == "1" if scored else None
+    flag = "in distribution" if answer["in_distribution"] else "out of distribution"
+    answer["ood"] = flag if scored else NOT_SCORED
+    if in_set is not None:
+        answer["prediction_set"] = row["prediction_set"].split("|") if row["prediction_set"] else []
     return answer
-
-
-def selective_extras(models: Sequence[ChestXrayClassifier], probs: np.ndarray, margin: np.ndarray) -> dict[str, list]:
-    """Each answer's confidence and acceptance, as predict.py writes them (chestxray.models.selection): accepted is
-    absent when the checkpoint carries no acceptance threshold (or for an ensemble)."""
-    chosen = select(models, probs, margin)
-    extras: dict[str, list] = {"confidence": [float(c) for c in chosen.confidence]}
-    if chosen.accepted is not None:
-        extras["accepted"] = [bool(a) for a in chosen.accepted]
-    return extras
 
 
 class ClassifierAPI(ls.LitAPI if ls else object):
     """setup: load_models (weights_only) on the worker's device; predict: the Ensemble's fp32 probabilities."""
 
-    def __init__(self, ckpts: Sequence[str], limits: ImageLimits, token: str | None, **litapi_kwargs):
+    def __init__(self, ckpts: Sequence[str], limits: ImageLimits, **litapi_kwargs):
         super().__init__(**litapi_kwargs)
-        self.ckpts, self.limits, self.token = list(ckpts), limits, token
+        self.ckpts, self.limits = list(ckpts), limits
 
     def setup(self, device: str) -> None:
         torch.set_grad_enabled(False)
@@ -135,15 +165,9 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         self.classes = self.models[0].classes
         self.image_size = int(self.models[0].hparams.image_size)
         self.calibrated = all(bool(m.calibrated) for m in self.models)
+        self.with_sets = all(bool(m.conformal.fitted) for m in self.models)  # as predict.py's PredictionWriter
         self.torch_device = torch.device(device)
         self.ensemble = Ensemble(self.models).to(self.torch_device).eval()
-
-    def authorize(self, request: Request) -> None:
-        """token=...: every LitServe route (/predict, /health, /info) wants `Authorization: Bearer <token>`."""
-        if self.token is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {self.token}":
-            raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
 
     def decode_request(self, request: dict) -> dict:
         """The view decoded by chestxray.serving.intake, back to a tensor (nothing here can fail on a bad file)."""
@@ -164,30 +188,29 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         views = torch.stack([i["view"] for i in items])
         with torch.inference_mode(), torch.autocast(self.torch_device.type, enabled=False):
             probs, margin, sets = self.ensemble.probabilities(views.to(self.torch_device))
-            probs = probs.float().cpu()
-            extras = self._extras(margin.float().cpu(), sets.cpu())
-            extras |= selective_extras(self.models, probs.numpy(), margin.double().cpu().numpy())
+            probs, margin, sets = probs.float().cpu().numpy(), margin.double().cpu().numpy(), sets.bool().cpu().numpy()
+        chosen = select(self.models, probs, margin)  # confidence and acceptance as predict.py gives them
         answers = []
         for k, item in enumerate(items):
-            p = probs[k].numpy()
-            answer = build_answer(self.classes, p, item["width"], item["height"], {n: v[k] for n, v in extras.items()})
+            tags = ImageTags(item.get("modality", ""), item.get("view_position", ""))
+            in_set = sets[k] if self.with_sets else None
+            accepted = None if chosen.accepted is None else bool(chosen.accepted[k])
+            answer = build_answer(
+                self.classes,
+                probs[k],
+                item["width"],
+                item["height"],
+                margin[k],
+                in_set,
+                tags,
+                float(chosen.confidence[k]),
+                accepted,
+            )
             answer["warnings"] = warnings_for(answer, self.calibrated, self.image_size)
             if item.get("gradcam"):
-                answer["gradcam_png"] = self._gradcam(item, int(p.argmax()))
+                answer["gradcam_png"] = self._gradcam(item, int(probs[k].argmax()))
             answers.append(answer)
         return answers[0] if single else answers
-
-    def _extras(self, margin: torch.Tensor, sets: torch.Tensor) -> dict[str, list]:
-        """The out-of-distribution score (the detector's score minus its threshold), the flag and the prediction set
-        of each image, as predict.py writes them (chestxray.models.ood); none for checkpoints without a fit (their
-        score is NaN)."""
-        if not len(margin) or bool(torch.isnan(margin).all()):
-            return {}
-        return {
-            "ood_score": [float(m) for m in margin],
-            "in_distribution": [bool(m <= 0) for m in margin],
-            "prediction_set": [[c for c, k in zip(self.classes, row, strict=True) if k] for row in sets.tolist()],
-        }
 
     def _gradcam(self, item: dict, target: int) -> str:
         try:

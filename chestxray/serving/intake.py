@@ -7,23 +7,31 @@ POST /predict into the model's view of the image (decoded by chestxray.data.imag
 predict.py uses) or a 4xx JSON refusal, before the request reaches LitServe's queue. Decoding in the HTTP
 process(es) also runs in parallel with the inference worker, as predict.py's DataLoader workers do.
 
+It runs after chestxray.serving.gate (the token, the waiting limit): nothing here sees an unauthorised request.
+Bounded work per upload: the body must arrive within `body_timeout` seconds and below `max_upload_bytes` (else 408,
+413); the header is checked against `max_pixels` before any pixel is decoded; decoding runs in a pool of
+`decode_threads` threads, off the event loop, so /health and the token's 401s are answered while files decode.
+
 Nothing from the request's content (file names, headers of the image, DICOM tags) is logged: only the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chestxray.data.images import BadImageError, ImageLimits, model_view, read_header
+from chestxray.data.images import BadImageError, ImageLimits, check_limits, model_view, read_header
 
 FIELD = "image"  # the multipart field that carries the image
 UPLOAD_NAME = "upload"  # what a refusal calls the file: never the client's file name
@@ -43,14 +51,25 @@ class IntakeSettings:
     limits: ImageLimits
     max_upload_bytes: int
     path: str = "/predict"
+    body_timeout: float = 30.0  # seconds the whole body may take to arrive (a slow or endless upload is cut off)
+    decode_threads: int = 2  # files decoded at once in this HTTP process
 
 
 def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes the limit: an endless upload is never held whole."""
+async def read_body(receive: Receive, limit: int, seconds: float = 30.0) -> bytes:
+    """The whole body within `seconds`, refusing (413) as soon as it passes the limit (an endless upload is never
+    held whole) and (408) when it is still arriving after `seconds` (a slow one never holds a connection long)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise Refused(408, f"the upload took longer than body_timeout={seconds:g} s") from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks, total = [], 0
     while True:
         message = await receive()
@@ -68,7 +87,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 async def image_bytes(scope: Scope, body: bytes) -> tuple[bytes, dict[str, str]]:
     """(the image's bytes, the form's other fields) from a multipart form or a raw body."""
     headers = Headers(scope=scope)
-    content_type = headers.get("content-type", "")
+    content_type = headers.get("content-type", "").strip().lower()  # media types are case-insensitive (RFC 9110)
     if not content_type.startswith("multipart/form-data"):
         return body, {}
 
@@ -90,21 +109,38 @@ async def image_bytes(scope: Scope, body: bytes) -> tuple[bytes, dict[str, str]]
         await form.close()
 
 
-def decode(data: bytes, settings: IntakeSettings) -> tuple[np.ndarray, int, int]:
-    """(3 x S x S uint8 view, width, height as read), or Refused(422, reason) for a file that is not a usable image."""
+@dataclass(frozen=True)
+class Upload:
+    """An upload decoded: the model's view and the header's facts that the answer carries."""
+
+    view: np.ndarray  # 3 x S x S uint8
+    width: int
+    height: int
+    modality: str = ""  # DICOM only (as predictions.csv's columns)
+    view_position: str = ""
+
+
+def decode(data: bytes, settings: IntakeSettings) -> Upload:
+    """The upload decoded, or Refused(422, reason) for a file that is not a usable image (its header is checked
+    against the limits before any pixel is decoded)."""
     try:
-        header = read_header(data, UPLOAD_NAME)
-        return model_view(data, UPLOAD_NAME, settings.image_size, settings.limits), header.width, header.height
+        header = read_header(data, UPLOAD_NAME, settings.limits)
+        check_limits(header, UPLOAD_NAME, settings.limits)
+        view = model_view(data, UPLOAD_NAME, settings.image_size, settings.limits)
     except BadImageError as err:
         raise Refused(422, err.reason) from None
+    info = header.dicom
+    return Upload(view, header.width, header.height, info.modality if info else "", info.view if info else "")
 
 
-def payload(view: np.ndarray, width: int, height: int, gradcam: bool, data: bytes) -> dict:
+def payload(upload: Upload, gradcam: bool, data: bytes) -> dict:
     """What LitServe queues for the inference worker (JSON: its request parsing takes JSON or forms)."""
     return {
-        "view": base64.b64encode(view.tobytes()).decode(),
-        "width": width,
-        "height": height,
+        "view": base64.b64encode(upload.view.tobytes()).decode(),
+        "width": upload.width,
+        "height": upload.height,
+        "modality": upload.modality,
+        "view_position": upload.view_position,
         "gradcam": gradcam,
         "image": base64.b64encode(data).decode() if gradcam else None,  # the overlay is drawn over the source
     }
@@ -113,8 +149,14 @@ def payload(view: np.ndarray, width: int, height: int, gradcam: bool, data: byte
 class ImageIntake:
     """ASGI middleware for POST /predict: see the module's docstring. Other routes pass through untouched."""
 
-    def __init__(self, app: ASGIApp, settings: IntakeSettings):
-        self.app, self.settings = app, settings
+    def __init__(self, app: ASGIApp, settings: IntakeSettings, monitor=None):
+        self.app, self.settings, self.monitor = app, settings, monitor
+        self.limiter = anyio.CapacityLimiter(settings.decode_threads)
+
+    def decode(self, data: bytes) -> Upload:
+        if self.monitor is not None:
+            self.monitor.decodes.inc()  # every upload that reaches the decoder: the tests' spy
+        return decode(data, self.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.settings.path:
@@ -124,15 +166,15 @@ class ImageIntake:
             declared = Headers(scope=scope).get("content-length")
             if declared and declared.isdigit() and int(declared) > self.settings.max_upload_bytes:
                 raise Refused(413, f"upload larger than max_upload_mb={self.settings.max_upload_bytes / 1e6:g} MB")
-            body = await read_body(receive, self.settings.max_upload_bytes)
+            body = await read_body(receive, self.settings.max_upload_bytes, self.settings.body_timeout)
             data, fields = await image_bytes(scope, body)
-            query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+            query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode(errors="replace")).items()}
             gradcam = truthy(query.get("gradcam")) or truthy(fields.get("gradcam"))
-            view, width, height = decode(data, self.settings)
+            upload = await anyio.to_thread.run_sync(self.decode, data, limiter=self.limiter)
         except Refused as refused:
             await JSONResponse({"error": refused.reason}, status_code=refused.status)(scope, receive, send)
             return
-        encoded = json.dumps(payload(view, width, height, gradcam, data)).encode()
+        encoded = json.dumps(payload(upload, gradcam, data)).encode()
         sent = False
 
         async def forward() -> Message:

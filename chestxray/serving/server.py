@@ -2,22 +2,33 @@
 
 LitServe gives /predict (batching, worker processes, accelerator), /health and /info. Its limits, and what is
 done about them here:
-- /info answers {"model": model_metadata, "server": {...}}: the checkpoint's facts go in model_metadata.
+- Its authorize() runs after the middlewares and the body's parsing: the token is checked instead by
+  chestxray.serving.gate, a pure ASGI middleware added last so that it runs outermost, before any body is read.
+- /info answers {"model": model_metadata, "server": {...}}: replaced by a route that adds the out-of-distribution
+  monitor ("monitor") and whether a token is required.
 - It registers its own GET / ("litserve running"); that route is replaced by the web page (plain FastAPI route on
   LitServer.app, which LitServe copies into each HTTP server process).
 - Its request parsing takes JSON or forms only: raw bodies and the upload size limit are handled by
   chestxray.serving.intake, a middleware in front of it.
+- FastAPI's /docs, /redoc and /openapi.json are removed unless docs=true (and then want the token like the rest).
+- FastAPI answers its own errors (404, 405, 422) as {"detail": ...}: handlers here make every error {"error": ...}.
+- Its GZip middleware is removed: answers are small, and the gate reads /predict's answers for the monitor.
 - LitServer.run accepts only host 0.0.0.0, 127.0.0.1 or :: (it refuses other addresses).
+
+The token never touches disk or argv: it is read from $CHESTXRAY_SERVE_TOKEN or from the file token_file= names,
+and held in memory; token= on the command line is refused by serve.py before Hydra records it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from chestxray import settings
 from chestxray.data.images import ImageLimits
@@ -26,6 +37,8 @@ from chestxray.errors import ConfigError, PredictError, require
 log = logging.getLogger(__name__)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServer.run accepts
 PAGE = Path(__file__).with_name("page.html")
+TOKEN_VARIABLE = "CHESTXRAY_SERVE_TOKEN"
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 SERVE_RULES = [
     *settings.IMAGE_RULES,
     settings._int("port", 1024, 65535),
@@ -34,7 +47,44 @@ SERVE_RULES = [
     settings._int("workers", 1),
     settings._number("max_upload_mb", 0, low_open=True),
     settings._choice("accelerator", ("auto", "cpu", "cuda", "mps")),
+    settings._int("max_pixels", 1),
+    settings._int("min_image_side", 1),
+    settings._int("max_waiting", 1),
+    settings._int("decode_threads", 1),
+    settings._number("request_timeout", 0, low_open=True),
+    settings._number("body_timeout", 0, low_open=True),
+    settings._int("ood_window", 1),
+    settings._bool("docs"),
 ]
+TOKEN_ON_COMMAND_LINE = (
+    "token= on the command line is refused: it would be visible in `ps` and recorded in the run's .hydra files; "
+    f"set the environment variable {TOKEN_VARIABLE}, or token_file=PATH (a file holding the token)"
+)
+
+
+def token_argument(argv: list[str]) -> bool:
+    """Whether the command line gives the token itself (token=, +token=, ++token=, ~token=)."""
+    return any(arg.lstrip("+~").split("=", 1)[0] == "token" and "=" in arg for arg in argv)
+
+
+def read_token(token_file: str | None, environ=os.environ) -> str | None:
+    """The token from token_file= (its first line) or $CHESTXRAY_SERVE_TOKEN; None when neither; ConfigError when
+    the file cannot be read or the token is empty. Never printed, logged or stored."""
+    if token_file is not None:
+        try:
+            lines = Path(str(token_file)).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"token_file={token_file}: cannot be read ({type(err).__name__})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"token_file={token_file} is empty: write the token on its first line")
+        return token
+    token = environ.get(TOKEN_VARIABLE)
+    if token is None:
+        return None
+    if not token.strip():
+        raise ConfigError(f"${TOKEN_VARIABLE} is set but empty: give a secret, or unset it for no token")
+    return token.strip()
 
 
 def _listed(value) -> list[str]:
@@ -47,52 +97,90 @@ def check(cfg: DictConfig) -> None:
         raise PredictError(
             "ckpt= is required: the checkpoint to serve, e.g. ckpt=outputs/train/runs/<time>/checkpoints/best.ckpt"
         )
+    if "token" in cfg:
+        raise ConfigError(TOKEN_ON_COMMAND_LINE)
     settings.check(cfg, SERVE_RULES)
     if str(cfg.host) not in HOSTS:
         raise ConfigError(f"host={cfg.host}: LitServe binds only {', '.join(HOSTS)} (127.0.0.1: this machine only)")
-    if cfg.token is not None and not str(cfg.token).strip():
-        raise ConfigError("token= is empty: give a secret, or null for no token")
 
 
-def loopback_warning(host: str) -> str | None:
+def loopback_warning(host: str, token: bool = False) -> str | None:
     if host in ("127.0.0.1", "::1", "localhost"):
         return None
     return (
         f"serve.py: warning: host={host} serves every network this machine is on; anyone who reaches it can send "
-        "images" + " (token= requires a Bearer token)"
+        "images" + ("" if token else f" (set ${TOKEN_VARIABLE} or token_file= to require a Bearer token)")
     )
 
 
-def build_server(cfg: DictConfig):
-    """The LitServer for cfg (not started): the API, its intake middleware, /info's facts and the page."""
+def build_server(cfg: DictConfig, token: str | None = None):
+    """The LitServer for cfg (not started): the gate, the API, its intake middleware, /info, /metrics, the page."""
     ls = require("litserve", "serve", "serve.py")
+    require("prometheus_client", "serve", "serve.py")
     from chestxray.serving.api import ClassifierAPI, model_info
+    from chestxray.serving.gate import Gate, GateSettings
     from chestxray.serving.intake import ImageIntake, IntakeSettings
+    from chestxray.serving.monitor import Monitor
 
     ckpts = _listed(cfg.ckpt)
     info = model_info(ckpts)
     limits = ImageLimits(
-        cfg.data.max_pixels,
-        cfg.data.min_image_side,
+        int(cfg.max_pixels),  # serving's own budget, below training's data.max_pixels
+        int(cfg.min_image_side),
         preprocess=info["preprocess"],  # the checkpoint's, as predict.py applies it
         lateral=str(cfg.data.get("lateral", "flag")),
-        prefix="data.",
+        prefix="",
     )
-    token = None if cfg.token is None else str(cfg.token)
-    api = ClassifierAPI(
-        ckpts, limits, token, max_batch_size=int(cfg.max_batch_size), batch_timeout=float(cfg.batch_timeout)
+    api = ClassifierAPI(ckpts, limits, max_batch_size=int(cfg.max_batch_size), batch_timeout=float(cfg.batch_timeout))
+    intake = IntakeSettings(
+        info["image_size"],
+        limits,
+        int(float(cfg.max_upload_mb) * 1e6),
+        body_timeout=float(cfg.body_timeout),
+        decode_threads=int(cfg.decode_threads),
     )
-    intake = IntakeSettings(info["image_size"], limits, int(float(cfg.max_upload_mb) * 1e6))
+    monitor = Monitor(int(cfg.ood_window), 1 - info["pass_rate"])
+    metadata = {
+        **info,
+        "max_upload_mb": float(cfg.max_upload_mb),
+        "max_pixels": int(cfg.max_pixels),
+        "token_required": token is not None,
+    }
     server = ls.LitServer(
         api,
         accelerator=str(cfg.accelerator),
         workers_per_device=int(cfg.workers),
-        model_metadata={**info, "max_upload_mb": float(cfg.max_upload_mb), "token_required": token is not None},
-        middlewares=[(ImageIntake, {"settings": intake})],
+        model_metadata=metadata,
+        middlewares=[(ImageIntake, {"settings": intake, "monitor": monitor})],
         timeout=float(cfg.request_timeout),
+        disable_openapi_url=not bool(cfg.docs),
     )
-    add_page(server.app)
+    app = server.app
+    app.user_middleware[:] = [m for m in app.user_middleware if m.cls.__name__ != "GZipMiddleware"]
+    if not cfg.docs:
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in DOCS_PATHS]
+    add_error_handlers(app)
+    add_page(app)
+    add_info_and_metrics(app, server, monitor)
+    # added last, so outermost: the token is checked before any other middleware or the body is read
+    gate = GateSettings(token, int(cfg.max_waiting), float(cfg.request_timeout) + float(cfg.body_timeout))
+    app.add_middleware(Gate, settings=gate, monitor=monitor)
     return server
+
+
+def add_error_handlers(app) -> None:
+    """Every error the framework answers (404, 405, 413, 422, LitServe's 504) as {"error": reason}."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    async def invalid(request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "malformed request: not what the endpoint reads"}, status_code=422)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
 
 
 def add_page(app) -> None:
@@ -106,16 +194,54 @@ def add_page(app) -> None:
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
 
 
+def add_info_and_metrics(app, server, monitor) -> None:
+    """GET /info (LitServe's, plus the monitor) and GET /metrics (Prometheus text); both behind the gate's token."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != server.info_path]
+
+    async def info() -> JSONResponse:
+        facts = {"devices": server.devices, "workers_per_device": server.workers_per_device, "timeout": server.timeout}
+        return JSONResponse({"model": server.model_metadata, "server": facts, "monitor": monitor.summary()})
+
+    async def metrics() -> Response:
+        return Response(monitor.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route(server.info_path, info, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+
+
+def _quiet_exit(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _quiet_children() -> None:
+    """In each forked process (HTTP server, inference worker): SIGTERM and Ctrl-C end it without a traceback.
+    uvicorn installs its own graceful handlers while it serves (requests in flight are answered) and, when done,
+    raises the signal again into this one; the inherited handler of the main process would print a traceback."""
+    signal.signal(signal.SIGTERM, _quiet_exit)
+    signal.signal(signal.SIGINT, _quiet_exit)
+
+
+_FORK_HOOKED = []
+
+
 def serve(cfg: DictConfig) -> dict:
     """Run serve.py until SIGTERM or Ctrl-C (LitServe shuts its processes down); returns what was served."""
     check(cfg)
-    warning = loopback_warning(str(cfg.host))
+    token = read_token(cfg.get("token_file"))
+    warning = loopback_warning(str(cfg.host), token is not None)
     if warning:
         print(warning, file=sys.stderr, flush=True)
         log.warning(warning)
-    server = build_server(cfg)
+    server = build_server(cfg, token)
+    if not _FORK_HOOKED:
+        os.register_at_fork(after_in_child=_quiet_children)
+        _FORK_HOOKED.append(True)
     print(
-        f"serve.py: page and API on http://{cfg.host}:{cfg.port}/ (POST /predict, GET /health, GET /info)", flush=True
+        f"serve.py: page and API on http://{cfg.host}:{cfg.port}/ (POST /predict, GET /health, /info, /metrics)"
+        + (" (token required)" if token else ""),
+        flush=True,
     )
     server.run(host=str(cfg.host), port=int(cfg.port), generate_client_file=False, log_level=str(cfg.log_level))
     return {"host": str(cfg.host), "port": int(cfg.port)}
