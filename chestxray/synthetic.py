@@ -12,6 +12,7 @@ RGB and grey JPEG, RGBA and 16-bit PNG, mixed sizes and letter cases of extensio
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -127,7 +128,9 @@ def make_dataset(
                 )
     workers = workers or available_cpus()
     if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(workers) as pool:
+        # forkserver, not fork: the callers (pytest-xdist workers, a training process) run threads, and a fork
+        # taken while another thread holds a lock can leave the child waiting on it for ever
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             list(pool.map(_write_one, jobs, chunksize=64))
     else:
         for job in jobs:

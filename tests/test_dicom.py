@@ -513,3 +513,34 @@ def test_a_patient_in_train_and_test_is_leakage_for_the_audit_and_the_leak_free_
         dm.setup()
     test = dm.test_sets["test"]
     assert {p.name for p, k in zip(test.paths, test.leaking.tolist(), strict=True) if k} == {"again.png"}
+
+
+def _deflated_parts() -> tuple[bytes, bytes]:
+    """A deflated DICOM split into its preamble and meta header, and its deflated dataset stream."""
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dataset(np.zeros((300, 300), np.uint16))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return data[: fp.tell()], data[fp.tell() :]
+
+
+@pytest.mark.timeout(20)
+def test_the_inflate_check_ends_on_a_padded_or_truncated_stream():
+    """Bytes after the end of the deflated stream (the even-length pad byte) stay in zlib's unconsumed tail: the
+    check once waited for that tail to empty, for ever, which stalled CI. A truncated stream ends too."""
+    head, stream = _deflated_parts()
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = compressor.compress(bytes(3_000_000)) + compressor.flush()  # more than one 1 MB step
+    for tail in (raw + b"\0", raw + b"\0\0\0", stream, stream + b"\0", raw[: len(raw) // 2]):
+        dicom._check_inflated_size(head + tail, limit=10_000_000)  # returns: within the limit
+    with pytest.raises(dicom.DicomError, match="inflates beyond"):
+        dicom._check_inflated_size(head + raw + b"\0", limit=1000)

@@ -530,7 +530,8 @@ REAL_TEST_IMAGE = ROOT.parent / "shared" / "data" / "covid19-image-dataset" / "t
 def test_the_page_in_headless_chromium_shows_predict_py_answer(server, tiny_run, tmp_path, monkeypatch):
     """On a real test radiograph where the dataset is here (else a generated one): the image and its Grad-CAM side
     by side with captions, predict.py's class and bars, the OOD flag, prediction set and acceptance in words, no
-    token field (this server wants none); a flagged answer is shown muted and labelled "do not trust"."""
+    token field (this server wants none); a flagged or not accepted answer is shown muted and labelled "do not
+    trust"."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -568,9 +569,13 @@ def test_the_page_in_headless_chromium_shows_predict_py_answer(server, tiny_run,
         if "prediction_set" in answer:
             expected = "{" + ", ".join(answer["prediction_set"]) + "}"
             assert text("set") == f"90% prediction set: {expected}: the true class is among these 9 times in 10"
-        assert text("accepted") == "not assessed by this checkpoint"
-        assert ("untrusted" in driver.find_element(By.ID, "result").get_attribute("class")) == flagged
-        assert driver.find_element(By.ID, "distrust").is_displayed() == flagged
+        accepted = answer.get("accepted")  # the checkpoint's acceptance rule: None where it has none
+        refused = accepted in (False, 0)
+        expected = "not assessed by this checkpoint" if accepted is None else "no: do not trust this answer"
+        assert text("accepted") == (expected if accepted is None or refused else "yes")
+        untrusted = flagged or refused  # flagged, or not accepted: shown muted, never as a confident result
+        assert ("untrusted" in driver.find_element(By.ID, "result").get_attribute("class")) == untrusted
+        assert driver.find_element(By.ID, "distrust").is_displayed() == untrusted
         shot = tmp_path / "serve-page.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 1000

@@ -119,8 +119,13 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
         return
     inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, data[fp.tell() :]
     try:
-        while pending and total <= limit:
-            total += len(inflater.decompress(pending, _INFLATE_STEP))
+        while not inflater.eof and total <= limit:
+            out = inflater.decompress(pending, _INFLATE_STEP)
+            total += len(out)
+            if not out and len(inflater.unconsumed_tail) >= len(pending):
+                break  # no progress: a truncated stream, which pydicom then reports
+            # after the end of the stream zlib leaves what follows (DICOM's even-length pad byte) in unconsumed_tail,
+            # hence the eof test: waiting for that tail to empty would never end
             pending = inflater.unconsumed_tail
     except zlib.error:
         raise DicomError("corrupt deflated dataset") from None
