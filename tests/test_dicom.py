@@ -544,3 +544,21 @@ def test_the_inflate_check_ends_on_a_padded_or_truncated_stream():
         dicom._check_inflated_size(head + tail, limit=10_000_000)  # returns: within the limit
     with pytest.raises(dicom.DicomError, match="inflates beyond"):
         dicom._check_inflated_size(head + raw + b"\0", limit=1000)
+
+
+def test_a_deflated_dataset_that_declares_few_pixels_but_inflates_to_more_is_refused_while_inflating():
+    """The declared Rows x Columns refuse a bomb at once; a file that declares 300 x 300 but carries 8 MB of pixel
+    data is caught by the inflate limit instead, and one within both limits reads."""
+    head, _ = _deflated_parts()
+    small = dataset(np.zeros((300, 300), np.uint16))
+    small.PixelData = bytes(8_000_000)  # the header lies about the pixel data's size
+    buffer = __import__("io").BytesIO()
+    small.save_as(buffer, implicit_vr=False, little_endian=True)  # the dataset only, explicit VR little endian
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = compressor.compress(buffer.getvalue()) + compressor.flush()
+    assert dicom._declared_pixels(zlib.decompress(stream, -zlib.MAX_WBITS)[: 1 << 20]) == 90_000
+    with pytest.raises(dicom.DicomError, match="inflates beyond"):
+        dicom.read_dataset(head + stream, max_pixels=1_000_000)  # 6 MB + 1 MB may inflate: 8 MB is beyond
+    with pytest.raises(dicom.DicomError, match="declares 90,000 pixels, above serve.max_pixels=50,000"):
+        dicom.read_dataset(head + stream, max_pixels=50_000, setting="serve.max_pixels")
+    assert dicom.read_dataset(head + stream, max_pixels=2_000_000).Rows == 300

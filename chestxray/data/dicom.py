@@ -102,9 +102,36 @@ def inflated_limit(max_pixels: int) -> int:
     return 6 * max_pixels + (1 << 20)
 
 
-def _check_inflated_size(data: bytes, limit: int) -> None:
+def _declared_pixels(dataset: bytes) -> int | None:
+    """Rows x Columns x frames as an inflated dataset's start declares them, or None where that start does not hold
+    them (they come after a long element, or the bytes are not a dataset)."""
+    from pydicom.filereader import read_dataset as read_elements
+
+    def past_columns(tag, vr, length) -> bool:
+        return tag > 0x00280011
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_elements(
+                io.BytesIO(dataset),
+                False,
+                True,
+                stop_when=past_columns,
+                specific_tags=[0x00280008, 0x00280010, 0x00280011],
+            )
+            rows, columns = int(ds.Rows), int(ds.Columns)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except Exception:  # noqa: BLE001 - cut mid-element or not there: the inflating check decides
+            return None
+    return rows * columns * max(frames, 1)
+
+
+def _check_inflated_size(data: bytes, limit: int, max_pixels: int | None = None, setting: str = "max_pixels") -> None:
     """A deflated dataset larger than `limit` once inflated is refused while inflating, 1 MB at a time: pydicom
-    inflates the whole dataset to read even its header, so a 200 kB file of zeros would take gigabytes."""
+    inflates the whole dataset to read even its header, so a 200 kB file of zeros would take gigabytes. With
+    max_pixels, a dataset whose first MB declares more pixels than that is refused there, before the rest inflates
+    (a 10000 x 10000 bomb costs a millisecond, not a few hundred)."""
     import zlib
 
     from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -121,6 +148,13 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
     try:
         while not inflater.eof and total <= limit:
             out = inflater.decompress(pending, _INFLATE_STEP)
+            if total == 0 and max_pixels is not None:
+                pixels = _declared_pixels(out)
+                if pixels is not None and pixels > max_pixels:
+                    raise DicomError(
+                        f"deflated dataset declares {pixels:,} pixels, above {setting}={max_pixels:,} (refused before "
+                        "inflating: a file this size can exhaust memory)"
+                    )
             total += len(out)
             if not out and len(inflater.unconsumed_tail) >= len(pending):
                 break  # no progress: a truncated stream, which pydicom then reports
@@ -133,13 +167,14 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
         raise DicomError(f"deflated dataset inflates beyond {limit:,} bytes (more than max_pixels allows)")
 
 
-def read_dataset(data: bytes, max_inflated: int | None = None):
+def read_dataset(data: bytes, max_pixels: int | None = None, setting: str = "max_pixels"):
     """The header's READ_TAGS and the pixel data; pydicom's warnings are dropped, as they may quote values. With
-    max_inflated, a deflated file is first checked to inflate to at most that many bytes."""
+    max_pixels, a deflated file is first checked to declare at most that many pixels and to inflate to at most
+    what they can hold (inflated_limit)."""
     import pydicom
 
-    if max_inflated is not None:
-        _check_inflated_size(data, max_inflated)
+    if max_pixels is not None:
+        _check_inflated_size(data, inflated_limit(max_pixels), max_pixels, setting)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

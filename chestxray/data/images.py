@@ -204,7 +204,10 @@ def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None
 def _dicom_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None = None):
     """A DICOM file's Header and its (READ_TAGS only) dataset, for the pixel decode."""
     try:
-        ds = dicom.read_dataset(data, None if limits is None else dicom.inflated_limit(limits.max_pixels))
+        if limits is None:
+            ds = dicom.read_dataset(data)
+        else:
+            ds = dicom.read_dataset(data, limits.max_pixels, f"{limits.prefix}max_pixels")
         info = dicom.info_of(ds)
     except dicom.DicomError as err:
         raise BadImageError(path, str(err)) from None
