@@ -219,3 +219,31 @@ def test_predict_prints_the_first_answers_up_to_the_limit_and_says_how_many_more
     assert out.count("the 90% prediction set") == 1
     show(Evaluation("p", CLASSES, paths, labels, probs, np.zeros(30, bool), uncertainty=uncertainty), None, 0)
     assert "img00.png" not in capsys.readouterr().out
+
+
+def test_the_failure_auroc_is_printed_only_for_a_set_of_at_least_a_handful_of_images():
+    from chestxray.evaluation.report import selective_text, uncertainty_text
+
+    selective = {"risk_target": 0.1, "delta": 0.1, "confidence": "max_probability_gated", "failure_auroc": 0.5}
+    assert "failure AUROC of max_probability_gated 0.500" in selective_text(selective, images=30)
+    assert "AUROC" not in selective_text(selective, images=3)  # one wrong answer of three: a rate of nothing
+    numbers = {"validation_images": 37, "selective": selective}
+    ood = {"detector": "knn_layers", "pass_rate_target": 0.95, "share_flagged": 0.0, "flagged": 0}
+    assert "AUROC" not in uncertainty_text(numbers | {"out_of_distribution": ood | {"images": 3}})[-1]
+    twelve = uncertainty_text(numbers | {"out_of_distribution": ood | {"images": 12}})
+    assert "max_probability_gated 0.500" in twelve[-1]
+
+
+def test_a_set_without_a_class_gets_its_intervals_without_a_warning_on_stderr():
+    """actualmed-site has no Viral Pneumonia image: the macro AUC is undefined in every resample (None), and a
+    class that is always right has a constant sensitivity; scipy's DegenerateDataWarning is not the user's concern."""
+    import warnings
+
+    labels = np.array([0] * 8 + [1] * 8)
+    probs = np.tile([0.1, 0.8, 0.1], (16, 1))
+    probs[0] = [0.8, 0.1, 0.1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = metrics.bootstrap_intervals(labels, probs, 3, resamples=200, seed=0)
+    assert result["auc"] is None and result["sensitivity"][2] is None
+    assert result["sensitivity"][1] == [1.0, 1.0] and result["sensitivity"][0][1] > 0

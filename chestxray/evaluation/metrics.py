@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import DegenerateDataWarning, binomtest, bootstrap
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -237,16 +237,20 @@ def bootstrap_intervals(
         auc = multiclass_auroc(p, y, k, average="macro", validate_args=False) if len(present) == k else torch.nan
         return np.array([float(auc), *[float(sens[c]) for c in present]])
 
-    result = bootstrap(
-        tuple(by_class[c] for c in present),
-        statistic,
-        n_resamples=resamples,
-        confidence_level=level,
-        method="percentile",
-        vectorized=False,
-        paired=False,
-        random_state=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():
+        # a statistic that is undefined (macro AUC with a class absent) or constant in every resample gives NaN
+        # bounds, reported as None below; scipy's DegenerateDataWarning would print a traceback-like line to stderr
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap(
+            tuple(by_class[c] for c in present),
+            statistic,
+            n_resamples=resamples,
+            confidence_level=level,
+            method="percentile",
+            vectorized=False,
+            paired=False,
+            random_state=np.random.default_rng(seed),
+        )
     low, high = result.confidence_interval
 
     def interval(i: int) -> list[float] | None:

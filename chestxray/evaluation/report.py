@@ -152,11 +152,13 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def selective_text(numbers: dict) -> str:
-    """The printed line of metrics.json's "selective"."""
+def selective_text(numbers: dict, images: int | None = None) -> str:
+    """The printed line of metrics.json's "selective". Of a set of fewer than SMALL_SET images, no failure AUROC: a
+    ranking of two or three answers is a rate that says nothing (metrics.json keeps it)."""
     target = f"error at most {100 * numbers['risk_target']:.0f}% with probability {100 * (1 - numbers['delta']):.0f}%"
     auroc = numbers.get("failure_auroc")
-    ranking = f"; failure AUROC of {numbers['confidence']} {auroc:.3f}" if auroc is not None else ""
+    few = images is not None and images < SMALL_SET
+    ranking = f"; failure AUROC of {numbers['confidence']} {auroc:.3f}" if auroc is not None and not few else ""
     if "accepted" not in numbers:
         return f"accepted: none decided ({numbers.get('why_not') or 'no acceptance threshold'}){ranking}"
     k, n = numbers["accepted"], round(numbers["accepted"] / numbers["share_accepted"]) if numbers["accepted"] else 0
@@ -200,7 +202,8 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
         )
         lines.append(f"  caveat: {metrics.COVERAGE_CAVEAT}")
     if numbers.get("selective"):
-        lines.append(selective_text(numbers["selective"]))
+        images = (ood or {}).get("images") or (sets or {}).get("images")
+        lines.append(selective_text(numbers["selective"], images))
     if numbers.get("shift_alarm"):
         lines.append(numbers["shift_alarm"]["text"])
     if not lines:

@@ -110,7 +110,7 @@ def certificate_text(certificate: selective.Certificate) -> str:
     needed = NEEDED.format(certificate.needed) if certificate.needed else ""
     return (
         f"no acceptance threshold: {certificate.images} calibration images cannot certify {target} (the best they "
-        f"certify is {certificate.best_bound:.3f}){needed}; no answer is accepted"
+        f"certify is {certificate.best_bound:.0%}){needed}; no answer is accepted"
     )
 
 

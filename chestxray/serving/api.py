@@ -18,6 +18,7 @@ from chestxray.models.checkpoints import load_models, read_checkpoint
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble
 from chestxray.models.ood import check_settings as ood_settings
 from chestxray.models.selection import select
+from chestxray.serving import signals
 
 UPLOAD_NAME = "upload"  # what a row calls the file: never the client's file name
 
@@ -160,6 +161,7 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         self.ckpts, self.limits = list(ckpts), limits
 
     def setup(self, device: str) -> None:
+        signals.quiet_child()  # a spawned inference worker: no fork hook ran here
         torch.set_grad_enabled(False)
         self.models = load_models(self.ckpts)
         self.classes = self.models[0].classes

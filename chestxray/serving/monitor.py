@@ -104,7 +104,7 @@ class Monitor:
             "window": self.flags.maxlen,
             "scored": len(self.flags),
             "flagged": sum(self.flags),
-            "expected_flagged_share": self.expected,
+            "expected_flagged_share": round(self.expected, 6),
             "alarm": None if alarm is None else alarm.raised,
             "p_value": None if alarm is None else alarm.p_value,
         }

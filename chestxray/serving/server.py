@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from chestxray import settings
 from chestxray.data.images import ImageLimits
 from chestxray.errors import ConfigError, PredictError, require
+from chestxray.serving import signals
 
 log = logging.getLogger(__name__)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServer.run accepts
@@ -211,18 +211,6 @@ def add_info_and_metrics(app, server, monitor) -> None:
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
 
-def _quiet_exit(signum, frame) -> None:
-    raise SystemExit(0)
-
-
-def _quiet_children() -> None:
-    """In each forked process (HTTP server, inference worker): SIGTERM and Ctrl-C end it without a traceback.
-    uvicorn installs its own graceful handlers while it serves (requests in flight are answered) and, when done,
-    raises the signal again into this one; the inherited handler of the main process would print a traceback."""
-    signal.signal(signal.SIGTERM, _quiet_exit)
-    signal.signal(signal.SIGINT, _quiet_exit)
-
-
 _FORK_HOOKED = []
 
 
@@ -236,7 +224,7 @@ def serve(cfg: DictConfig) -> dict:
         log.warning(warning)
     server = build_server(cfg, token)
     if not _FORK_HOOKED:
-        os.register_at_fork(after_in_child=_quiet_children)
+        os.register_at_fork(after_in_child=signals.quiet_child)
         _FORK_HOOKED.append(True)
     print(
         f"serve.py: page and API on http://{cfg.host}:{cfg.port}/ (POST /predict, GET /health, /info, /metrics)"

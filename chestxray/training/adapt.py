@@ -41,7 +41,7 @@ from chestxray.errors import AdaptError
 from chestxray.evaluation import figures, metrics, selective
 from chestxray.models import recalibrate, selection
 from chestxray.models.checkpoints import load_model, preprocess_of
-from chestxray.runtime.console import say
+from chestxray.runtime.console import say, shown
 from chestxray.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -534,5 +534,5 @@ def summary_lines(report: dict) -> str:
     lines.append(comparison_text(report["fine_tuning_comparison"]))
     lines.append(report["final_fit"]["acceptance_text"])
     lines += report["notes"]
-    lines.append(f"adapted checkpoint: {report['adapted_checkpoint']}")
+    lines.append(f"adapted checkpoint: {shown(report['adapted_checkpoint'])}")
     return "\n".join(lines)
