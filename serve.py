@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
 
 def refuse_token_argument() -> None:
     """token= never reaches Hydra, which would write it into the run's .hydra files (and argv shows it in `ps`)."""
-    from chestxray.serving.server import TOKEN_ON_COMMAND_LINE, token_argument
+    from chestxray.serving.token import TOKEN_ON_COMMAND_LINE, token_argument
 
     if token_argument(sys.argv[1:]):
         print(f"serve.py: error: ConfigError: {TOKEN_ON_COMMAND_LINE}", file=sys.stderr, flush=True)

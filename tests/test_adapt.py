@@ -14,11 +14,12 @@ from chestxray.data.images import load_image
 from chestxray.data.sources import find_inputs
 from chestxray.evaluation.robustness import SHIFTS
 from chestxray.evaluation.selective import shift_alarm
+from chestxray.inference.predict import predict
 from chestxray.models import ood
 from chestxray.models.checkpoints import load_model
 from chestxray.synthetic import make_dataset
 from chestxray.training import adapt as adapt_module
-from tests.conftest import compose_config, run_script
+from tests.conftest import compose_config, predict_config, run_script
 
 PATIENT = "PATIENT-SECRET-"
 
@@ -111,7 +112,7 @@ def test_cross_fit_refuses_a_fold_whose_fitting_images_include_held_out_ones():
         adapt_module.cross_fit(6, leaky, lambda fit, held: {"x": np.zeros(len(held))})
 
 
-def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny_run, site, tmp_path):
+def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny_run, site, tmp_path, capsys):
     out = tmp_path / "adapt"
     result = run_script("adapt.py", f"ckpt={tiny_run['ckpt']}", f"site={site}", f"hydra.run.dir={out}", "epochs=5")
     report = json.loads((out / "site_report.json").read_text())
@@ -126,15 +127,11 @@ def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny
         assert PATIENT not in written.read_text(errors="ignore"), written  # no patient identifier in any output
     model = load_model(out / "checkpoints" / "adapted.ckpt")
     assert bool(model.selective.fitted) and int(model.ood.n_fit) == 18 and len(model.ood.bank) > 18
-    predicted = run_script(
-        "predict.py",
-        f"ckpt={out / 'checkpoints' / 'adapted.ckpt'}",
-        f"inputs={site}",
-        f"hydra.run.dir={tmp_path / 'pred'}",
-        "trainer.accelerator=cpu",
-        "report.bootstrap_resamples=0",
-    )
-    assert "accepted" in predicted.stdout
+    capsys.readouterr()
+    predict(predict_config(tmp_path / "pred", out / "checkpoints" / "adapted.ckpt", site))  # in process: predict.py's
+    assert "accepted" in capsys.readouterr().out  # own subprocess runs are in test_predict.py
+    rows = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    assert len(rows) == 18 and all(r["accepted"] in ("0", "1") for r in rows)
 
 
 def test_too_few_images_of_a_class_are_refused_in_one_line_with_exit_2(tiny_run, site, tmp_path):

@@ -26,7 +26,8 @@ from chestxray.errors import ConfigError
 from chestxray.inference import predict as predict_module
 from chestxray.serving.api import build_answer, warnings_for
 from chestxray.serving.intake import IntakeSettings, Refused, decode
-from chestxray.serving.server import TOKEN_VARIABLE, check, loopback_warning
+from chestxray.serving.server import check, loopback_warning
+from chestxray.serving.token import TOKEN_VARIABLE
 from tests.conftest import CLASSES, ROOT, compose_config, predict_config
 from tests.test_images import png_bytes
 
@@ -87,7 +88,7 @@ def test_the_answer_is_predict_py_row_nan_is_not_scored_and_new_columns_pass_thr
 
 
 def test_the_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path):
-    from chestxray.serving.server import TOKEN_VARIABLE, read_token, token_argument
+    from chestxray.serving.token import TOKEN_VARIABLE, read_token, token_argument
 
     assert token_argument(["ckpt=a", "token=x"]) and token_argument(["+token=x"]) and token_argument(["++token=x"])
     assert not token_argument(["ckpt=a", "token_file=/t", "port=8000"])

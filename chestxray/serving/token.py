@@ -1,0 +1,40 @@
+"""serve.py's token: from $CHESTXRAY_SERVE_TOKEN or token_file=, never from the command line. A module of its own,
+importing nothing heavy, so that serve.py refuses `token=` at once, before Hydra, torch or the model load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from chestxray.errors import ConfigError
+
+TOKEN_VARIABLE = "CHESTXRAY_SERVE_TOKEN"
+TOKEN_ON_COMMAND_LINE = (
+    "token= on the command line is refused: it would be visible in `ps` and recorded in the run's .hydra files; "
+    f"set the environment variable {TOKEN_VARIABLE}, or token_file=PATH (a file holding the token)"
+)
+
+
+def token_argument(argv: list[str]) -> bool:
+    """Whether the command line gives the token itself (token=, +token=, ++token=, ~token=)."""
+    return any(arg.lstrip("+~").split("=", 1)[0] == "token" and "=" in arg for arg in argv)
+
+
+def read_token(token_file: str | None, environ=os.environ) -> str | None:
+    """The token from token_file= (its first line) or $CHESTXRAY_SERVE_TOKEN; None when neither; ConfigError when
+    the file cannot be read or the token is empty. Never printed, logged or stored."""
+    if token_file is not None:
+        try:
+            lines = Path(str(token_file)).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"token_file={token_file}: cannot be read ({type(err).__name__})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"token_file={token_file} is empty: write the token on its first line")
+        return token
+    token = environ.get(TOKEN_VARIABLE)
+    if token is None:
+        return None
+    if not token.strip():
+        raise ConfigError(f"${TOKEN_VARIABLE} is set but empty: give a secret, or unset it for no token")
+    return token.strip()
