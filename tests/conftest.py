@@ -162,7 +162,8 @@ def tiny_run(tmp_path_factory, synthetic_dir) -> dict:
     from chestxray.training.fit import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = train_config(out, synthetic_dir, "data.check_leakage=true", "data.store=disk")
+    # two loggers: the TensorBoard tests and the CSV logger's read the same run
+    cfg = train_config(out, synthetic_dir, "data.check_leakage=true", "data.store=disk", "logger=[tensorboard,csv]")
     value = train(cfg)
     return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}
 

@@ -14,7 +14,6 @@ import urllib.request
 
 import pytest
 
-from chestxray.training.fit import train
 from tests.conftest import TINY, run_script, train_config
 from tests.test_tensorboard import free_port
 from tests.test_train import read_events
@@ -29,16 +28,20 @@ def column(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-def test_the_csv_logger_gets_every_scalar_and_the_parameters(tmp_path, synthetic_dir):
-    out = tmp_path / "run"
-    train(train_config(out, synthetic_dir, "logger=csv"))
+def test_the_csv_logger_gets_every_scalar_and_the_parameters(tiny_run, tmp_path, synthetic_dir):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from chestxray.training.fit import build
+
+    out = tiny_run["dir"]  # trained with logger=[tensorboard,csv]
     rows = csv_metrics(out)
     assert len(column(rows, "train/loss")) == 2 and len(column(rows, "val/acc")) == 2
     results = json.loads((out / "results.json").read_text())["metrics"]
     assert column(rows, "test/acc") == pytest.approx([results["test/acc"]])
     hparams = (out / "csv" / "hparams.yaml").read_text()
     assert "optimizer/lr: 0.001" in hparams and "model/backbone: vgg19" in hparams
-    assert not (out / "tensorboard").exists()
+    _, _, trainer = build(train_config(tmp_path / "alone", synthetic_dir, "logger=csv"))
+    assert len(trainer.loggers) == 1 and isinstance(trainer.loggers[0], CSVLogger)  # logger=csv alone: no TensorBoard
 
 
 def test_a_run_without_a_logger_builds_without_the_learning_rate_monitor(tmp_path, synthetic_dir):
