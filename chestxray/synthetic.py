@@ -108,6 +108,8 @@ def make_dataset(
     mixed=True varies sizes (0.75-1.5x `size`, not square) and file kinds as the real dataset does; mixed=False
     writes square grey JPEGs of `size`, the fastest to make in bulk. leaks=k adds k test images of the second
     class that are resized, re-encoded copies of train images (train/test leakage, as the real dataset has).
+    More than 64 files are written by a forkserver process pool: a script that calls this needs Python's
+    `if __name__ == "__main__":` guard (workers=1 writes in this process).
     """
     root = Path(root)
     jobs = []
