@@ -12,6 +12,7 @@ import torch
 
 from chestxray.data.images import load_image
 from chestxray.data.sources import find_inputs
+from chestxray.errors import AdaptError
 from chestxray.evaluation.robustness import SHIFTS
 from chestxray.evaluation.selective import shift_alarm
 from chestxray.inference.predict import predict
@@ -134,14 +135,27 @@ def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny
     assert len(rows) == 18 and all(r["accepted"] in ("0", "1") for r in rows)
 
 
-def test_too_few_images_of_a_class_are_refused_in_one_line_with_exit_2(tiny_run, site, tmp_path):
-    small = tmp_path / "small"
+def small_site(site: Path, folder: Path) -> Path:
+    """The generated site with 2 Covid images, below min_per_class=3."""
     for name in ("Normal", "Covid", "Viral Pneumonia"):
         files = sorted(p for p in (site / name).iterdir() if p.is_file())
         for path in files[:2] if name == "Covid" else files:
-            (small / name).mkdir(parents=True, exist_ok=True)
-            (small / name / path.name).write_bytes(path.read_bytes())
-    args = (f"ckpt={tiny_run['ckpt']}", f"site={small}", f"hydra.run.dir={tmp_path / 'o'}")
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            (folder / name / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_too_few_images_of_a_class_are_refused_in_one_line(tiny_run, site, tmp_path):
+    with pytest.raises(AdaptError) as err:
+        adapt_module.adapt(adapt_config(tmp_path / "o", tiny_run["ckpt"], small_site(site, tmp_path / "small")))
+    message = str(err.value)
+    assert "\n" not in message and "Covid has 2 image(s)" in message and "min_per_class=3" in message
+    assert not (tmp_path / "o" / "checkpoints").exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_adapt_py_refuses_too_few_images_in_one_line_with_exit_2(tiny_run, site, tmp_path):
+    args = (f"ckpt={tiny_run['ckpt']}", f"site={small_site(site, tmp_path / 'small')}", f"hydra.run.dir={tmp_path}/o")
     result = run_script("adapt.py", *args, ok=False)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "AdaptError" in line]
