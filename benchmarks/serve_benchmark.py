@@ -304,7 +304,8 @@ def hostile(
 
     attacks = [(name, data, good) for name, data in bodies.items() if name != "2 MB"]
     attacks += [(name + " without token", data, {}) for name, data in bodies.items()]
-    attacks = attacks + [("slow body", None, good)] if slow else attacks
+    if slow:
+        attacks.append(("slow body", None, good))
     session, k = requests.Session(), 0
     while not stop.is_set():
         name, data, headers = attacks[k % len(attacks)]

@@ -88,16 +88,21 @@ def test_every_experiment_builds_with_every_option_of_every_group(tmp_path, monk
         "model.pretrained=false",
         "model.compile=false",  # compiling is lazy anyway; keep the test free of inductor
     ]
-    defaults = {}  # each experiment's own choice per group: that combination is the experiment as it is, built once
-    for experiment in EXPERIMENTS:
-        chosen = "~experiment" if experiment == "none" else f"experiment={experiment}"
-        cfg = compose_config_with_hydra([chosen, *common])
-        defaults[experiment] = {g: c if c is not None else "none" for g, c in cfg.hydra.runtime.choices.items()}
+
+    def check_and_build(cfg) -> None:
+        nonlocal built
         with open_dict(cfg):
             del cfg["hydra"]
         settings.check(cfg, settings.TRAIN_RULES)
         _build(cfg, built_models)
         built += 1
+
+    defaults = {}  # each experiment's own choice per group: that combination is the experiment as it is, built once
+    for experiment in EXPERIMENTS:
+        chosen = "~experiment" if experiment == "none" else f"experiment={experiment}"
+        cfg = compose_config_with_hydra([chosen, *common])
+        defaults[experiment] = {g: c if c is not None else "none" for g, c in cfg.hydra.runtime.choices.items()}
+        check_and_build(cfg)
     for experiment, group, option in COMBINATIONS:
         if defaults[experiment].get(group) == option:
             continue  # the same config as the experiment's own, built above
@@ -114,11 +119,7 @@ def test_every_experiment_builds_with_every_option_of_every_group(tmp_path, monk
             assert f"{group}={shown}" in str(err) and f"experiment={experiment}" in str(err)
             refused.append((experiment, group, option))
             continue
-        with open_dict(cfg):
-            del cfg["hydra"]
-        settings.check(cfg, settings.TRAIN_RULES)
-        _build(cfg, built_models)
-        built += 1
+        check_and_build(cfg)
     assert built + len(refused) > 70  # every distinct combination, not only the experiments' own
     # only what an experiment pins is refused, and its own pins compose
     assert ("notebook", "optimizer", "adam") in refused and ("gpu_fast", "trainer", "cpu") in refused

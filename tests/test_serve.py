@@ -328,11 +328,12 @@ def test_a_request_in_flight_at_a_stop_is_answered_or_refused_with_503(tiny_run,
     sent, answers = threading.Event(), []
 
     def slowly():  # the body in pieces over about 1.5 s: in flight when the signal comes
-        for i in range(0, len(image), max(1, len(image) // 6)):
+        step = max(1, len(image) // 6)
+        for i in range(0, len(image), step):
             if i:
                 sent.set()
                 time.sleep(0.25)
-            yield image[i : i + max(1, len(image) // 6)]
+            yield image[i : i + step]
 
     def ask():
         try:
@@ -344,10 +345,9 @@ def test_a_request_in_flight_at_a_stop_is_answered_or_refused_with_503(tiny_run,
     try:
         client.start()
         assert sent.wait(30)
-        seconds = srv.stop(sig, group=group)
     finally:
+        seconds = srv.stop(sig, group=group)
         client.join(90)
-        srv.stop()
     assert len(answers) == 1 and isinstance(answers[0], requests.Response), answers
     assert answers[0].status_code in (200, 503), answers[0].text
     if answers[0].status_code == 200:
