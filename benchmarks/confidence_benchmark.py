@@ -93,8 +93,8 @@ def candidates(model, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.n
     parts = [model.logits_and_features(images[k : k + 32]) for k in range(0, len(images), 32)]
     raw = torch.cat([p[0] for p in parts]).float()
     features = torch.cat([p[1] for p in parts]).float()
-    probs, margin, _ = model.answers_of(raw, features)
-    probs, margin = probs.double().numpy(), margin.double().numpy()
+    probs, margin, _, gate = model.answers_of(raw, features)
+    probs, margin, gate = probs.double().numpy(), margin.double().numpy(), gate.double().numpy()
     calibrated = (raw / model.temperature).double().numpy()
     msp = selective.max_probability(probs)
     passes = ~(margin > 0)
@@ -104,7 +104,7 @@ def candidates(model, images: torch.Tensor) -> tuple[dict[str, np.ndarray], np.n
         "doctor": selective.doctor(probs),
         "neg_energy": selective.neg_energy(calibrated),
         "minus ood_score": -margin,
-        "max_probability_gated (flagged last)": np.where(passes, msp, msp - 1.0),
+        "max_probability_gated (flagged last)": np.where(gate > 0, msp - 1.0, msp),
     }
     return scores, probs.argmax(1), ~passes
 

@@ -124,10 +124,15 @@ def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny
     assert report["chosen"] in report["after"]
     assert "Site report" in (out / "site_report.md").read_text() and (out / "site_risk_coverage.png").exists()
     assert "accuracy" in result.stdout and "adapted checkpoint" in result.stdout
+    before, after = report["before"]["failure_auroc"], report["after"][report["chosen"]]["failure_auroc"]
+    assert f"failure AUROC of confidence {before:.3f} -> {after:.3f}" in result.stdout
     for written in [*out.rglob("*.json"), *out.rglob("*.md"), *out.rglob("*.log"), out / "site_report.md"]:
         assert PATIENT not in written.read_text(errors="ignore"), written  # no patient identifier in any output
     model = load_model(out / "checkpoints" / "adapted.ckpt")
     assert bool(model.selective.fitted) and int(model.ood.n_fit) == 18 and len(model.ood.bank) > 18
+    trained = load_model(tiny_run["ckpt"])  # the confidence's gate: the training rows and thresholds, kept
+    assert int(model.ood.origin_rows.sum()) == len(trained.ood.bank) and not model.ood.origin_rows[-18:].any()
+    assert torch.equal(model.ood.origin_thresholds, trained.ood.thresholds)
     capsys.readouterr()
     predict(predict_config(tmp_path / "pred", out / "checkpoints" / "adapted.ckpt", site))  # in process: predict.py's
     assert "accepted" in capsys.readouterr().out  # own subprocess runs are in test_predict.py

@@ -172,7 +172,7 @@ def test_detector_and_sets_are_saved_in_the_checkpoint_and_reload_with_the_same_
     assert np.isfinite(first.scores).all() and np.array_equal(first.scores, again.scores)
     assert np.array_equal(first.in_distribution, first.margin <= 0) and first.detector == "mahalanobis"
     with torch.no_grad():
-        probs, margin, sets = Probabilities([loaded]).answers(x)
+        probs, margin, sets, _ = Probabilities([loaded]).answers(x)
     assert np.allclose(margin.numpy(), first.margin, atol=1e-5)
     assert sets[torch.arange(8), probs.argmax(1)].all()  # the answer is always in its set
 
@@ -188,7 +188,7 @@ def test_an_old_checkpoint_loads_with_one_line_and_empty_columns(tmp_path, caplo
     lines = [r.getMessage() for r in caplog.records if "out-of-distribution" in r.getMessage()]
     assert len(lines) == 1 and "carries no out-of-distribution detector or conformal fit" in lines[0]
     with torch.no_grad():
-        probs, margin, _ = Probabilities([loaded]).answers(images(3))
+        probs, margin, _, _ = Probabilities([loaded]).answers(images(3))
     assert torch.isnan(margin).all()
     row = prediction_row("x.png", "", CLASSES, probs[0].numpy(), float(margin[0]), None)
     assert all(row[f] == "" for f in UNCERTAINTY_FIELDS)
@@ -256,13 +256,63 @@ def test_the_onnx_graph_gives_the_same_score_and_sets_as_torch(tmp_path):
 
     _, path = fitted_checkpoint(tmp_path)  # the default detector (knn_layers)
     model = load_model(path)
-    graph = export_onnx([model], tmp_path / "model.onnx")
     x = images(6, seed=9)
-    probs, margin, sets = OnnxPredictor(graph).probabilities(x)
+    adapted = recalibrated(path, images(8, seed=10))  # its gate is the detector as trained, not its flag
+    for name, each in (("as trained", model), ("recalibrated", adapted)):
+        graph = export_onnx([each], tmp_path / f"{name}.onnx")
+        probs, margin, sets, gate = OnnxPredictor(graph).probabilities(x)
+        with torch.no_grad():
+            t_probs, t_margin, t_sets, t_gate = Probabilities([each]).answers(x)
+        assert torch.allclose(probs, t_probs, atol=1e-5) and torch.allclose(margin, t_margin, atol=1e-4), name
+        assert torch.equal(sets, t_sets) and torch.isfinite(margin).all(), name
+        assert torch.allclose(gate, t_gate, atol=1e-4) and torch.isfinite(gate).all(), name
+    assert torch.equal(gate, margin) is False  # the recalibrated graph's gate is not its flag
+
+
+def recalibrated(path: Path, site: torch.Tensor) -> ChestXrayClassifier:
+    """The checkpoint at `path`, recalibrated on `site` images (labels 0, 1, 2, 0, ...) as adapt.py does."""
+    from chestxray.models import recalibrate
+    from chestxray.training.adapt import head_logits, trunk_features
+
+    model = load_model(path)
+    features = trunk_features(model, site)
+    fitted = recalibrate.fit(model, head_logits(model, features), features, torch.arange(len(site)) % 3)
+    recalibrate.apply(model, fitted.state)
+    return model
+
+
+def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_the_sites(tmp_path):
+    """adapt.py makes a site's images count as in distribution (the flag), while the confidence's gate stays the
+    detector training fitted: for any image it equals the unadapted checkpoint's flag margin, also after a second
+    site."""
+    _, path = fitted_checkpoint(tmp_path)  # knn_layers
+    model, site = load_model(path), images(12, seed=10)
+    first = recalibrated(path, site)
+    torch.save({**torch.load(path, weights_only=True), "state_dict": first.state_dict()}, tmp_path / "first.ckpt")
+    second = recalibrated(tmp_path / "first.ckpt", images(10, seed=11))
+    x = torch.cat([site[:4], images(6, seed=12)])
     with torch.no_grad():
-        t_probs, t_margin, t_sets = Probabilities([model]).answers(x)
-    assert torch.allclose(probs, t_probs, atol=1e-5) and torch.allclose(margin, t_margin, atol=1e-4)
-    assert torch.equal(sets, t_sets) and torch.isfinite(margin).all()
+        _, margin, _, gate = model.answers(x)
+        _, first_margin, _, first_gate = first.answers(x)
+        _, _, _, second_gate = second.answers(x)
+    assert torch.equal(gate, margin)  # never recalibrated: the gate is the flag
+    assert torch.allclose(first_gate, margin, atol=1e-5) and torch.allclose(second_gate, margin, atol=1e-5)
+    assert (first_margin[:4] < margin[:4]).all()  # the site's own images are nearer the recalibrated bank
+    assert first.ood.origin_rows.sum() == 24 and len(first.ood.origin_rows) == 36  # 24 training rows + 12 site
+    assert second.ood.origin_rows.sum() == 24 and len(second.ood.origin_rows) == 46
+
+
+def test_a_joined_bank_stays_bounded_and_keeps_training_rows(monkeypatch):
+    from chestxray.models import recalibrate
+
+    monkeypatch.setattr(ood, "MAX_BANK", 100)
+    old, new = recalibrate.bank_rows(80, 10)
+    assert len(old) == 80 and len(new) == 10  # both fit: every row
+    old, new = recalibrate.bank_rows(80, 1000)
+    assert len(old) == 50 and len(new) == 50 and old.tolist() == sorted(set(old.tolist()))  # half a bank each
+    old, new = recalibrate.bank_rows(30, 1000)
+    assert len(old) == 30 and len(new) == 70
+    assert len(recalibrate.joined_bank(torch.ones(80, 4), torch.ones(100_000, 4))) == 100
 
 
 @pytest.mark.parametrize(

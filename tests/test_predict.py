@@ -116,7 +116,8 @@ def test_rows_are_on_disk_after_each_batch(tiny_run, tmp_path):
     writer.on_predict_start(Trainer(), None)
     for start in (0, 3):
         positions = torch.arange(start, start + 3)
-        answers = (torch.full((3, 3), 1 / 3), torch.full((3,), float("nan")), torch.ones(3, 3, dtype=torch.bool))
+        nan = torch.full((3,), float("nan"))
+        answers = (torch.full((3, 3), 1 / 3), nan, torch.ones(3, 3, dtype=torch.bool), nan)
         prediction = (positions, answers, ["", "", ""])
         writer.write_on_batch_end(None, None, prediction, None, (None, positions, ["", "", ""]), 0)
         on_disk = (tmp_path / "predictions.csv").read_text()
@@ -135,10 +136,10 @@ def test_streamed_csv_equals_the_all_at_once_csv_row_for_row(tiny_run, tmp_path)
     with torch.inference_mode():  # the same batches of 8 (the evaluation batch on a CPU): the same arithmetic
         images = torch.from_numpy(np.stack([decoded.images[i] for i in range(len(inputs))]))
         batches = [Probabilities([model]).answers(images[k : k + 8]) for k in range(0, len(images), 8)]
-        probs, scores, sets = (torch.cat(part).numpy() for part in zip(*batches, strict=True))
+        probs, scores, sets, gates = (torch.cat(part).numpy() for part in zip(*batches, strict=True))
     fields = ["path", "label", "modality", "view", "pred", *[f"prob_{c}" for c in model.classes]]
     fields += [*UNCERTAINTY_FIELDS, *SELECTIVE_FIELDS, "error"]
-    chosen = select([model], probs, scores)
+    chosen = select([model], probs, scores, gates)
     reference = [  # the non-empty fields (modality and view are empty for PNG and JPEG files)
         {k: str(v) for k, v in csv_row(i, model.classes, p, "", score, in_set, None, c, a).items() if str(v)}
         for i, p, score, in_set, c, a in zip(

@@ -236,7 +236,7 @@ def answer(predictor, batch: torch.Tensor, with_flags: bool) -> tuple[np.ndarray
     pass (chestxray.models.ood, through the predictor's answers: an ensemble flags what any member flags)."""
     if not with_flags:
         return predictor(batch).argmax(1).cpu().numpy(), None
-    probs, margin, _ = predictor.probabilities(batch)
+    probs, margin = predictor.probabilities(batch)[:2]
     return probs.argmax(1).cpu().numpy(), (margin > 0).cpu().numpy()
 
 

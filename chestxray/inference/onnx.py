@@ -1,15 +1,16 @@
 """ONNX export and ONNX Runtime inference (the command line: python -m chestxray.export).
 
 The exported graph is the whole predictor: uint8 images (N x 3 x S x S) in, class probabilities out, with the
-normalisation inside, and for several checkpoints their average; two more outputs give the out-of-distribution score
-(the detector's score minus its threshold) and the prediction sets, computed in the graph from the checkpoint's
-fitted buffers, so runtime=onnx writes the same columns as runtime=torch (chestxray.models.ood). It is cached in the
-cache folder (`$CHESTXRAY_CACHE/onnx`, like the decoded-image stores), never beside the checkpoint: predict.py writes
-only into its own run folder, and the checkpoint's run folder stays as its run left it. The file is
-`<name>-<where>.<key>.onnx` (int8: `.int8.onnx`), where <where> hashes the checkpoints' paths and <key> their bytes
-and the export version, so `predict.py runtime=onnx` exports once and later runs load the file; one export per
-checkpoint and runtime is kept (that of a checkpoint's older content is removed), and a record beside it (`.json`)
-holds the file's SHA-256, checked before the file is used: bytes that are not those written are exported again.
+normalisation inside, and for several checkpoints their average; three more outputs give the out-of-distribution score
+(the detector's score minus its threshold), the prediction sets and the confidence's gate (ood.margins), computed in
+the graph from the checkpoint's fitted buffers, so runtime=onnx writes the same columns as runtime=torch
+(chestxray.models.ood). It is cached in the cache folder (`$CHESTXRAY_CACHE/onnx`, like the decoded-image stores),
+never beside the checkpoint: predict.py writes only into its own run folder, and the checkpoint's run folder stays as
+its run left it. The file is `<name>-<where>.<key>.onnx` (int8: `.int8.onnx`), where <where> hashes the checkpoints'
+paths and <key> their bytes and the export version, so `predict.py runtime=onnx` exports once and later runs load the
+file; one export per checkpoint and runtime is kept (that of a checkpoint's older content is removed), and a record
+beside it (`.json`) holds the file's SHA-256, checked before the file is used: bytes that are not those written are
+exported again.
 format=onnx-int8 quantises weights and activations to int8 (ONNX Runtime's static QDQ quantisation), calibrated once
 at export on the checkpoint's own train images or on the images of `calibration=FOLDER`: several times faster on CPUs
 with VNNI/AMX, at some cost in accuracy that the benchmark reports; it is never the default. Only the network's
@@ -34,13 +35,13 @@ import torch
 
 from chestxray.errors import UserError, require
 from chestxray.models.checkpoints import preprocess_of
-from chestxray.models.classifier import Answers, ChestXrayClassifier, Predictor
+from chestxray.models.classifier import Answered, Answers, ChestXrayClassifier, Predictor
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-EXPORT_VERSION = 3  # bump when the exported graph changes
+EXPORT_VERSION = 4  # bump when the exported graph changes (4: the confidence's gate)
 CALIBRATION_IMAGES = 64
 
 
@@ -141,7 +142,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
             module,
             (example,),
             input_names=["images"],
-            output_names=["probs", "ood_score", "prediction_set"],
+            output_names=["probs", "ood_score", "prediction_set", "confidence_gate"],
             dynamo=True,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
@@ -287,7 +288,6 @@ class OnnxPredictor(Predictor):
     ) -> OnnxPredictor:
         return cls(exported(paths, models, fmt, calibration))
 
-    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def probabilities(self, images: torch.Tensor) -> Answered:
         array = np.ascontiguousarray(images.cpu().numpy())
-        probs, ood_score, sets = self.session.run(None, {"images": array})
-        return torch.from_numpy(probs), torch.from_numpy(ood_score), torch.from_numpy(sets)
+        return tuple(torch.from_numpy(a) for a in self.session.run(None, {"images": array}))

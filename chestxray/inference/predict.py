@@ -104,6 +104,7 @@ class PredictionWriter(BasePredictionWriter):
         self.models = list(models)
         self.with_sets = bool(self.models) and all(bool(m.conformal.fitted) for m in self.models)
         self.ood_scores: list[float] = []
+        self.gates: list[float] = []  # the confidence's gate (chestxray.models.ood.margins)
         self.sets: list[np.ndarray] = []
         self.uncertainty: Uncertainty | None = None  # set by results()
         self.out_dir, self.inputs, self.classes = out_dir, list(inputs), list(classes)
@@ -127,12 +128,14 @@ class PredictionWriter(BasePredictionWriter):
         self._fh.flush()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        good_positions, (probs, ood_scores, sets), errors = prediction
+        good_positions, (probs, ood_scores, sets, gates), errors = prediction
         positions = good_positions.tolist()
         probs_of = dict(zip(positions, probs.float().cpu().numpy(), strict=True))
         ood_of = dict(zip(positions, ood_scores.double().cpu().numpy(), strict=True))
         sets_of = dict(zip(positions, sets.bool().cpu().numpy(), strict=True))
-        chosen = self._selection(probs.float().cpu().numpy(), ood_scores.double().cpu().numpy())
+        gates = gates.double().cpu().numpy()
+        gate_of = dict(zip(positions, gates, strict=True))
+        chosen = self._selection(probs.float().cpu().numpy(), ood_scores.double().cpu().numpy(), gates)
         confidence_of = dict(zip(positions, chosen.confidence if chosen else [None] * len(positions), strict=True))
         accepted = chosen.accepted if chosen and chosen.accepted is not None else [None] * len(positions)
         accepted_of = dict(zip(positions, accepted, strict=True))
@@ -152,6 +155,7 @@ class PredictionWriter(BasePredictionWriter):
                 self.positions.append(position)
                 self.probs.append(p)
                 self.ood_scores.append(score)
+                self.gates.append(gate_of[position])
                 self.sets.append(sets_of[position])
         self._fh.flush()  # every finished row on disk: a kill -9 or an out-of-memory kill loses none
         if self.gradcam_models is not None and probs_of:
@@ -169,9 +173,9 @@ class PredictionWriter(BasePredictionWriter):
                 self.limits,
             )
 
-    def _selection(self, probs: np.ndarray, ood_scores: np.ndarray) -> selection.Selection | None:
+    def _selection(self, probs: np.ndarray, ood_scores: np.ndarray, gates: np.ndarray) -> selection.Selection | None:
         """Each answer's confidence and acceptance (chestxray.models.selection); None without the models."""
-        return selection.select(self.models, probs, ood_scores) if self.models and len(probs) else None
+        return selection.select(self.models, probs, ood_scores, gates) if self.models and len(probs) else None
 
     def _overlay_name(self, path: Path) -> str:
         """<class folder>_<file stem>.png, made unique (test/x.jpg and train/x.jpg, x.jpg and x.png)."""
@@ -195,13 +199,15 @@ class PredictionWriter(BasePredictionWriter):
         k = len(self.classes)
         probs = torch.from_numpy(np.array(self.probs, dtype=np.float32).reshape(-1, k))
         scores = torch.tensor(self.ood_scores, dtype=torch.float64)
+        gates = torch.tensor(self.gates, dtype=torch.float64)
         sets = torch.from_numpy(np.array(self.sets, dtype=bool).reshape(-1, k))
-        gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs, scores, sets)])
+        gathered = gather_by_index([(torch.tensor(self.positions, dtype=torch.long), probs, scores, sets, gates)])
         if gathered:
-            positions, probs, scores, sets = (t.numpy() for t in gathered)
+            positions, probs, scores, sets, gates = (t.numpy() for t in gathered)
         else:
-            positions, probs, scores, sets = np.zeros(0, int), probs.numpy(), scores.numpy(), sets.numpy()
-        chosen = self._selection(probs, scores)
+            positions = np.zeros(0, int)
+            probs, scores, sets, gates = probs.numpy(), scores.numpy(), sets.numpy(), gates.numpy()
+        chosen = self._selection(probs, scores, gates)
         self.uncertainty = Uncertainty.of(self.models[0], scores, sets, chosen) if self.models else None
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
         self.lateral = sorted({k for part in all_gather(self.lateral) for k in part})

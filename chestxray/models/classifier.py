@@ -30,6 +30,10 @@ from chestxray.runtime.distributed import gather_by_index
 
 log = logging.getLogger(__name__)
 
+# (calibrated probabilities N x K, the detector's score minus its threshold N, prediction sets N x K bool, the
+# confidence's gate N): what a classifier answers for images, in the ONNX graph's output order
+Answered = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
@@ -207,17 +211,15 @@ class ChestXrayClassifier(L.LightningModule):
         features = self.backbone.trunk_and_stages(self.net, self.preprocess(images))
         return self.backbone.head_on_pooled(self.net, features), features
 
-    def answers_of(
-        self, raw_logits: torch.Tensor, features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(calibrated probabilities, the detector's score minus its threshold, prediction sets N x K bool)."""
+    def answers_of(self, raw_logits: torch.Tensor, features: torch.Tensor) -> Answered:
+        """(calibrated probabilities, the detector's score minus its threshold, prediction sets N x K bool, the
+        confidence's gate: ood.margins)."""
         probs = (raw_logits.float() / self.temperature).softmax(1)
-        scores = ood_lib.all_scores(raw_logits, self.temperature, features, self.ood)
         k = ood_lib.DETECTORS.index(self.ood_detector)
-        margin = scores[:, k] - self.ood.thresholds[k]
-        return probs, margin, ood_lib.prediction_sets(probs, self.conformal.min_prob)
+        margin, gate = ood_lib.margins(raw_logits, self.temperature, features, self.ood, k)
+        return probs, margin, ood_lib.prediction_sets(probs, self.conformal.min_prob), gate
 
-    def answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def answers(self, images: torch.Tensor) -> Answered:
         return self.answers_of(*self.logits_and_features(images))
 
     def _features(self, images: torch.Tensor, index: torch.Tensor, stage: str) -> torch.Tensor:
@@ -369,7 +371,7 @@ class ChestXrayClassifier(L.LightningModule):
         with self._fp32():
             raw, features = self._logits_and_features(images, index, f"test{dataloader_idx}")
             raw = raw.float()
-            _, margin, sets = self.answers_of(raw, features.float())
+            _, margin, sets, _ = self.answers_of(raw, features.float())
         logits = raw / self.temperature
         probs, raw_probs = logits.softmax(1), raw.softmax(1)
         loss = F.cross_entropy(logits, labels, reduction="none")
@@ -444,25 +446,28 @@ class Probabilities(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images).float().softmax(1) for m in self.members]).mean(0)
 
-    def answers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(averaged probabilities, out-of-distribution score, prediction sets): each member's own detector and
-        conformal threshold; an ensemble flags an image when any member does (the largest score minus threshold)
-        and its set is the union of the members' sets (at least each member's coverage)."""
-        each = [m.answers(images) for m in self.members]
-        probs = torch.stack([p for p, _, _ in each]).mean(0)
-        margin = torch.stack([s for _, s, _ in each]).amax(0)
-        sets = torch.stack([k for _, _, k in each]).any(0)
-        return probs, margin, sets
+    def answers(self, images: torch.Tensor) -> Answered:
+        """(averaged probabilities, out-of-distribution score, prediction sets, the confidence's gate): each
+        member's own detector and conformal threshold; an ensemble flags (and gates) an image when any member does
+        (the largest score minus threshold) and its set is the union of the members' sets (at least each member's
+        coverage)."""
+        probs, margin, sets, gate = zip(*(m.answers(images) for m in self.members), strict=True)
+        return (
+            torch.stack(probs).mean(0),
+            torch.stack(margin).amax(0),
+            torch.stack(sets).any(0),
+            torch.stack(gate).amax(0),
+        )
 
 
 class Answers(nn.Module):
-    """Probabilities.answers as a module's forward: the ONNX graph's three outputs (probs, ood_score, sets)."""
+    """Probabilities.answers as a module's forward: the ONNX graph's four outputs (probs, ood_score, sets, gate)."""
 
     def __init__(self, members: Sequence[ChestXrayClassifier]):
         super().__init__()
         self.net = Probabilities(members)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Answered:
         return self.net.answers(images)
 
 
@@ -470,18 +475,19 @@ class Predictor(L.LightningModule):
     """Trainer.predict's module: probabilities of the readable images of a batch; unreadable ones never reach the
     network (their rows are errors)."""
 
-    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probabilities N x K, out-of-distribution score N, prediction sets N x K bool)."""
+    def probabilities(self, images: torch.Tensor) -> Answered:
+        """(probabilities N x K, out-of-distribution score N, prediction sets N x K bool, the confidence's gate N)."""
         raise NotImplementedError
 
     def predict_step(self, batch, batch_idx: int) -> tuple[torch.Tensor, tuple, list[str]]:
-        """(positions of the readable images, their (probs, ood score, sets), every image's error or "")."""
+        """(positions of the readable images, their (probs, ood score, sets, gate), every image's error or "")."""
         images, positions, errors = batch
         good = torch.tensor([not e for e in errors], dtype=torch.bool)
         if good.any():
             answers = self.probabilities(images[good])
         else:
-            answers = (images.new_zeros((0, 0), dtype=torch.float32), images.new_zeros(0), images.new_zeros((0, 0)))
+            none = images.new_zeros(0, dtype=torch.float32)
+            answers = (images.new_zeros((0, 0), dtype=torch.float32), none, images.new_zeros((0, 0)), none)
         return positions[good.to(positions.device)], answers, list(errors)
 
 
@@ -495,5 +501,5 @@ class Ensemble(Predictor):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def probabilities(self, images: torch.Tensor) -> Answered:
         return self.net.answers(images)

@@ -134,21 +134,45 @@ def split_features(features: torch.Tensor, detector: OodDetector) -> tuple[torch
 
 
 def all_scores(
-    raw_logits: torch.Tensor, temperature: torch.Tensor, features: torch.Tensor, detector: OodDetector
+    raw_logits: torch.Tensor,
+    temperature: torch.Tensor,
+    features: torch.Tensor,
+    detector: OodDetector,
+    origin: bool = False,
 ) -> torch.Tensor:
-    """N x 5: every detector's score (columns in DETECTORS order), higher = more unusual."""
+    """N x 5: every detector's score (columns in DETECTORS order), higher = more unusual. With `origin`, the scores
+    of the detector as training fitted it, before adapt.py added a site (OodDetector's origin buffers)."""
     pooled, layers = split_features(features, detector)
-    distances = stage_distances(layers, detector.layer_banks(), pooled.shape[0])  # not len(): it fixes the batch
+    banks = [detector.bank, *detector.layer_banks()]
+    centre, scale = detector.layer_centre, detector.layer_scale
+    if origin:  # the training images' rows only: a site's row stands in for the first row (a training image's)
+        banks = [torch.where(detector.origin_rows[:, None], bank, bank[:1]) for bank in banks]
+        centre, scale = detector.origin_centre, detector.origin_scale
+    distances = stage_distances(layers, banks[1:], pooled.shape[0])  # not len(): it fixes the batch
     return torch.stack(
         [
             msp(raw_logits.float() / temperature),
             energy(raw_logits.float()),
             mahalanobis(pooled, detector.class_means, detector.precision),
-            knn(pooled, detector.bank),
-            knn_layers(distances, detector.layer_centre, detector.layer_scale),
+            knn(pooled, banks[0]),
+            knn_layers(distances, centre, scale),
         ],
         dim=1,
     )
+
+
+def margins(
+    raw_logits: torch.Tensor, temperature: torch.Tensor, features: torch.Tensor, detector: OodDetector, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the chosen detector's score minus its threshold: the flag; the same for the detector as training fitted it:
+    the confidence's gate). They are one and the same until adapt.py recalibrates the detector to a site, which
+    then counts as in distribution; the gate still says how unlike the training images an image is, and the
+    network's answers are least reliable there (docs/benchmarks.md, a new site)."""
+    margin = all_scores(raw_logits, temperature, features, detector)[:, k] - detector.thresholds[k]
+    origin = all_scores(raw_logits, temperature, features, detector, origin=True)[:, k] - detector.origin_thresholds[k]
+    # no Python branch on a buffer: the exported ONNX graph takes the same path (the KNN products cost little
+    # beside the network)
+    return margin, torch.where(torch.isnan(detector.origin_thresholds[k]), margin, origin)
 
 
 class OodDetector(nn.Module):
@@ -172,6 +196,13 @@ class OodDetector(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("n_fit", torch.zeros((), dtype=torch.long))  # validation images (the thresholds)
         self.register_buffer("n_reference", torch.zeros((), dtype=torch.long))  # images of the statistics
+        # the detector as training fitted it, kept by adapt.py's recalibration (chestxray.models.recalibrate): which
+        # bank rows are the training images' (one True row: all of them), their standardisation and thresholds (NaN:
+        # never recalibrated, the detector is its own origin)
+        self.register_buffer("origin_rows", torch.ones(1, dtype=torch.bool))
+        self.register_buffer("origin_centre", torch.zeros(self.stages))
+        self.register_buffer("origin_scale", torch.ones(self.stages))
+        self.register_buffer("origin_thresholds", torch.full((len(DETECTORS),), float("nan")))
 
     def layer_banks(self) -> list[torch.Tensor]:
         return [getattr(self, f"layer_bank{j}") for j in range(self.stages)]

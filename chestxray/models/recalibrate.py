@@ -57,8 +57,10 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     probs = (raw_logits / temperature).softmax(1)
     k = ood.DETECTORS.index(model.ood_detector)
     margin = (scores[:, k] - thresholds[k]).double().numpy()
+    # the confidence's gate: the detector as training fitted it (the images are not in its bank yet)
+    _, gate = ood.margins(raw_logits, torch.tensor(temperature), features, detector, k)
     selective_state, certificate = selection.fit(
-        probs.double().numpy(), labels.numpy(), margin, model.hparams.get("selective")
+        probs.double().numpy(), labels.numpy(), margin, model.hparams.get("selective"), gate.double().numpy()
     )
     bank = joined_bank(detector.bank, pooled)
     layer_banks = [joined_bank(old, layer) for old, layer in zip(detector.layer_banks(), layers, strict=True)]
@@ -74,6 +76,7 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
         "ood.fitted": torch.tensor(True),
         "ood.n_fit": n,
         "ood.n_reference": torch.tensor(len(bank)),
+        **origin_of(detector, len(pooled)),
         "conformal.min_prob": torch.tensor(ood.conformal_min_prob(probs, labels, model.coverage), dtype=torch.float32),
         "conformal.fitted": torch.tensor(True),
         "conformal.n_fit": n,
@@ -82,14 +85,40 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     return SiteCalibration(state, temperature, certificate, len(labels))
 
 
+def bank_rows(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which of `old` bank rows, which of `new` site rows) a joined bank keeps: at most ood.MAX_BANK rows in all,
+    every site row when they fit beside half a bank of old ones, and seeded samples in their order otherwise (the
+    training images keep at least half the bank: the confidence's gate is measured against them)."""
+    keep_new = min(new, ood.MAX_BANK - min(old, ood.MAX_BANK // 2))
+    keep_old = min(old, ood.MAX_BANK - keep_new)
+
+    def sample(n: int, k: int, seed: int) -> torch.Tensor:
+        if n <= k:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+    return sample(old, keep_old, 0), sample(new, keep_new, 1)
+
+
 def joined_bank(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The old unit-length bank rows and these features' (unit length), at most ood.MAX_BANK rows: every new row,
-    and a seeded sample of the old ones."""
-    new = ood.unit(new.float())
-    keep = max(0, ood.MAX_BANK - len(new))
-    if len(old) > keep:
-        old = old[torch.randperm(len(old), generator=torch.Generator().manual_seed(0))[:keep].sort().values]
-    return torch.cat([old.float(), new])
+    """The old unit-length bank rows and these features' (unit length) that bank_rows keeps, old rows first."""
+    kept_old, kept_new = bank_rows(len(old), len(new))
+    return torch.cat([old[kept_old].float(), ood.unit(new[kept_new].float())])
+
+
+def origin_of(detector, new: int) -> dict[str, torch.Tensor]:
+    """The joined detector's origin entries (ood.OodDetector): which rows are the training images' (those of the
+    old bank's that were, the site's are not), and the standardisation and thresholds training fitted: the old
+    detector's own, or its origin's when it was recalibrated already (a second site)."""
+    kept_old, kept_new = bank_rows(len(detector.bank), new)
+    rows = detector.origin_rows.expand(len(detector.bank))[kept_old]
+    again = bool(torch.isfinite(detector.origin_thresholds).any())
+    return {
+        "ood.origin_rows": torch.cat([rows, torch.zeros(len(kept_new), dtype=torch.bool)]),
+        "ood.origin_centre": (detector.origin_centre if again else detector.layer_centre).clone(),
+        "ood.origin_scale": (detector.origin_scale if again else detector.layer_scale).clone(),
+        "ood.origin_thresholds": (detector.origin_thresholds if again else detector.thresholds).clone(),
+    }
 
 
 def out_of_fold_distances(
@@ -123,9 +152,9 @@ def outputs(model, raw_logits: torch.Tensor, features: torch.Tensor) -> dict[str
     """What predict.py would answer for these images (raw logits and features of the model's trunk): calibrated
     probabilities, the detector's margin, prediction sets, confidence and acceptance."""
     with torch.no_grad():
-        probs, margin, sets = model.answers_of(raw_logits.float(), features.float())
-    probs, margin = probs.double().numpy(), margin.double().numpy()
-    chosen = selection.select([model], probs, margin)
+        probs, margin, sets, gate = model.answers_of(raw_logits.float(), features.float())
+    probs, margin, gate = probs.double().numpy(), margin.double().numpy(), gate.double().numpy()
+    chosen = selection.select([model], probs, margin, gate)
     accepted = chosen.accepted if chosen.accepted is not None else np.zeros(len(probs), bool)
     return {
         "probs": probs,

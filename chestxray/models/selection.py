@@ -29,9 +29,12 @@ from chestxray.evaluation import selective
 log = logging.getLogger(__name__)
 
 # model.selective.confidence: benchmarks/confidence_benchmark.py (docs/benchmarks.md) compares them. *_gated: minus
-# 1 for an answer the detector flags, so every flagged answer ranks below every passed one (the same order as
-# `accepted`): on a shifted site it tracks mistakes where the probability alone does not (failure AUROC 0.82 against
-# 0.68 on actualmed-site), and in distribution, where few are flagged, it is the probability itself.
+# 1 for an answer the gate flags, so every such answer ranks below every other: on a shifted site it tracks mistakes
+# where the probability alone does not (failure AUROC 0.82 against 0.68 on actualmed-site), and in distribution,
+# where few are flagged, it is the probability itself. The gate is the detector as training fitted it
+# (ood.margins): the flag itself until adapt.py recalibrates the detector to a site; after that the site counts as
+# in distribution for the flag, but an image unlike the training images still ranks low (benchmarks/site_benchmark.py:
+# 0.77 against 0.71 on actualmed-site's other images, gated by the recalibrated flag).
 CONFIDENCE_KINDS = ("max_probability_gated", "max_probability", "margin", "doctor")
 DEFAULT_CONFIDENCE = "max_probability_gated"
 # certify()'s `needed`: accepted answers, at the lowest error rate among the thresholds it tested, that would certify
@@ -52,13 +55,15 @@ def check_settings(settings: dict | None) -> tuple[str, float, float]:
     return str(kind), float(risk), float(delta)
 
 
-def confidence_of(probs: np.ndarray, kind: str, ood_margin: np.ndarray | None = None) -> np.ndarray:
+def confidence_of(probs: np.ndarray, kind: str, gate: np.ndarray | None = None) -> np.ndarray:
     """Each answer's confidence (higher = more likely right) from its calibrated probabilities and, for a gated kind,
-    the detector's score minus its threshold (above 0: flagged, confidence lowered by 1; NaN: no detector)."""
+    the gate: the score minus the threshold of the detector as training fitted it (chestxray.models.ood.margins;
+    above 0: unlike the training images, confidence lowered by 1; NaN: no detector). Until adapt.py recalibrates
+    the detector to a site, the gate is the flag itself."""
     gated = kind.endswith("_gated")
     confidence = selective.CONFIDENCES[kind.removesuffix("_gated")](np.asarray(probs, np.float64))
-    if gated and ood_margin is not None:
-        confidence = confidence - (np.asarray(ood_margin, np.float64) > 0)
+    if gated and gate is not None:
+        confidence = confidence - (np.asarray(gate, np.float64) > 0)
     return confidence
 
 
@@ -76,15 +81,19 @@ class AcceptanceThreshold(nn.Module):
 
 
 def fit(
-    probs: np.ndarray, labels: np.ndarray, ood_margin: np.ndarray, settings: dict | None
+    probs: np.ndarray,
+    labels: np.ndarray,
+    ood_margin: np.ndarray,
+    settings: dict | None,
+    gate: np.ndarray | None = None,
 ) -> tuple[dict[str, torch.Tensor], selective.Certificate]:
-    """The acceptance threshold of calibration images (their calibrated probabilities, labels and the detector's
-    score minus its threshold): certify() over the images the detector passes (the flagged ones are never accepted,
-    so they are not part of what the certificate is about). Returns the checkpoint's state entries and the
-    certificate."""
+    """The acceptance threshold of calibration images (their calibrated probabilities, labels, the detector's score
+    minus its threshold, and the confidence's gate: the flag itself when not given): certify() over the images the
+    detector passes (the flagged ones are never accepted, so they are not part of what the certificate is about).
+    Returns the checkpoint's state entries and the certificate."""
     kind, risk, delta = check_settings(settings)
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
-    confidence = confidence_of(probs, kind, ood_margin)
+    confidence = confidence_of(probs, kind, ood_margin if gate is None else gate)
     passes = ~(np.asarray(ood_margin, np.float64) > 0)  # NaN (no detector): every image passes
     confidence = np.where(passes, confidence, -np.inf)
     certificate = selective.certify(confidence, probs.argmax(1) == labels, risk, delta)
@@ -147,13 +156,17 @@ class Selection:
         }
 
 
-def select(models: Sequence[nn.Module], probs: np.ndarray, ood_margin: np.ndarray) -> Selection:
-    """The confidence and acceptance of answers given by `models` (one checkpoint, or an ensemble's members):
+def select(
+    models: Sequence[nn.Module], probs: np.ndarray, ood_margin: np.ndarray, gate: np.ndarray | None = None
+) -> Selection:
+    """The confidence and acceptance of answers given by `models` (one checkpoint, or an ensemble's members), from
+    their probabilities, the detector's flag margin and the confidence's gate (the flag margin when not given):
     the first member's confidence kind; an ensemble's averaged answers have no certified threshold of their own, so
     none is accepted (accepted None, and why)."""
     first = models[0]
     kind, risk, delta = check_settings(first.hparams.get("selective"))
-    confidence = confidence_of(probs, kind, ood_margin) if len(probs) else np.zeros(0)
+    gate = ood_margin if gate is None else gate
+    confidence = confidence_of(probs, kind, gate) if len(probs) else np.zeros(0)
     buffers: AcceptanceThreshold = first.selective
     fitted = bool(buffers.fitted)
     common = {

@@ -189,9 +189,9 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         items = [inputs] if single else inputs
         views = torch.stack([i["view"] for i in items])
         with torch.inference_mode(), torch.autocast(self.torch_device.type, enabled=False):
-            probs, margin, sets = self.ensemble.probabilities(views.to(self.torch_device))
+            probs, margin, sets, gate = self.ensemble.probabilities(views.to(self.torch_device))
             probs, margin, sets = probs.float().cpu().numpy(), margin.double().cpu().numpy(), sets.bool().cpu().numpy()
-        chosen = select(self.models, probs, margin)  # confidence and acceptance as predict.py gives them
+        chosen = select(self.models, probs, margin, gate.double().cpu().numpy())  # as predict.py gives them
         answers = []
         for k, item in enumerate(items):
             tags = ImageTags(item.get("modality", ""), item.get("view_position", ""))

@@ -39,6 +39,7 @@ from chestxray.data.images import BadImageError, ImageLimits, load_image
 from chestxray.data.sources import find_inputs
 from chestxray.errors import AdaptError
 from chestxray.evaluation import figures, metrics, selective
+from chestxray.evaluation.report import SMALL_SET
 from chestxray.models import recalibrate, selection
 from chestxray.models.checkpoints import load_model, preprocess_of
 from chestxray.runtime.console import say, shown
@@ -526,10 +527,12 @@ def summary_lines(report: dict) -> str:
     ]
     if "alarm" in b:
         lines.append("before: " + b["alarm"]["text"])
+    ranks = report["images"] >= SMALL_SET and None not in (b["failure_auroc"], a["failure_auroc"])
     lines.append(
         f"after ({report['chosen']}, cross-fitted): accuracy {a['accuracy']:.3f} ({_ci(a['accuracy_ci95'])}), sets "
         f"cover {a['set_coverage']:.0%}, {a['share_accepted']:.0%} accepted"
         + (f" ({a['accuracy_accepted']:.3f} right)" if a["accepted"] else "")
+        + (f"; failure AUROC of confidence {b['failure_auroc']:.3f} -> {a['failure_auroc']:.3f}" if ranks else "")
     )
     lines.append(comparison_text(report["fine_tuning_comparison"]))
     lines.append(report["final_fit"]["acceptance_text"])
