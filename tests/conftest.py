@@ -12,6 +12,7 @@ they are skipped, with the reason, on a clone without it, and CI (CHESTXRAY_REQU
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,15 +133,37 @@ def predict_config(output_dir: Path, ckpt, inputs, *overrides: str) -> DictConfi
     )
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that make(folder) fills, made once per test session: pytest-xdist's workers share it (the first to
+    ask makes it under a file lock, the others wait and read it), as pytest-xdist's documentation recommends for
+    session data. Tests only read it."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each worker's own
+    folder = shared / f"shared-{name}"
+    with FileLock(str(shared / f"shared-{name}.lock")):
+        if not (folder / ".done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A generated dataset in the real layout and kinds of files: 30 train and 12 test images per class, and 3
     more Covid test images that copy train images (leakage)."""
     from chestxray.synthetic import make_dataset
 
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    make_dataset(root, {"train": 30, "test": 12}, size=96, seed=1, leaks=3)
-    return root
+    def make(root: Path) -> None:
+        make_dataset(root / "data", {"train": 30, "test": 12}, size=96, seed=1, leaks=3)
+
+    return made_once(tmp_path_factory, "synthetic", make) / "data"
 
 
 @pytest.fixture(scope="session")
@@ -161,11 +184,18 @@ def tiny_run(tmp_path_factory, synthetic_dir) -> dict:
     test the plumbing on (the model has not learned much)."""
     from chestxray.training.fit import train
 
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    # two loggers: the TensorBoard tests and the CSV logger's read the same run
-    cfg = train_config(out, synthetic_dir, "data.check_leakage=true", "data.store=disk", "logger=[tensorboard,csv]")
-    value = train(cfg)
-    return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}
+    def config(out: Path) -> DictConfig:
+        # two loggers: the TensorBoard tests and the CSV logger's read the same run
+        overrides = ["data.check_leakage=true", "data.store=disk", "logger=[tensorboard,csv]"]
+        return train_config(out, synthetic_dir, *overrides)
+
+    def make(root: Path) -> None:
+        (root / "value.json").write_text(json.dumps(train(config(root / "run"))))
+
+    root = made_once(tmp_path_factory, "tiny", make)
+    out, value = root / "run", json.loads((root / "value.json").read_text())
+    ckpt = out / "checkpoints" / "best.ckpt"
+    return {"cfg": config(out), "dir": out, "value": value, "data": synthetic_dir, "ckpt": ckpt}
 
 
 @pytest.fixture(scope="session")
