@@ -52,6 +52,7 @@ class TestResult:
     numbers: dict  # {"all": ..., "leak_free": ..., "uncalibrated": ...} (chestxray.evaluation.metrics.summarise)
     ood_scores: np.ndarray | None = None  # the detector's score minus its threshold (NaN: no detector fitted)
     sets: np.ndarray | None = None  # N x K bool prediction sets (None: no conformal fit)
+    gates: np.ndarray | None = None  # the confidence's gate (ood.margins; None: the detector's score itself)
 
 
 class ChestXrayClassifier(L.LightningModule):
@@ -371,7 +372,7 @@ class ChestXrayClassifier(L.LightningModule):
         with self._fp32():
             raw, features = self._logits_and_features(images, index, f"test{dataloader_idx}")
             raw = raw.float()
-            _, margin, sets, _ = self.answers_of(raw, features.float())
+            _, margin, sets, gate = self.answers_of(raw, features.float())
         logits = raw / self.temperature
         probs, raw_probs = logits.softmax(1), raw.softmax(1)
         loss = F.cross_entropy(logits, labels, reduction="none")
@@ -382,7 +383,8 @@ class ChestXrayClassifier(L.LightningModule):
             collections["leak_free"].update(preds=probs[keep], target=labels[keep], value=loss[keep])
         raw_loss = F.cross_entropy(raw, labels, reduction="none")
         collections["uncalibrated"].update(preds=raw_probs, target=labels, value=raw_loss)
-        self._test_outputs[dataloader_idx].append((index.cpu(), probs.cpu(), raw_probs.cpu(), margin.cpu(), sets.cpu()))
+        outputs = (index.cpu(), probs.cpu(), raw_probs.cpu(), margin.cpu(), sets.cpu(), gate.cpu())
+        self._test_outputs[dataloader_idx].append(outputs)
 
     def on_test_epoch_end(self) -> None:
         for i, name in enumerate(self.test_set_names):
@@ -407,7 +409,7 @@ class ChestXrayClassifier(L.LightningModule):
                     self.log(logged, value, add_dataloader_idx=False, sync_dist=True)
             gathered = gather_by_index(self._test_outputs[i])  # every rank takes part
             if gathered is not None:
-                index, probs, raw_probs, margin, sets = (t.numpy() for t in gathered)
+                index, probs, raw_probs, margin, sets, gate = (t.numpy() for t in gathered)
                 self.test_results[name] = TestResult(
                     index,
                     probs.astype(np.float64),
@@ -415,6 +417,7 @@ class ChestXrayClassifier(L.LightningModule):
                     numbers,
                     margin.astype(np.float64),
                     sets if bool(self.conformal.fitted) else None,
+                    gate.astype(np.float64),
                 )
         self._test_outputs = {}
 

@@ -124,7 +124,10 @@ class ReportWriter(L.Callback):
                 shares_with_test=datamodule.shared_with_test.get(name),
                 splits=datamodule.split_groups if name == "test" else None,
                 uncertainty=Uncertainty.of(
-                    pl_module, result.ood_scores, result.sets, select([pl_module], result.probs, result.ood_scores)
+                    pl_module,
+                    result.ood_scores,
+                    result.sets,
+                    select([pl_module], result.probs, result.ood_scores, result.gates),
                 ),
             )
             folder = report_folder(self.output_dir, name)
