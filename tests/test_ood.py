@@ -281,15 +281,23 @@ def recalibrated(path: Path, site: torch.Tensor) -> ChestXrayClassifier:
     return model
 
 
-def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_the_sites(tmp_path):
+def save_as_checkpoint(model: ChestXrayClassifier, like: Path, path: Path) -> Path:
+    torch.save({**torch.load(like, weights_only=True), "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("max_bank", [4096, 30])  # 30: the joined bank is capped (24 training rows + 12 site rows)
+def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_the_sites(
+    tmp_path, monkeypatch, max_bank
+):
     """adapt.py makes a site's images count as in distribution (the flag), while the confidence's gate stays the
     detector training fitted: for any image it equals the unadapted checkpoint's flag margin, also after a second
-    site."""
+    site and when the bank is full (every training row is kept; a previous site's rows are sampled)."""
+    monkeypatch.setattr(ood, "MAX_BANK", max_bank)
     _, path = fitted_checkpoint(tmp_path)  # knn_layers
     model, site = load_model(path), images(12, seed=10)
     first = recalibrated(path, site)
-    torch.save({**torch.load(path, weights_only=True), "state_dict": first.state_dict()}, tmp_path / "first.ckpt")
-    second = recalibrated(tmp_path / "first.ckpt", images(10, seed=11))
+    second = recalibrated(save_as_checkpoint(first, path, tmp_path / "first.ckpt"), images(10, seed=11))
     x = torch.cat([site[:4], images(6, seed=12)])
     with torch.no_grad():
         _, margin, _, gate = model.answers(x)
@@ -298,21 +306,49 @@ def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_th
     assert torch.equal(gate, margin)  # never recalibrated: the gate is the flag
     assert torch.allclose(first_gate, margin, atol=1e-5) and torch.allclose(second_gate, margin, atol=1e-5)
     assert (first_margin[:4] < margin[:4]).all()  # the site's own images are nearer the recalibrated bank
-    assert first.ood.origin_rows.sum() == 24 and len(first.ood.origin_rows) == 36  # 24 training rows + 12 site
-    assert second.ood.origin_rows.sum() == 24 and len(second.ood.origin_rows) == 46
+    assert int(first.ood.origin_rows.sum()) == 24 and len(first.ood.origin_rows) == 36  # 24 training rows + 12 site
+    assert int(second.ood.origin_rows.sum()) == 24 and len(second.ood.origin_rows) == min(46, 24 + max_bank)
+    assert len(second.ood.bank) == len(second.ood.origin_rows) == len(second.ood.layer_bank0)
 
 
-def test_a_joined_bank_stays_bounded_and_keeps_training_rows(monkeypatch):
+def test_a_checkpoint_without_stage_banks_or_without_a_detector_recalibrates_and_answers(tmp_path):
+    """A checkpoint fitted before knn_layers (knn, one placeholder row per stage bank) recalibrates, twice, and
+    answers with its gate the trained knn flag; one whose detector was never fitted gates by the flag itself."""
+    _, path = fitted_checkpoint(tmp_path, ood={"detector": "knn", "pass_rate": 0.95})
+    saved = torch.load(path, weights_only=True)
+    for key in [k for k in saved["state_dict"] if k.startswith("ood.layer_")]:
+        del saved["state_dict"][key]
+    saved["state_dict"]["ood.thresholds"] = saved["state_dict"]["ood.thresholds"][:4]
+    torch.save(saved, tmp_path / "before.ckpt")
+    unfitted = tiny_model()
+    torch.save({**saved, "state_dict": unfitted.state_dict()}, tmp_path / "unfitted.ckpt")
+    x = images(5, seed=3)
+    for name in ("before.ckpt", "unfitted.ckpt"):
+        trained = load_model(tmp_path / name)
+        first = recalibrated(tmp_path / name, images(12, seed=10))
+        second = recalibrated(save_as_checkpoint(first, tmp_path / name, tmp_path / "again.ckpt"), images(9, seed=4))
+        with torch.no_grad():
+            _, margin, _, _ = trained.answers(x)
+            _, second_margin, _, gate = second.answers(x)
+        if name == "before.ckpt":
+            assert torch.allclose(gate, margin, atol=1e-5), name
+        else:  # nothing trained to gate with: the flag of the recalibrated detector
+            assert torch.isnan(margin).all() and torch.equal(gate, second_margin) and torch.isfinite(gate).all()
+
+
+def test_a_joined_bank_keeps_every_training_row_and_at_most_max_bank_site_rows(monkeypatch):
     from chestxray.models import recalibrate
 
     monkeypatch.setattr(ood, "MAX_BANK", 100)
-    old, new = recalibrate.bank_rows(80, 10)
+    training = torch.ones(80, dtype=torch.bool)
+    old, new = recalibrate.bank_rows(training, 10)
     assert len(old) == 80 and len(new) == 10  # both fit: every row
-    old, new = recalibrate.bank_rows(80, 1000)
-    assert len(old) == 50 and len(new) == 50 and old.tolist() == sorted(set(old.tolist()))  # half a bank each
-    old, new = recalibrate.bank_rows(30, 1000)
-    assert len(old) == 30 and len(new) == 70
-    assert len(recalibrate.joined_bank(torch.ones(80, 4), torch.ones(100_000, 4))) == 100
+    old, new = recalibrate.bank_rows(training, 1000)
+    assert len(old) == 80 and len(new) == 100 and new.tolist() == sorted(set(new.tolist()))
+    again = torch.cat([training, torch.zeros(100, dtype=torch.bool)])  # a second site: the first site's rows go first
+    old, new = recalibrate.bank_rows(again, 60)
+    assert old[:80].tolist() == list(range(80)) and len(old) == 80 + 40 and len(new) == 60
+    assert len(recalibrate.joined_bank(torch.ones(80, 4), torch.ones(100_000, 4), training)) == 180
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 DETECTORS = ("msp", "energy", "mahalanobis", "knn", "knn_layers")
 DEFAULT_DETECTOR = "knn_layers"  # the best on benchmarks/ood_benchmark.py (docs/benchmarks.md)
 DEFAULT_BEFORE_KNN_LAYERS = "knn"  # what checkpoints fitted before knn_layers used when their settings named none
-MAX_BANK = 4096  # KNN rows kept in the checkpoint: 4 bytes x (width + sum of stage widths), 32 MB for VGG19
+MAX_BANK = 4096  # KNN rows kept in the checkpoint: 4 bytes x (width + sum of stage widths), 32 MB for VGG19;
+# an adapted checkpoint keeps these and at most as many site rows (chestxray.models.recalibrate.bank_rows)
 OUT_OF_FOLD = 10  # folds for the out-of-fold validation scores of the fitted detectors
 
 
@@ -145,8 +146,10 @@ def all_scores(
     pooled, layers = split_features(features, detector)
     banks = [detector.bank, *detector.layer_banks()]
     centre, scale = detector.layer_centre, detector.layer_scale
-    if origin:  # the training images' rows only: a site's row stands in for the first row (a training image's)
-        banks = [torch.where(detector.origin_rows[:, None], bank, bank[:1]) for bank in banks]
+    if origin:  # the training images' rows only: a site's row stands in for the first row (a training image's);
+        # a bank without a row per origin flag (a stage bank of a checkpoint fitted before knn_layers) is left as it is
+        rows = detector.origin_rows
+        banks = [torch.where(rows[:, None], bank, bank[:1]) if len(rows) == len(bank) else bank for bank in banks]
         centre, scale = detector.origin_centre, detector.origin_scale
     distances = stage_distances(layers, banks[1:], pooled.shape[0])  # not len(): it fixes the batch
     return torch.stack(

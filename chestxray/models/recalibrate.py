@@ -57,13 +57,17 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     probs = (raw_logits / temperature).softmax(1)
     k = ood.DETECTORS.index(model.ood_detector)
     margin = (scores[:, k] - thresholds[k]).double().numpy()
-    # the confidence's gate: the detector as training fitted it (the images are not in its bank yet)
+    # the confidence's gate, as the recalibrated checkpoint will compute it: the detector as training fitted it
+    # (every training row is kept, and these images are not among them); a detector never fitted has none, and the
+    # gate is then the flag itself (ood.margins)
     _, gate = ood.margins(raw_logits, torch.tensor(temperature), features, detector, k)
+    gate = np.where(np.isnan(gate.double().numpy()), margin, gate.double().numpy())
     selective_state, certificate = selection.fit(
-        probs.double().numpy(), labels.numpy(), margin, model.hparams.get("selective"), gate.double().numpy()
+        probs.double().numpy(), labels.numpy(), margin, model.hparams.get("selective"), gate
     )
-    bank = joined_bank(detector.bank, pooled)
-    layer_banks = [joined_bank(old, layer) for old, layer in zip(detector.layer_banks(), layers, strict=True)]
+    training = training_rows(detector)
+    bank = joined_bank(detector.bank, pooled, training)
+    layer_banks = [joined_bank(old, layer, training) for old, layer in zip(detector.layer_banks(), layers, strict=True)]
     n = torch.tensor(len(labels))
     state = {
         "temperature": torch.tensor(temperature),
@@ -85,24 +89,37 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     return SiteCalibration(state, temperature, certificate, len(labels))
 
 
-def bank_rows(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(which of `old` bank rows, which of `new` site rows) a joined bank keeps: at most ood.MAX_BANK rows in all,
-    every site row when they fit beside half a bank of old ones, and seeded samples in their order otherwise (the
-    training images keep at least half the bank: the confidence's gate is measured against them)."""
-    keep_new = min(new, ood.MAX_BANK - min(old, ood.MAX_BANK // 2))
-    keep_old = min(old, ood.MAX_BANK - keep_new)
-
-    def sample(n: int, k: int, seed: int) -> torch.Tensor:
-        if n <= k:
-            return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-
-    return sample(old, keep_old, 0), sample(new, keep_new, 1)
+def training_rows(detector) -> torch.Tensor:
+    """Which rows of the detector's bank are the training images' (ood.OodDetector.origin_rows, one value per row)."""
+    return detector.origin_rows.expand(len(detector.bank)).clone()
 
 
-def joined_bank(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The old unit-length bank rows and these features' (unit length) that bank_rows keeps, old rows first."""
-    kept_old, kept_new = bank_rows(len(old), len(new))
+def bank_rows(training: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which old bank rows, which of `new` site rows) a joined bank keeps: every training row (at most
+    ood.MAX_BANK: training kept no more), so that the confidence's gate is the detector training fitted, and at
+    most ood.MAX_BANK site rows, the new site's first; seeded samples in their order where there are more. Old rows
+    come first, training rows before a previous site's. `training` marks the old rows that are training rows."""
+    sites = torch.nonzero(~training).flatten()
+    keep_new = min(new, ood.MAX_BANK)
+    kept_sites = sites[sample(len(sites), ood.MAX_BANK - keep_new, 0)]
+    kept_old = torch.cat([torch.nonzero(training).flatten(), kept_sites]).sort().values
+    return kept_old, sample(new, keep_new, 1)
+
+
+def sample(n: int, k: int, seed: int) -> torch.Tensor:
+    """k of range(n), seeded, in order (all of them when k >= n)."""
+    if n <= k:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(k, 0)].sort().values
+
+
+def joined_bank(old: torch.Tensor, new: torch.Tensor, training: torch.Tensor) -> torch.Tensor:
+    """The old unit-length bank rows and these features' (unit length) that bank_rows keeps, old rows first. A bank
+    that is not as long as `training` (a stage bank of a checkpoint fitted before knn_layers: one placeholder row)
+    counts all its rows as training rows."""
+    if len(training) != len(old):
+        training = torch.ones(len(old), dtype=torch.bool)
+    kept_old, kept_new = bank_rows(training, len(new))
     return torch.cat([old[kept_old].float(), ood.unit(new[kept_new].float())])
 
 
@@ -110,11 +127,11 @@ def origin_of(detector, new: int) -> dict[str, torch.Tensor]:
     """The joined detector's origin entries (ood.OodDetector): which rows are the training images' (those of the
     old bank's that were, the site's are not), and the standardisation and thresholds training fitted: the old
     detector's own, or its origin's when it was recalibrated already (a second site)."""
-    kept_old, kept_new = bank_rows(len(detector.bank), new)
-    rows = detector.origin_rows.expand(len(detector.bank))[kept_old]
-    again = bool(torch.isfinite(detector.origin_thresholds).any())
+    training = training_rows(detector)
+    kept_old, kept_new = bank_rows(training, new)
+    again = not bool(training.all())  # a site's rows are in the bank already
     return {
-        "ood.origin_rows": torch.cat([rows, torch.zeros(len(kept_new), dtype=torch.bool)]),
+        "ood.origin_rows": torch.cat([training[kept_old], torch.zeros(len(kept_new), dtype=torch.bool)]),
         "ood.origin_centre": (detector.origin_centre if again else detector.layer_centre).clone(),
         "ood.origin_scale": (detector.origin_scale if again else detector.layer_scale).clone(),
         "ood.origin_thresholds": (detector.origin_thresholds if again else detector.thresholds).clone(),
@@ -126,15 +143,15 @@ def out_of_fold_distances(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's KNN distance (pooled, and per stage) to the old bank plus the site images of the other inner
     folds (seeded): what a new image of the site would see in the joined bank."""
-    n = len(pooled)
+    n, training = len(pooled), training_rows(detector)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     knn_d, layer_d = torch.zeros(n), torch.zeros(n, len(layers))
     for part in torch.tensor_split(order, min(INNER_FOLDS, n)):
         rest = torch.ones(n, dtype=torch.bool)
         rest[part] = False
-        knn_d[part] = ood.knn(pooled[part], joined_bank(detector.bank, pooled[rest]))
+        knn_d[part] = ood.knn(pooled[part], joined_bank(detector.bank, pooled[rest], training))
         for j, (layer, old) in enumerate(zip(layers, detector.layer_banks(), strict=True)):
-            layer_d[part, j] = ood.knn(layer[part], joined_bank(old, layer[rest]))
+            layer_d[part, j] = ood.knn(layer[part], joined_bank(old, layer[rest], training))
     return knn_d, layer_d
 
 
