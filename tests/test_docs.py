@@ -12,11 +12,18 @@ from chestxray import settings
 from tests.conftest import ROOT, compose_config
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CONFIGS = {"train.py": ("train", settings.TRAIN_RULES), "predict.py": ("predict", settings.PREDICT_RULES)}
+CONFIGS = {
+    "train.py": ("train", settings.TRAIN_RULES),
+    "predict.py": ("predict", settings.PREDICT_RULES),
+    "adapt.py": ("adapt", settings.ADAPT_RULES),
+    "chestxray.robustness": ("robustness", settings.ROBUSTNESS_RULES),
+}
+PATHS = ("ckpt=", "inputs=", "site=")  # files of the writer's machine: the test composes with placeholders
 
 
 def _commands() -> list[tuple[str, str, list[str]]]:
-    """(page, command line, its overrides) for each `python train.py|predict.py ...` line in a fenced block."""
+    """(page, command line, its overrides) for each `python train.py|predict.py|adapt.py ...` and `python -m
+    chestxray.robustness ...` line in a fenced block (also pasted after a `$ ` prompt)."""
     found = []
     for page in PAGES:
         in_code = False
@@ -24,10 +31,12 @@ def _commands() -> list[tuple[str, str, list[str]]]:
             if line.startswith("```"):
                 in_code = not in_code
                 continue
-            line = line.split("  #", 1)[0].strip()
+            line = line.split("  #", 1)[0].strip().removeprefix("$ ")
             if not in_code or not line.startswith("python "):
                 continue
             words = shlex.split(line)
+            if words[1:2] == ["-m"]:  # python -m chestxray.robustness ...: the module is the script
+                words = words[:1] + words[2:]
             script = words[1] if len(words) > 1 else ""
             if script in CONFIGS and not any(w.startswith("--") for w in words):
                 found.append((page.name, line, [w for w in words[2:] if w != "-m"]))
@@ -44,18 +53,20 @@ def _first_of_sweep(override: str) -> str:
 
 def test_the_pages_show_commands():
     pages = {page for page, _, _ in _commands()}
-    assert {"README.md", "training.md", "predict.md"} <= pages
+    assert {"README.md", "training.md", "predict.md", "new-hospital.md", "robustness.md"} <= pages
+    scripts = {shlex.split(line.removeprefix("python -m "))[0 if "-m " in line else 1] for _, line, _ in _commands()}
+    assert set(CONFIGS) <= scripts | {"chestxray.robustness"} and "adapt.py" in scripts
 
 
 @pytest.mark.slow  # a Hydra compose per command: seconds each
 @pytest.mark.parametrize("page,line,overrides", _commands(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_command_on_the_pages_composes_and_passes_the_checks(page, line, overrides, tmp_path):
-    script = shlex.split(line)[1]
-    name, rules = CONFIGS[script]
+    words = shlex.split(line)
+    name, rules = CONFIGS[words[2] if words[1] == "-m" else words[1]]
     overrides = [_first_of_sweep(o) for o in overrides if not o.startswith("hydra.")]
     overrides = [o.split("=", 1)[0] + "=x" if "<" in o else o for o in overrides]  # placeholders: <date>_<time>
+    overrides = [o if not o.startswith(PATHS) else o.split("=", 1)[0] + "=x" for o in overrides]
     if name == "predict":
-        overrides = [o if not o.startswith(("ckpt=", "inputs=")) else o.split("=", 1)[0] + "=x" for o in overrides]
         overrides += [o for o in ("ckpt=x", "inputs=x") if not any(p.startswith(o[:5]) for p in overrides)]
         settings.check_predict_overrides(overrides)
     cfg = compose_config(name, [*overrides, f"paths.output_dir={tmp_path}"])
