@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,8 @@ PATIENT = "PATIENT-SECRET-"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """A generated site: 6 images per class in class folders, two images per patient, named in MANIFEST.tsv."""
+    """A generated site: 6 images per class in class folders, two images per patient, named in MANIFEST.tsv; a
+    third of the patients' images under a strong acquisition shift (unlike the training images, as at a new site)."""
     root = tmp_path_factory.mktemp("site")
     make_dataset(root / "gen", {"train": 6}, size=96, seed=7)
     folder = root / "site"
@@ -35,8 +37,14 @@ def site(tmp_path_factory) -> Path:
     for k, path in enumerate(sorted((root / "gen" / "train").rglob("*.*"))):
         target = folder / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(path.read_bytes())
-        rows.append({"path": f"{path.parent.name}/{path.name}", "patient": f"{PATIENT}{k // 2}"})
+        if (k // 2) % 3 == 0:
+            hwc = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
+            hwc = SHIFTS["noise"].apply(SHIFTS["contrast"].apply(hwc, 4, 96, k), 5, 96, k)
+            target = target.with_suffix(".png")
+            cv2.imwrite(str(target), cv2.cvtColor(hwc, cv2.COLOR_RGB2GRAY))
+        else:
+            target.write_bytes(path.read_bytes())
+        rows.append({"path": f"{path.parent.name}/{target.name}", "patient": f"{PATIENT}{k // 2}"})
     with open(folder / "MANIFEST.tsv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "patient"], delimiter="\t")
         writer.writeheader()
@@ -138,6 +146,20 @@ def test_adapt_py_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny
     assert "accepted" in capsys.readouterr().out  # own subprocess runs are in test_predict.py
     rows = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
     assert len(rows) == 18 and all(r["accepted"] in ("0", "1") for r in rows)
+    # predict.py's confidence of the adapted checkpoint is adapt.py's (the gate included), image by image
+    from chestxray.data.images import ImageLimits
+    from chestxray.models import recalibrate
+    from chestxray.models.checkpoints import preprocess_of
+
+    images = adapt_module.read_site(site, model, ImageLimits(10**8, 1, preprocess=preprocess_of(model)))
+    features = adapt_module.trunk_features(model, images.images)
+    expected = recalibrate.outputs(model, adapt_module.head_logits(model, features), features)["confidence"]
+    by_path = {str(path.resolve()): c for path, c in zip(images.paths, expected, strict=True)}
+    written = {str(Path(r["path"]).resolve()): float(r["confidence"]) for r in rows}
+    assert written.keys() == by_path.keys()
+    assert all(abs(written[k] - by_path[k]) < 1e-4 for k in written), (written, by_path)
+    # the shifted images: in distribution for the recalibrated flag, still gated as unlike the training images
+    assert any(r["in_distribution"] == "1" and float(r["confidence"]) < 0 for r in rows)
 
 
 def small_site(site: Path, folder: Path) -> Path:
