@@ -87,6 +87,33 @@ def test_the_answer_is_predict_py_row_nan_is_not_scored_and_new_columns_pass_thr
     assert any("not accepted" in n for n in warnings_for(extended, calibrated=True, image_size=64))
 
 
+def test_an_adapted_checkpoint_is_served_with_predict_py_confidence_gate_included(tmp_path, monkeypatch):
+    """serve's inference step gives the confidence and acceptance predict.py gives (chestxray.models.selection),
+    with the gate of an adapted checkpoint: a site image the recalibrated flag passes but the trained detector
+    does not is served in distribution and still ranked below the others (confidence below 0)."""
+    import torch
+
+    from chestxray.models.classifier import Probabilities
+    from chestxray.models.selection import select
+    from chestxray.serving import api, signals
+    from tests.test_ood import fitted_checkpoint, images, recalibrated, save_as_checkpoint
+
+    _, path = fitted_checkpoint(tmp_path)
+    bright = (200 + images(12, seed=10) // 8).to(torch.uint8)  # unlike the random 'training' images
+    adapted = save_as_checkpoint(recalibrated(path, bright), path, tmp_path / "adapted.ckpt")
+    monkeypatch.setattr(signals, "quiet_child", lambda: None)  # not a child process here
+    served = api.ClassifierAPI([str(adapted)], ImageLimits(10**8, 1))
+    served.setup("cpu")
+    x = torch.cat([bright[:4], images(4, seed=3)])
+    answers = served.predict([{"view": view, "width": 32, "height": 32} for view in x])
+    with torch.no_grad():
+        probs, margin, _, gate = Probabilities(served.models).answers(x)
+    chosen = select(served.models, probs.numpy(), margin.double().numpy(), gate.double().numpy())
+    assert [a["confidence"] for a in answers] == pytest.approx(chosen.confidence.tolist(), abs=1e-6)
+    assert [a["accepted"] for a in answers] == [int(k) for k in chosen.accepted]
+    assert any(a["in_distribution"] and a["confidence"] < 0 for a in answers[:4])
+
+
 def test_the_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path):
     from chestxray.serving.token import TOKEN_VARIABLE, read_token, token_argument
 
