@@ -8,6 +8,7 @@ import base64
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -352,14 +353,16 @@ def test_a_request_in_flight_at_a_stop_is_answered_or_refused_with_503(tiny_run,
 
     srv = Server(tiny_run["ckpt"], tmp_path / "run")
     image = an_image(tiny_run).read_bytes()
-    sent, answers = threading.Event(), []
+    started, signalled, answers = threading.Event(), threading.Event(), []
 
-    def slowly():  # the body in pieces over about 1.5 s: in flight when the signal comes
+    def slowly():  # the first piece, then the rest only once the signal is sent: in flight, whatever the load
         step = max(1, len(image) // 6)
-        for i in range(0, len(image), step):
-            if i:
-                sent.set()
-                time.sleep(0.25)
+        for k, i in enumerate(range(0, len(image), step)):
+            if k == 1:
+                started.set()
+                signalled.wait(60)
+            if k:
+                time.sleep(0.1)
             yield image[i : i + step]
 
     def ask():
@@ -368,11 +371,20 @@ def test_a_request_in_flight_at_a_stop_is_answered_or_refused_with_503(tiny_run,
         except requests.RequestException as err:
             answers.append(err)
 
+    def uploads_in_progress() -> float:
+        text = requests.get(srv.url + "/metrics", headers=srv.auth, timeout=30).text
+        return float(re.search(r"^chestxray_uploads_in_progress (\S+)$", text, re.M).group(1))
+
     client = threading.Thread(target=ask)
     try:
         client.start()
-        assert sent.wait(30)
+        assert started.wait(30)
+        deadline = time.monotonic() + 30  # the server is reading it (a connection not yet accepted is not in flight)
+        while uploads_in_progress() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert uploads_in_progress() >= 1
     finally:
+        threading.Timer(0.3, signalled.set).start()  # the rest of the body arrives after the signal
         seconds = srv.stop(sig, group=group)
         client.join(90)
     assert len(answers) == 1 and isinstance(answers[0], requests.Response), answers
