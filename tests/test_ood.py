@@ -286,15 +286,12 @@ def save_as_checkpoint(model: ChestXrayClassifier, like: Path, path: Path) -> Pa
     return path
 
 
-@pytest.mark.parametrize("max_bank", [4096, 30])  # 30: the joined bank is capped (24 training rows + 12 site rows)
-def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_the_sites(
-    tmp_path, monkeypatch, max_bank
-):
+def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_the_sites(tmp_path, monkeypatch):
     """adapt.py makes a site's images count as in distribution (the flag), while the confidence's gate stays the
     detector training fitted: for any image it equals the unadapted checkpoint's flag margin, also after a second
-    site and when the bank is full (every training row is kept; a previous site's rows are sampled)."""
-    monkeypatch.setattr(ood, "MAX_BANK", max_bank)
-    _, path = fitted_checkpoint(tmp_path)  # knn_layers
+    site that fills the bank (every training row is kept; the previous site's rows are sampled)."""
+    _, path = fitted_checkpoint(tmp_path)  # knn_layers, 24 training rows
+    monkeypatch.setattr(ood, "MAX_BANK", 16)  # a first site of 12 (kept), a second of 10: 6 of the first are kept
     model, site = load_model(path), images(12, seed=10)
     first = recalibrated(path, site)
     second = recalibrated(save_as_checkpoint(first, path, tmp_path / "first.ckpt"), images(10, seed=11))
@@ -307,7 +304,7 @@ def test_after_recalibration_the_gate_is_the_detector_as_trained_and_the_flag_th
     assert torch.allclose(first_gate, margin, atol=1e-5) and torch.allclose(second_gate, margin, atol=1e-5)
     assert (first_margin[:4] < margin[:4]).all()  # the site's own images are nearer the recalibrated bank
     assert int(first.ood.origin_rows.sum()) == 24 and len(first.ood.origin_rows) == 36  # 24 training rows + 12 site
-    assert int(second.ood.origin_rows.sum()) == 24 and len(second.ood.origin_rows) == min(46, 24 + max_bank)
+    assert int(second.ood.origin_rows.sum()) == 24 and len(second.ood.origin_rows) == 24 + 6 + 10  # 6 of the first
     assert len(second.ood.bank) == len(second.ood.origin_rows) == len(second.ood.layer_bank0)
 
 

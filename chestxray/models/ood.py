@@ -172,9 +172,10 @@ def margins(
     then counts as in distribution; the gate still says how unlike the training images an image is, and the
     network's answers are least reliable there (docs/benchmarks.md, a new site)."""
     margin = all_scores(raw_logits, temperature, features, detector)[:, k] - detector.thresholds[k]
+    if detector.origin_rows.shape[0] == 1:  # never recalibrated (a shape, so the ONNX export takes the same path)
+        return margin, margin
     origin = all_scores(raw_logits, temperature, features, detector, origin=True)[:, k] - detector.origin_thresholds[k]
-    # no Python branch on a buffer: the exported ONNX graph takes the same path (the KNN products cost little
-    # beside the network)
+    # recalibrated from a detector never fitted: no trained detector to gate with (a value: no Python branch on it)
     return margin, torch.where(torch.isnan(detector.origin_thresholds[k]), margin, origin)
 
 
