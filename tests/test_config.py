@@ -78,21 +78,35 @@ def _build(cfg, built_models: dict) -> None:
     instantiate(trainer_cfg, logger=False, enable_progress_bar=False)
 
 
+def _common(tmp_path: Path) -> list[str]:
+    """The overrides every composition of the two tests below takes."""
+    return [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"data.data_dir={tmp_path}",
+        "model.pretrained=false",
+        "model.compile=false",  # compiling is lazy anyway; keep the test free of inductor
+    ]
+
+
+def _check_and_build(cfg, built_models: dict) -> None:
+    """The settings' checks of a composed config, then what a run builds from it (_build)."""
+    with open_dict(cfg):
+        del cfg["hydra"]
+    settings.check(cfg, settings.TRAIN_RULES)
+    _build(cfg, built_models)
+
+
 def test_every_experiment_and_every_option_builds(tmp_path, monkeypatch):
     """The fast tier's share of the test below: each experiment as it is, and each option of each group once, on no
     experiment (a third of the compositions)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     built_models: dict = {}
-    common = [f"paths.output_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path}", "model.pretrained=false"]
     overrides = [["~experiment" if e == "none" else f"experiment={e}"] for e in EXPERIMENTS]
     overrides += [["~experiment", f"~{g}" if o == "none" else f"{g}={o}"] for e, g, o in COMBINATIONS if e == "none"]
     for chosen in overrides:
-        cfg = compose_config_with_hydra([*chosen, *common, "model.compile=false"])
+        cfg = compose_config_with_hydra([*chosen, *_common(tmp_path)])
         settings.check_choices(cfg.hydra.runtime.choices, CONF)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        settings.check(cfg, settings.TRAIN_RULES)
-        _build(cfg, built_models)
+        _check_and_build(cfg, built_models)
     assert len(overrides) > 25  # each experiment, and each option of each group (every one built above)
 
 
@@ -101,19 +115,11 @@ def test_every_experiment_builds_with_every_option_of_every_group(tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     built_models: dict = {}
     refused, built = [], 0
-    common = [
-        f"paths.output_dir={tmp_path / 'run'}",
-        f"data.data_dir={tmp_path}",
-        "model.pretrained=false",
-        "model.compile=false",  # compiling is lazy anyway; keep the test free of inductor
-    ]
+    common = _common(tmp_path)
 
     def check_and_build(cfg) -> None:
         nonlocal built
-        with open_dict(cfg):
-            del cfg["hydra"]
-        settings.check(cfg, settings.TRAIN_RULES)
-        _build(cfg, built_models)
+        _check_and_build(cfg, built_models)
         built += 1
 
     defaults = {}  # each experiment's own choice per group: that combination is the experiment as it is, built once
