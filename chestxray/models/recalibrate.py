@@ -60,8 +60,8 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     # the confidence's gate, as the recalibrated checkpoint will compute it: the detector as training fitted it
     # (every training row is kept, and these images are not among them); a detector never fitted has none, and the
     # gate is then the flag itself (ood.margins)
-    _, gate = ood.margins(raw_logits, torch.tensor(temperature), features, detector, k)
-    gate = np.where(np.isnan(gate.double().numpy()), margin, gate.double().numpy())
+    gate = ood.margins(raw_logits, torch.tensor(temperature), features, detector, k)[1].double().numpy()
+    gate = np.where(np.isnan(gate), margin, gate)
     selective_state, certificate = selection.fit(
         probs.double().numpy(), labels.numpy(), margin, model.hparams.get("selective"), gate
     )
@@ -80,7 +80,7 @@ def fit(model, raw_logits: torch.Tensor, features: torch.Tensor, labels: torch.T
         "ood.fitted": torch.tensor(True),
         "ood.n_fit": n,
         "ood.n_reference": torch.tensor(len(bank)),
-        **origin_of(detector, len(pooled)),
+        **origin_of(detector, training, len(pooled)),
         "conformal.min_prob": torch.tensor(ood.conformal_min_prob(probs, labels, model.coverage), dtype=torch.float32),
         "conformal.fitted": torch.tensor(True),
         "conformal.n_fit": n,
@@ -123,11 +123,11 @@ def joined_bank(old: torch.Tensor, new: torch.Tensor, training: torch.Tensor) ->
     return torch.cat([old[kept_old].float(), ood.unit(new[kept_new].float())])
 
 
-def origin_of(detector, new: int) -> dict[str, torch.Tensor]:
+def origin_of(detector, training: torch.Tensor, new: int) -> dict[str, torch.Tensor]:
     """The joined detector's origin entries (ood.OodDetector): which rows are the training images' (those of the
-    old bank's that were, the site's are not), and the standardisation and thresholds training fitted: the old
-    detector's own, or its origin's when it was recalibrated already (a second site)."""
-    training = training_rows(detector)
+    old bank's that were, `training`, where bank_rows keeps them; the `new` site's are not), and the standardisation
+    and thresholds training fitted: the old detector's own, or its origin's when it was recalibrated already (a
+    second site)."""
     kept_old, kept_new = bank_rows(training, new)
     again = not bool(training.all())  # a site's rows are in the bank already
     return {
