@@ -298,20 +298,45 @@ def test_brightness_does_not_hang_on_the_brightest_pixel(grey, tmp_path):
     assert close(a[1:, 1:], b[1:, 1:]) and close(a, np.rint(dark.astype(float) * 255 / 4095))
 
 
-@pytest.mark.parametrize("sbit", [12, None])
-def test_a_dark_png_scaled_as_the_spec_says_stays_dark(grey, tmp_path, sbit):
+def test_a_dark_png_scaled_as_the_spec_says_stays_dark(grey, tmp_path):
     """A dark 12-bit image scaled to 16 bits as the PNG specification says (left shift, the top bits replicated into
-    the low ones) is full-range: decoded by 65535, not 16x too bright by 4095; with or without its sBIT 12. The
-    source's 12 bits are recognised from the replication (the audit's bit depth)."""
+    the low ones, here all 0) with its sBIT 12 is full-range: decoded by 65535, not 16x too bright by 4095. The
+    source's 12 bits are the audit's bit depth."""
     source = stored(grey, 12) // 16  # values below 256 of 4095
     scaled = images.replicate(source, 12).astype(np.uint16)
-    assert int(scaled.max()) <= 4095  # within sBIT 12: the old rule took it for unscaled 12-bit samples
-    (tmp_path / "spec.png").write_bytes(png16(scaled, sbit))
+    assert int(scaled.max()) <= 4095 and not (scaled % 16).any()  # within sBIT 12, and low bits all 0
+    (tmp_path / "spec.png").write_bytes(png16(scaled, 12))
     got = as_grey(tmp_path / "spec.png")
     assert close(got, np.rint(source.astype(float) * 255 / 4095)) and got.mean() < 20
     assert images.decode((tmp_path / "spec.png").read_bytes(), "spec.png").bits == 12
+
+
+def test_the_replication_is_read_from_the_low_bits_without_sbit(grey, tmp_path):
+    """Without sBIT, a 12-bit image scaled as the specification says is recognised by the top bits repeated in its
+    low bits (full-range, 12 bits); unscaled samples show no replication."""
+    source = stored(grey, 12)
+    (tmp_path / "spec.png").write_bytes(png16(images.replicate(source, 12).astype(np.uint16)))
+    decoded = images.decode((tmp_path / "spec.png").read_bytes(), "spec.png")
+    assert decoded.bits == 12 and close(as_grey(tmp_path / "spec.png"), np.rint(source.astype(float) * 255 / 4095))
     assert images.replicated_bits(grey.astype(np.uint16) * 257) == 8
-    assert images.replicated_bits(stored(grey, 12)) is None  # unscaled samples: no replication
+    assert images.replicated_bits(source) is None  # unscaled samples: no replication
+
+
+def test_a_replication_of_zeros_is_no_evidence(grey, tmp_path):
+    """Samples whose low bits are all 0 look replicated at any depth whose replicated bits are 0: an unscaled 12-bit
+    image whose values are all even (15 bits, replicating a 0 top bit), or 8-bit values times 16. Without sBIT such
+    an image is read by its detector depth, so one odd pixel does not make it 16x brighter, and 8-bit values times
+    16 are as bright as the same picture at 12 bits (by 4095), not 16x darker (by 65535)."""
+    even = stored(grey, 12) // 2 * 2
+    odd = even.copy()
+    odd[0, 0] += 1
+    times16 = grey.astype(np.uint16) * 16
+    for name, values in {"even.png": even, "odd.png": odd, "times16.png": times16}.items():
+        (tmp_path / name).write_bytes(png16(values))
+        assert images.replicated_bits(values) is None, name
+    a, b = as_grey(tmp_path / "even.png"), as_grey(tmp_path / "odd.png")
+    assert close(a[1:, 1:], b[1:, 1:]) and close(a, grey)
+    assert close(as_grey(tmp_path / "times16.png"), grey)
 
 
 def test_tiff_8_and_16_bit_grey(grey, tmp_path):

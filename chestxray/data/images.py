@@ -6,10 +6,11 @@ TIFF or a DICOM file (not just named like one), and its header must declare a si
 does. DICOM goes through chestxray.data.dicom (modality and VOI LUTs, MONOCHROME1, BitsStored) to the same uint8.
 
 16-bit PNG and TIFF are scaled by their significant bits (sample_depth has the rule): full range where the samples
-carry the PNG specification's bit replication (a b-bit source scaled to 16 bits), else the PNG sBIT chunk or the
-TIFF MaxSampleValue tag where the file declares them, else the smallest detector depth (8, 10, 12, 14 or 16 bits)
-that holds the image's greatest value. A 12-bit image stored unscaled in 16 bits (values up to 4095) is therefore
-scaled by 255/4095, not 255/65535 (nearly black).
+carry the PNG specification's bit replication (a b-bit source scaled to 16 bits: its top bits again in the low
+bits), or where a PNG's sBIT declares b bits and every sample is a multiple of 2^(16 - b) (the same scaling of a dark
+source); else the PNG sBIT chunk or the TIFF MaxSampleValue tag where the file declares them and the pixels keep to
+it; else the smallest detector depth (8, 10, 12, 14 or 16 bits) that holds the image's greatest value. A 12-bit
+image stored unscaled in 16 bits (values up to 4095) is therefore scaled by 255/4095, not 255/65535 (nearly black).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from chestxray.data.preprocess import preprocess_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", *dicom.DICOM_SUFFIXES)
 # Bump when decoding or resizing changes, so on-disk stores made by older code are not reused.
-# 3: DICOM; 16-bit PNG/TIFF by their significant bits; TIFF.
-DECODE_VERSION = 3
+# 3: DICOM; 16-bit PNG/TIFF by their significant bits; TIFF. 4: 16-bit samples by sample_depth's four rules.
+DECODE_VERSION = 4
 # Refuse images above this many pixels (data.max_pixels): well above any radiograph (a 43 x 43 cm detector at
 # 100 um is 18 megapixels), well below what takes a machine down when several are decoded at once.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -85,6 +86,7 @@ class Header:
     height: int
     orientation: int  # EXIF orientation, 1 (as stored) to 8
     top: int | None = None  # the greatest value the file declares (PNG sBIT, TIFF MaxSampleValue), if it does
+    sbit: int | None = None  # a PNG's sBIT: its source's significant bits, which the specification scales to 16
     dicom: dicom.DicomInfo | None = None
 
 
@@ -181,7 +183,7 @@ def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
-    top = None
+    top = sbit = None
     try:
         # The plugin classes parse the header without Image.open's global decompression-bomb limit.
         image = _HEADER_READERS[fmt](io.BytesIO(data))
@@ -192,13 +194,13 @@ def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None
             top = image.tag_v2.get(_TIFF_MAX_SAMPLE_VALUE)
             top = int(top[0] if isinstance(top, tuple) else top) if top else None
         elif fmt == "PNG":
-            bits = _png_significant_bits(data)
-            top = 2**bits - 1 if bits else None
+            sbit = _png_significant_bits(data)
+            top = 2**sbit - 1 if sbit else None
     except Exception as err:  # noqa: BLE001 - any header PIL cannot parse is a bad file
         raise BadImageError(path, f"unreadable {fmt} header ({type(err).__name__}: {err})") from None
     if fmt == "TIFF" and pages > 1:
         raise BadImageError(path, f"TIFF of {pages} pages: one radiograph per file expected")
-    return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1, top)
+    return Header(fmt, width, height, orientation if orientation in range(1, 9) else 1, top, sbit)
 
 
 def _dicom_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None = None):
@@ -272,55 +274,69 @@ def replicate(top_bits: np.ndarray, bits: int) -> np.ndarray:
 def replicated_bits(image: np.ndarray) -> int | None:
     """The smallest depth b (1 to 15) whose scaling to 16 bits (replicate) gives every sample of a 16-bit image, or
     None. A b-bit source scaled as the PNG specification says carries its own top bits again in its low bits: every
-    sample v is replicate(v >> (16 - b), b). Samples that are all 0 say nothing (None)."""
-    values = np.flatnonzero(np.bincount(image.ravel(), minlength=65536))
+    sample v is replicate(v >> (16 - b), b). Only a replication with some low bits set counts: where every sample's
+    low 16 - b bits are 0 (its source's top bits are all 0), any image whose samples are multiples of 2^(16 - b)
+    looks replicated, an unscaled one whose values are all even or 8-bit values times 16 included."""
+    return _replicated_bits(_distinct(image))
+
+
+def _distinct(image: np.ndarray) -> np.ndarray:
+    """The distinct sample values of a 16-bit image, ascending (65,536 counters: one pass, whatever its size)."""
+    return np.flatnonzero(np.bincount(image.ravel(), minlength=65536))
+
+
+def _replicated_bits(values: np.ndarray) -> int | None:
     if values.size == 0 or values[-1] == 0:
         return None
     for bits in range(1, 16):
-        if np.array_equal(replicate(values >> (16 - bits), bits), values):
+        low = (1 << (16 - bits)) - 1
+        if np.array_equal(replicate(values >> (16 - bits), bits), values) and (values & low).any():
             return bits
     return None
 
 
-def sample_depth(image: np.ndarray, declared: int | None = None) -> tuple[int, int]:
+def sample_depth(image: np.ndarray, declared: int | None = None, sbit: int | None = None) -> tuple[int, int]:
     """(top, bits) of a 16-bit image: the value that becomes 255, and the significant bits of its source.
 
     The rule, in order (the colour channels only; alpha is always a fraction of 65535):
-    1. Samples scaled to 16 bits as the PNG specification says (every sample is its top b bits replicated into its
-       low bits, replicated_bits) are full-range: top 65535, whatever sBIT or the brightest pixel say; the source
-       had b bits. A dark 12-bit image scaled so is 16x too bright when read as 12 bits.
-    2. Else a declared greatest value (PNG sBIT, TIFF MaxSampleValue) that the pixels keep to: top = declared.
-       (Pixels above it: the file was scaled to 16 bits in some other way; rule 3 then gives 65535.)
-    3. Else, without a declaration: the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that
+    1. Samples scaled to 16 bits as the PNG specification says, shown by their low bits (every sample is its top b
+       bits replicated into its low bits, and some low bits are set: replicated_bits) are full-range: top 65535,
+       whatever sBIT or the brightest pixel say; the source had b bits.
+    2. A PNG whose sBIT chunk declares b bits and whose samples are all multiples of 2^(16 - b): the specification's
+       scaling of a source whose top bits are 0 (a dark image: its replication adds only 0s), so full-range too. A
+       dark 12-bit image scaled so is 16x too bright when read as 12 bits.
+    3. Else a declared greatest value (PNG sBIT, TIFF MaxSampleValue) that the pixels keep to: top = declared.
+       (Pixels above it: the file was scaled to 16 bits in some other way; rule 4 then gives 65535.)
+    4. Else, without a declaration: the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that
        holds the greatest pixel: top 2^b - 1. Samples stored unscaled, as many radiograph exports do, get their
        detector's range, and one pixel more or less does not change the image's brightness except where it proves
-       the larger depth (4096 cannot be a 12-bit value).
+       the larger depth (4096 cannot be a 12-bit value). A dark image scaled as the specification says but without
+       sBIT cannot be told from an unscaled one (its low bits are 0 either way) and is read so.
     """
     colour = image if image.ndim == 2 or image.shape[2] < 4 else image[:, :, :3]
-    greatest = int(colour.max()) if colour.size else 0
-    bits = replicated_bits(colour)
+    values = _distinct(colour)
+    greatest = int(values[-1]) if values.size else 0
+    bits = _replicated_bits(values)
     if bits is not None:
         return 65535, bits
+    if sbit and sbit < 16 and greatest > 0 and not (values & ((1 << (16 - sbit)) - 1)).any():
+        return 65535, sbit
     if declared and 0 < greatest <= declared:
         return declared, declared.bit_length()
     bits = next(b for b in STANDARD_DEPTHS if greatest < 2**b)
     return 2**bits - 1, bits
 
 
-def significant_top(image: np.ndarray, declared: int | None = None) -> int:
-    """The value that becomes 255 in a 16-bit image (sample_depth's rule)."""
-    return sample_depth(image, declared)[0]
-
-
-def to_rgb8(image: np.ndarray, declared: int | None = None) -> np.ndarray:
+def to_rgb8(image: np.ndarray, top: int | None = None) -> np.ndarray:
     """Any OpenCV decode (gray, BGR, BGRA; 8 or 16 bit) as 8-bit RGB.
 
-    16-bit values are scaled by 255 / significant_top (not truncated to the low byte; not 255/65535, which leaves a
-    12-bit image nearly black); transparent pixels are composited over black, the background of an X-ray.
+    16-bit values are scaled by 255 / top, the value that becomes 255 (sample_depth's rule where not given; not
+    truncated to the low byte; not 255/65535, which leaves a 12-bit image nearly black); transparent pixels are
+    composited over black, the background of an X-ray.
     """
     if image.dtype == np.uint16:
         alpha = image[:, :, 3] if image.ndim == 3 and image.shape[2] == 4 else None
-        image = cv2.convertScaleAbs(image, alpha=255.0 / significant_top(image, declared))
+        image = cv2.convertScaleAbs(image, alpha=255.0 / (top or sample_depth(image)[0]))
         if alpha is not None:  # alpha is a fraction of 65535 whatever the colour's bits
             image[:, :, 3] = cv2.convertScaleAbs(alpha, alpha=255.0 / 65535.0)
     elif image.dtype != np.uint8:
@@ -386,8 +402,8 @@ def _decode_opencv(data: bytes, path: str | os.PathLike, header: Header, target:
         image = apply_orientation(image, header.orientation)
         channels = 1 if image.ndim == 2 else image.shape[2]
         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
-        bits = 8 if image.dtype == np.uint8 else sample_depth(image, header.top)[1]
-        return Decoded(to_rgb8(image, header.top), header, mode, bits)
+        top, bits = (255, 8) if image.dtype == np.uint8 else sample_depth(image, header.top, header.sbit)
+        return Decoded(to_rgb8(image, top), header, mode, bits)
 
 
 def _decode_dicom(data: bytes, path: str | os.PathLike, limits: ImageLimits) -> Decoded:
