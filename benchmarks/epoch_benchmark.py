@@ -1,12 +1,19 @@
 """The original notebook's pipeline against this project's, side by side, on the real dataset.
 
     python benchmarks/epoch_benchmark.py [--data DIR] [--image-size 224] [--device cpu|cuda]
+    python benchmarks/epoch_benchmark.py --isa-compare AVX512_CORE_BF16
+
 
 Each measurement runs in its own fresh process (so that whole-process time and peak RSS are honest), one after
 the other, and the table prints baseline time / our time. Same model (the re-headed VGG19, random weights), same
 image size, same train batch size (4), same device: with --device cuda the notebook's loop, the model alone and
 our Trainer all run on the GPU (the notebook moves the model and each batch to cuda, as it did), and the table
 adds the large-batch recipe (experiment=gpu_fast) and the model alone at that batch, bf16, channels_last.
+
+--isa-compare ISA runs only the epoch rows (the notebook's epoch, ours in fp32 and in bf16-mixed), first with every
+instruction set this CPU has, then with oneDNN capped at ISA (its ONEDNN_MAX_CPU_ISA setting, in each child
+process): AVX512_CORE_BF16 on a CPU with AMX is the path a CPU with AVX-512 BF16 and no AMX (AMD Zen 4) takes, the
+same kernels on the same chip, and the table prints the kernel oneDNN ran under each setting.
 """
 
 from __future__ import annotations
@@ -361,20 +368,63 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_child(args, role: str) -> dict:
+def run_child(args, role: str, isa: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--data", args.data, "--image-size", str(args.image_size)]
     cmd += ["--device", args.device, "--out", str(Path(args.out) / role), "--channels-last", args.channels_last]
     cmd += ["--large-batch", str(args.large_batch), "--model-steps", str(args.model_steps)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=isa_env(isa))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{role} failed:\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
     result["process_s"] = wall
-    print(f"  {role}: {wall:.1f} s", file=sys.stderr, flush=True)
+    print(f"  {role}{f' (oneDNN at most {isa})' if isa else ''}: {wall:.1f} s", file=sys.stderr, flush=True)
     return result
+
+
+def isa_env(isa: str | None) -> dict[str, str]:
+    """The environment of a child process, with oneDNN capped at `isa` (None: every instruction set the CPU has)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    return env if isa is None else {**env, "ONEDNN_MAX_CPU_ISA": isa}
+
+
+BF16_CONV_PROBE = """
+import torch
+conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    conv(torch.randn(2, 64, 28, 28))
+"""
+
+
+def bf16_conv_kernel(isa: str | None) -> str:
+    """The oneDNN kernel a bf16 convolution runs on under `isa` (from ONEDNN_VERBOSE): proof that the cap took."""
+    env = {**isa_env(isa), "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", BF16_CONV_PROBE], capture_output=True, text=True, env=env).stdout
+    for line in out.splitlines():  # onednn_verbose,v1,primitive,exec,cpu,convolution,<impl>,...
+        fields = line.split(",")
+        if len(fields) > 6 and fields[2:6] == ["primitive", "exec", "cpu", "convolution"]:
+            return fields[6]
+    return "unknown (no oneDNN convolution in the verbose output)"
+
+
+def isa_compare(args) -> None:
+    """The whole-process epoch against the notebook's, fp32 and bf16-mixed, with every ISA and capped at one."""
+    settings = [None, args.isa_compare]
+    results = {isa: {role: run_child(args, role, isa) for role in EPOCH_ROLES} for isa in settings}
+    print(f"\n{cpu_name()}, {args.image_size} px, batch 4, one epoch each in its own process\n")
+    head = "| oneDNN instruction sets | bf16 convolution kernel | notebook, s | ours fp32, s | ours bf16-mixed, s |"
+    print(head + " fp32 speed-up | bf16-mixed speed-up |\n|---|---|---:|---:|---:|---:|---:|")
+    for isa, r in results.items():
+        base, fp32, bf16 = (r[role]["process_s"] for role in EPOCH_ROLES)
+        print(
+            f"| {'all this CPU has' if isa is None else f'at most {isa}'} | {bf16_conv_kernel(isa)} | {base:.1f} | "
+            f"{fp32:.1f} | {bf16:.1f} | {base / fp32:.2f}x | **{base / bf16:.2f}x** |"
+        )
+
+
+EPOCH_ROLES = ("baseline-epoch", "ours-epoch", "ours-epoch-bf16")
 
 
 def main() -> None:
@@ -395,6 +445,11 @@ def main() -> None:
     parser.add_argument("--accuracy-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument(
+        "--isa-compare",
+        metavar="ISA",
+        help="instead: the epoch rows with every instruction set, then with oneDNN at most ISA (AVX512_CORE_BF16)",
+    )
     args = parser.parse_args()
     if args.role:
         return child(args)
@@ -405,6 +460,8 @@ def main() -> None:
     if args.accuracy_seeds:
         return accuracy_over_seeds(args)
     print(f"CPU: {cpu_name()}", file=sys.stderr)
+    if args.isa_compare:
+        return isa_compare(args)
     roles = [r for r in ROLES if (args.device == "cuda" or r != "ours-epoch-large") and r != "accuracy"]
     r = {role: run_child(args, role) for role in roles}
     b_load, b_ep, o_load, o_ep, o_fr = (r[k] for k in roles[:5])

@@ -32,19 +32,27 @@ def _new_folder(base):
 # /proc/cpuinfo flags of CPUs that compute bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX-512
 # BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later), which oneDNN's bf16 kernels use
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The flag of a Sapphire Rapids-class Intel core (AVX512-FP16). Where such a core shows no AMX (a kernel or a
+# hypervisor that hides it), oneDNN runs bf16 on its AVX-512 BF16 kernels, at 0.61x the fp32 epoch's speed there
+# (measured by capping oneDNN at that instruction set, docs/benchmarks.md): fp32 is the fast path.
+SLOW_AVX512_BF16_CORE = "avx512_fp16"
 
 
 def cpu_precision(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """trainer=cpu's precision: bf16-mixed on CPUs that compute bf16 natively (NATIVE_BF16_FLAGS: AMX, or AVX-512
-    BF16; with AMX, training at 4.3x the fp32 rate at 224 px, the same accuracy within the spread of seeds,
-    docs/benchmarks.md; AVX-512 BF16 without AMX not measured here), 32-true where bf16 would be emulated (an
-    AVX2-only CPU such as an older AMD EPYC: autocast there only adds conversions)."""
+    """trainer=cpu's precision, as measured: bf16-mixed with AMX (6.17x the notebook's epoch, 3.5x fp32 at 224 px,
+    the same accuracy within the spread of seeds, docs/benchmarks.md), and with AVX-512 BF16 without AMX (AMD Zen 4:
+    2.0x fp32 per training step, issue 36's measurement); 32-true on a Sapphire Rapids-class core that shows no AMX
+    (SLOW_AVX512_BF16_CORE: bf16 slower than fp32 there) and where bf16 would be emulated (an AVX2-only CPU such as
+    an older AMD EPYC: autocast there only adds conversions)."""
     try:
         with open(cpuinfo) as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
+            flags = set(next((line for line in fh if line.startswith("flags")), "").split())
     except OSError:
         return "32-true"
-    return "bf16-mixed" if any(flag in flags for flag in NATIVE_BF16_FLAGS) else "32-true"
+    amx, avx512_bf16 = NATIVE_BF16_FLAGS
+    if amx in flags or (avx512_bf16 in flags and SLOW_AVX512_BF16_CORE not in flags):
+        return "bf16-mixed"
+    return "32-true"
 
 
 def auto_precision(accelerator: str = "auto", cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -340,7 +340,9 @@ def test_each_entry_point_has_its_own_help():
 
 
 def test_trainer_cpu_trains_in_bf16_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
-    """bf16-mixed with AMX or AVX-512 BF16 (native bf16 arithmetic), fp32 where bf16 would be emulated (AVX2 only)."""
+    """bf16-mixed with AMX or AVX-512 BF16 (native bf16 arithmetic), fp32 where bf16 would be emulated (AVX2 only)
+    and on a Sapphire Rapids-class core (AVX512-FP16) that shows no AMX, whose AVX-512 BF16 kernels are slower than
+    its fp32 ones (docs/benchmarks.md)."""
     from chestxray import auto_precision, cpu_precision
 
     amx = tmp_path / "amx"
@@ -351,9 +353,13 @@ def test_trainer_cpu_trains_in_bf16_where_the_cpu_computes_it_natively(tmp_path,
     bf16_without_amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
     avx512_only = tmp_path / "skylake"  # AVX-512 without its BF16 extension: bf16 emulated
     avx512_only.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    hidden_amx = tmp_path / "spr-vm"  # a Sapphire Rapids core whose kernel or hypervisor hides AMX
+    hidden_amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 avx512_vnni\n")
     assert cpu_precision(str(amx)) == "bf16-mixed" and cpu_precision(str(epyc)) == "32-true"
     assert cpu_precision(str(bf16_without_amx)) == "bf16-mixed" and cpu_precision(str(avx512_only)) == "32-true"
-    assert cpu_precision(str(tmp_path / "none")) == "32-true"
+    assert cpu_precision(str(hidden_amx)) == "32-true" and cpu_precision(str(tmp_path / "none")) == "32-true"
+    amx.write_text(amx.read_text().replace("avx512_bf16", "avx512_bf16 avx512_fp16"))  # Sapphire Rapids with AMX
+    assert cpu_precision(str(amx)) == "bf16-mixed"
     cfg = compose_config("train", ["trainer=cpu", "paths.output_dir=/tmp/unused"])
     assert cfg.trainer.precision == cpu_precision() and cfg.trainer.accelerator == "cpu"
     # the plain command: on a machine without a GPU, the CPU's fast path as trainer=cpu; on a GPU, fp32
