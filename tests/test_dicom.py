@@ -254,14 +254,16 @@ def test_listing_finds_extensionless_dicom_and_opens_only_candidates(grey, tmp_p
 # --- 16-bit PNG and TIFF ---------------------------------------------------------------------------------------
 
 
-def with_sbit(png: bytes, bits: int) -> bytes:
-    """A PNG with an sBIT chunk (significant bits) inserted after IHDR."""
-    chunk = b"sBIT" + bytes([bits])
+def with_sbit(png: bytes, bits: int | tuple[int, ...]) -> bytes:
+    """A PNG with an sBIT chunk (significant bits, one per channel) inserted after IHDR."""
+    body = bytes([bits] if isinstance(bits, int) else bits)
+    chunk = b"sBIT" + body
     end_of_ihdr = 8 + 8 + 13 + 4
-    return png[:end_of_ihdr] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[end_of_ihdr:]
+    head = struct.pack(">I", len(body))
+    return png[:end_of_ihdr] + head + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[end_of_ihdr:]
 
 
-def png16(values: np.ndarray, sbit: int | None = None) -> bytes:
+def png16(values: np.ndarray, sbit: int | tuple[int, ...] | None = None) -> bytes:
     png = cv2.imencode(".png", values)[1].tobytes()
     return with_sbit(png, sbit) if sbit else png
 
@@ -315,11 +317,54 @@ def test_the_replication_is_read_from_the_low_bits_without_sbit(grey, tmp_path):
     """Without sBIT, a 12-bit image scaled as the specification says is recognised by the top bits repeated in its
     low bits (full-range, 12 bits); unscaled samples show no replication."""
     source = stored(grey, 12)
-    (tmp_path / "spec.png").write_bytes(png16(images.replicate(source, 12).astype(np.uint16)))
-    decoded = images.decode((tmp_path / "spec.png").read_bytes(), "spec.png")
-    assert decoded.bits == 12 and close(as_grey(tmp_path / "spec.png"), np.rint(source.astype(float) * 255 / 4095))
+    linear = np.rint(source * (65535 / 4095)).astype(np.uint16)  # the specification's other method
+    for name, values in {"spec.png": images.replicate(source, 12).astype(np.uint16), "linear.png": linear}.items():
+        (tmp_path / name).write_bytes(png16(values))
+        decoded = images.decode((tmp_path / name).read_bytes(), name)
+        assert decoded.bits == 12 and close(as_grey(tmp_path / name), np.rint(source.astype(float) * 255 / 4095))
     assert images.replicated_bits(grey.astype(np.uint16) * 257) == 8
     assert images.replicated_bits(source) is None  # unscaled samples: no replication
+
+
+@pytest.mark.parametrize("greatest", [255, 299])
+def test_a_dark_png_scaled_linearly_with_sbit_stays_dark(grey, tmp_path, greatest):
+    """The specification's linear map, v * 65535 / 4095 rounded, of a dark 12-bit source, with sBIT 12: full-range,
+    whether its greatest sample stays below 4096 or not (above it, the pixels exceed the declared 12 bits)."""
+    source = np.rint(grey.astype(float) * greatest / 255).astype(np.uint16)
+    (tmp_path / "linear.png").write_bytes(png16(np.rint(source * (65535 / 4095)).astype(np.uint16), 12))
+    got = as_grey(tmp_path / "linear.png")
+    assert close(got, np.rint(source.astype(float) * 255 / 4095)) and got.mean() < 25
+
+
+def test_one_stray_pixel_does_not_change_the_brightness(grey, tmp_path):
+    """Every rule reads most of the pixels: a dark image scaled as the specification says keeps its reading with one
+    pixel that shows a replication (without sBIT: read as unscaled both ways) or one that fits no scaling (with
+    sBIT 12: full-range both ways), and an unscaled 12-bit image keeps its 12 bits with a hot pixel at 65535."""
+    dark = images.replicate(stored(grey, 12) // 16, 12).astype(np.uint16)  # low bits all 0
+    shows = dark.copy()
+    shows[0, 0] = 4097  # the replication of 256
+    stray = dark.copy()
+    stray[0, 0] = 4095  # no 12-bit value scales to it
+    hot = stored(grey, 12)
+    hot[0, 0] = 65535
+    files = {"plain": png16(dark), "shows": png16(shows), "sbit": png16(dark, 12), "stray": png16(stray, 12)}
+    files["hot"] = png16(hot)
+    got = {}
+    for name, data in files.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+        got[name] = as_grey(tmp_path / f"{name}.png")[1:, 1:]
+    assert close(got["plain"], got["shows"]) and close(got["sbit"], got["stray"])
+    assert got["sbit"].mean() < 20 and got["plain"].mean() > 16 * got["sbit"].mean() * 0.9
+    assert close(got["hot"], grey[1:, 1:])
+
+
+def test_an_alpha_channels_sbit_is_not_the_colours_depth(grey, tmp_path):
+    """sBIT (12, 12, 12, 16) of an RGBA PNG with unscaled 12-bit colour: the colour is 12-bit (alpha's 16 is
+    alpha's own), so it is as bright as its 8-bit picture, not 16x darker."""
+    colour = stored(grey, 12)
+    rgba = np.dstack([colour, colour, colour, np.full_like(colour, 65535)])
+    (tmp_path / "rgba.png").write_bytes(png16(rgba, (12, 12, 12, 16)))
+    assert close(as_grey(tmp_path / "rgba.png"), grey)
 
 
 def test_a_replication_of_zeros_is_no_evidence(grey, tmp_path):

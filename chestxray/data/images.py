@@ -6,11 +6,12 @@ TIFF or a DICOM file (not just named like one), and its header must declare a si
 does. DICOM goes through chestxray.data.dicom (modality and VOI LUTs, MONOCHROME1, BitsStored) to the same uint8.
 
 16-bit PNG and TIFF are scaled by their significant bits (sample_depth has the rule): full range where the samples
-carry the PNG specification's bit replication (a b-bit source scaled to 16 bits: its top bits again in the low
-bits), or where a PNG's sBIT declares b bits and every sample is a multiple of 2^(16 - b) (the same scaling of a dark
-source); else the PNG sBIT chunk or the TIFF MaxSampleValue tag where the file declares them and the pixels keep to
-it; else the smallest detector depth (8, 10, 12, 14 or 16 bits) that holds the image's greatest value. A 12-bit
-image stored unscaled in 16 bits (values up to 4095) is therefore scaled by 255/4095, not 255/65535 (nearly black).
+carry the PNG specification's scaling of a b-bit source to 16 bits (its top bits again in the low bits, or the
+linear map), or where a PNG's sBIT declares b bits and the samples are so scaled (a dark source's low bits are 0)
+or exceed 2^b - 1; else the PNG sBIT chunk or the TIFF MaxSampleValue tag where the file declares them and the
+pixels keep to it; else the smallest detector depth (8, 10, 12, 14 or 16 bits) that holds the image's greatest
+value. A 12-bit image stored unscaled in 16 bits (values up to 4095) is therefore scaled by 255/4095, not
+255/65535 (nearly black).
 """
 
 from __future__ import annotations
@@ -146,15 +147,16 @@ def _sniff_format(data: bytes) -> str | None:
 
 
 def _png_significant_bits(data: bytes) -> int | None:
-    """The PNG sBIT chunk's greatest channel depth, read from the chunks before the image data (None without it)."""
+    """The PNG sBIT chunk's greatest colour channel depth (not alpha's, which is a fraction of 65535 whatever the
+    colour's depth), read from the chunks before the image data (None without it)."""
     at = len(_PNG_MAGIC)
     while at + 8 <= len(data):
         length = int.from_bytes(data[at : at + 4], "big")
         kind = data[at + 4 : at + 8]
         if kind in (b"IDAT", b"IEND"):
             return None
-        if kind == b"sBIT" and length:
-            return max(data[at + 8 : at + 8 + length])
+        if kind == b"sBIT" and length:  # grey, grey + alpha: the first byte; RGB, RGBA, palette: the first three
+            return max(data[at + 8 : at + 8 + (1 if length <= 2 else 3)])
         at += 12 + length
     return None
 
@@ -271,26 +273,53 @@ def replicate(top_bits: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+# A scaling to 16 bits is read from most of the pixels, not all, so that no stray pixel decides the brightness: at
+# least SCALED_SHARE of them must be a b-bit value scaled to 16 bits, and (without sBIT) at least EVIDENCE_SHARE must
+# show it in their low bits (not 0). Unscaled samples with noise are far from both: a b-bit scaling fixes 16 - b low
+# bits, which unscaled values match about once in 2^(16 - b).
+SCALED_SHARE = 0.999
+EVIDENCE_SHARE = 0.001
+
+
+def _counts(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct sample values, ascending; how many samples have each) of a 16-bit image: 65,536 counters."""
+    counts = np.bincount(image.ravel(), minlength=65536)
+    values = np.flatnonzero(counts)
+    return values, counts[values]
+
+
+def _scaled(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per value: (a `bits`-bit value scaled to 16 bits by replication or linearly, the specification's two methods;
+    its low 16 - bits bits are 0, as a plain left shift leaves them)."""
+    shift = 16 - bits
+    replicated = replicate(values >> shift, bits) == values
+    source = np.rint(values * ((2**bits - 1) / 65535))
+    linear = np.rint(source * (65535 / (2**bits - 1))) == values
+    return replicated | linear, (values & ((1 << shift) - 1)) == 0
+
+
+def _near_greatest(values: np.ndarray, counts: np.ndarray) -> int:
+    """The greatest sample once the brightest 1 - SCALED_SHARE of the pixels are set aside (a hot pixel, a burned-in
+    label): a few pixels do not decide the depth."""
+    cumulative = np.cumsum(counts)
+    return int(values[np.searchsorted(cumulative, SCALED_SHARE * cumulative[-1])])
+
+
 def replicated_bits(image: np.ndarray) -> int | None:
-    """The smallest depth b (1 to 15) whose scaling to 16 bits (replicate) gives every sample of a 16-bit image, or
-    None. A b-bit source scaled as the PNG specification says carries its own top bits again in its low bits: every
-    sample v is replicate(v >> (16 - b), b). Only a replication with some low bits set counts: where every sample's
-    low 16 - b bits are 0 (its source's top bits are all 0), any image whose samples are multiples of 2^(16 - b)
-    looks replicated, an unscaled one whose values are all even or 8-bit values times 16 included."""
-    return _replicated_bits(_distinct(image))
+    """The smallest depth b (1 to 15) from which the image's samples were scaled to 16 bits as the PNG specification
+    says (its top bits replicated into the low bits, or the linear map v * 65535 / (2^b - 1)), or None. Shown by the
+    low bits: a scaling whose low bits are all 0 (the source's top bits are 0) is what any image whose samples are
+    multiples of 2^(16 - b) shows, an unscaled one whose values are all even or 8-bit values times 16 included."""
+    return _replicated_bits(*_counts(image))
 
 
-def _distinct(image: np.ndarray) -> np.ndarray:
-    """The distinct sample values of a 16-bit image, ascending (65,536 counters: one pass, whatever its size)."""
-    return np.flatnonzero(np.bincount(image.ravel(), minlength=65536))
-
-
-def _replicated_bits(values: np.ndarray) -> int | None:
+def _replicated_bits(values: np.ndarray, counts: np.ndarray) -> int | None:
+    total = counts.sum()
     if values.size == 0 or values[-1] == 0:
         return None
     for bits in range(1, 16):
-        low = (1 << (16 - bits)) - 1
-        if np.array_equal(replicate(values >> (16 - bits), bits), values) and (values & low).any():
+        scaled, zero_low = _scaled(values, bits)
+        if counts[scaled].sum() >= SCALED_SHARE * total and counts[scaled & ~zero_low].sum() >= EVIDENCE_SHARE * total:
             return bits
     return None
 
@@ -298,29 +327,34 @@ def _replicated_bits(values: np.ndarray) -> int | None:
 def sample_depth(image: np.ndarray, declared: int | None = None, sbit: int | None = None) -> tuple[int, int]:
     """(top, bits) of a 16-bit image: the value that becomes 255, and the significant bits of its source.
 
-    The rule, in order (the colour channels only; alpha is always a fraction of 65535):
-    1. Samples scaled to 16 bits as the PNG specification says, shown by their low bits (every sample is its top b
-       bits replicated into its low bits, and some low bits are set: replicated_bits) are full-range: top 65535,
-       whatever sBIT or the brightest pixel say; the source had b bits.
-    2. A PNG whose sBIT chunk declares b bits and whose samples are all multiples of 2^(16 - b): the specification's
-       scaling of a source whose top bits are 0 (a dark image: its replication adds only 0s), so full-range too. A
-       dark 12-bit image scaled so is 16x too bright when read as 12 bits.
+    The rule, in order (the colour channels only; alpha is always a fraction of 65535). Each reads most of the
+    pixels, not all (SCALED_SHARE, EVIDENCE_SHARE), so one stray pixel does not change the answer:
+    1. Samples scaled to 16 bits as the PNG specification says, shown by their low bits (replicated_bits: the top b
+       bits replicated into the low bits, or the linear map) are full-range: top 65535, whatever sBIT or the
+       brightest pixel say; the source had b bits.
+    2. A PNG whose sBIT chunk declares b bits, where the samples are b-bit values scaled to 16 bits (by either method,
+       or a left shift; a dark source's low bits are 0 by all three) or exceed 2^b - 1: the specification's reading
+       of sBIT, so full-range too. A dark 12-bit image scaled so is 16x too bright when read as 12 bits.
     3. Else a declared greatest value (PNG sBIT, TIFF MaxSampleValue) that the pixels keep to: top = declared.
-       (Pixels above it: the file was scaled to 16 bits in some other way; rule 4 then gives 65535.)
-    4. Else, without a declaration: the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that
-       holds the greatest pixel: top 2^b - 1. Samples stored unscaled, as many radiograph exports do, get their
-       detector's range, and one pixel more or less does not change the image's brightness except where it proves
-       the larger depth (4096 cannot be a 12-bit value). A dark image scaled as the specification says but without
-       sBIT cannot be told from an unscaled one (its low bits are 0 either way) and is read so.
+    4. Else the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that holds the greatest pixel,
+       the brightest 0.1% set aside (_near_greatest): top 2^b - 1 (a TIFF whose pixels exceed its MaxSampleValue
+       included). Samples stored unscaled, as many radiograph exports do, get their detector's range, whether their
+       brightest pixel is 2047 or 2048, and a hot pixel or a small burned-in label at 65535 does not make the image
+       16x darker. A dark image scaled as the specification says but without sBIT cannot be told from an unscaled
+       one (its low bits are 0 either way) and is read so.
     """
     colour = image if image.ndim == 2 or image.shape[2] < 4 else image[:, :, :3]
-    values = _distinct(colour)
-    greatest = int(values[-1]) if values.size else 0
-    bits = _replicated_bits(values)
+    values, counts = _counts(colour)
+    if values.size == 0:
+        return 255, 8
+    greatest = _near_greatest(values, counts)
+    bits = _replicated_bits(values, counts)
     if bits is not None:
         return 65535, bits
-    if sbit and sbit < 16 and greatest > 0 and not (values & ((1 << (16 - sbit)) - 1)).any():
-        return 65535, sbit
+    if sbit and sbit < 16 and values[-1] > 0:
+        scaled, zero_low = _scaled(values, sbit)
+        if greatest > 2**sbit - 1 or counts[scaled | zero_low].sum() >= SCALED_SHARE * counts.sum():
+            return 65535, sbit
     if declared and 0 < greatest <= declared:
         return declared, declared.bit_length()
     bits = next(b for b in STANDARD_DEPTHS if greatest < 2**b)
