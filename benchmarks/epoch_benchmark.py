@@ -12,8 +12,9 @@ adds the large-batch recipe (experiment=gpu_fast) and the model alone at that ba
 
 --isa-compare ISA runs only the epoch rows (the notebook's epoch, ours in fp32 and in bf16-mixed), first with every
 instruction set this CPU has, then with oneDNN capped at ISA (its ONEDNN_MAX_CPU_ISA setting, in each child
-process): AVX512_CORE_BF16 on a CPU with AMX is the path a CPU with AVX-512 BF16 and no AMX (AMD Zen 4) takes, the
-same kernels on the same chip, and the table prints the kernel oneDNN ran under each setting.
+process): AVX512_CORE_BF16 on a CPU with AMX runs the kernels a CPU with AVX-512 BF16 and no AMX runs, at this
+chip's speed for them (another core, a Zen 4's, runs the same instructions at its own), and the table prints the
+kernel a bf16 forward convolution ran on under each setting.
 """
 
 from __future__ import annotations

@@ -32,18 +32,20 @@ def _new_folder(base):
 # /proc/cpuinfo flags of CPUs that compute bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX-512
 # BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later), which oneDNN's bf16 kernels use
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# The flag of a Sapphire Rapids-class Intel core (AVX512-FP16). Where such a core shows no AMX (a kernel or a
-# hypervisor that hides it), oneDNN runs bf16 on its AVX-512 BF16 kernels, at 0.61x the fp32 epoch's speed there
-# (measured by capping oneDNN at that instruction set, docs/benchmarks.md): fp32 is the fast path.
+# A marker of a Sapphire Rapids-class Intel core (AVX512-FP16; neither Zen 4 nor Cooper Lake has it), not the
+# cause of the slowness: where such a core shows no AMX (a kernel or a hypervisor that hides it), oneDNN runs bf16
+# on its AVX-512 BF16 kernels, at 0.61x the fp32 epoch's speed (measured by capping oneDNN at that instruction set
+# on such a core, docs/benchmarks.md): fp32 is the fast path there.
 SLOW_AVX512_BF16_CORE = "avx512_fp16"
 
 
 def cpu_precision(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """trainer=cpu's precision, as measured: bf16-mixed with AMX (6.17x the notebook's epoch, 3.5x fp32 at 224 px,
-    the same accuracy within the spread of seeds, docs/benchmarks.md), and with AVX-512 BF16 without AMX (AMD Zen 4:
-    2.0x fp32 per training step, issue 36's measurement); 32-true on a Sapphire Rapids-class core that shows no AMX
-    (SLOW_AVX512_BF16_CORE: bf16 slower than fp32 there) and where bf16 would be emulated (an AVX2-only CPU such as
-    an older AMD EPYC: autocast there only adds conversions)."""
+    """trainer=cpu's precision: bf16-mixed with AMX (measured: 6.17x the notebook's epoch, 3.5x fp32 at 224 px, the
+    same accuracy within the spread of seeds, docs/benchmarks.md) and with AVX-512 BF16 without AMX on a core without
+    AVX512-FP16 (AMD Zen 4: 2.0x fp32 per training step in issue 36's measurement; Intel Cooper Lake: not measured,
+    bf16 by the same rule); 32-true on a Sapphire Rapids-class core that shows no AMX (SLOW_AVX512_BF16_CORE: bf16
+    measured slower than fp32 there) and where bf16 would be emulated (an AVX2-only CPU such as an older AMD EPYC:
+    autocast there only adds conversions)."""
     try:
         with open(cpuinfo) as fh:
             flags = set(next((line for line in fh if line.startswith("flags")), "").split())
