@@ -358,6 +358,14 @@ def test_one_stray_pixel_does_not_change_the_brightness(grey, tmp_path):
     assert close(got["hot"], grey[1:, 1:])
 
 
+@pytest.mark.parametrize("sbit", [17, 32, 255])
+def test_an_invalid_sbit_is_ignored(grey, tmp_path, sbit):
+    """A depth above 16 in sBIT is no depth (libpng ignores such a chunk): an unscaled 12-bit image is read as it would
+    be without the chunk, not nearly black."""
+    (tmp_path / "bad.png").write_bytes(png16(stored(grey, 12), sbit))
+    assert close(as_grey(tmp_path / "bad.png"), grey)
+
+
 def test_an_alpha_channels_sbit_is_not_the_colours_depth(grey, tmp_path):
     """sBIT (12, 12, 12, 16) of an RGBA PNG with unscaled 12-bit colour: the colour is 12-bit (alpha's 16 is
     alpha's own), so it is as bright as its 8-bit picture, not 16x darker."""

@@ -34,7 +34,8 @@ from chestxray.data.preprocess import preprocess_image
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", *dicom.DICOM_SUFFIXES)
 # Bump when decoding or resizing changes, so on-disk stores made by older code are not reused.
 # 3: DICOM; 16-bit PNG/TIFF by their significant bits; TIFF. 4: 16-bit samples by sample_depth's four rules.
-DECODE_VERSION = 4
+# 5: those rules read 99.9% of the pixels, and the linear scaling; an invalid or alpha sBIT is not the colour's.
+DECODE_VERSION = 5
 # Refuse images above this many pixels (data.max_pixels): well above any radiograph (a 43 x 43 cm detector at
 # 100 um is 18 megapixels), well below what takes a machine down when several are decoded at once.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -148,7 +149,8 @@ def _sniff_format(data: bytes) -> str | None:
 
 def _png_significant_bits(data: bytes) -> int | None:
     """The PNG sBIT chunk's greatest colour channel depth (not alpha's, which is a fraction of 65535 whatever the
-    colour's depth), read from the chunks before the image data (None without it)."""
+    colour's depth), read from the chunks before the image data (None without it, or where a depth is 0 or above 16:
+    an invalid chunk, which libpng ignores too)."""
     at = len(_PNG_MAGIC)
     while at + 8 <= len(data):
         length = int.from_bytes(data[at : at + 4], "big")
@@ -156,7 +158,8 @@ def _png_significant_bits(data: bytes) -> int | None:
         if kind in (b"IDAT", b"IEND"):
             return None
         if kind == b"sBIT" and length:  # grey, grey + alpha: the first byte; RGB, RGBA, palette: the first three
-            return max(data[at + 8 : at + 8 + (1 if length <= 2 else 3)])
+            depths = data[at + 8 : at + 8 + (1 if length <= 2 else 3)]
+            return max(depths) if depths and all(1 <= d <= 16 for d in depths) else None
         at += 12 + length
     return None
 
@@ -339,9 +342,9 @@ def sample_depth(image: np.ndarray, declared: int | None = None, sbit: int | Non
     4. Else the smallest detector depth (8, 10, 12, 14 or 16 bits, STANDARD_DEPTHS) that holds the greatest pixel,
        the brightest 0.1% set aside (_near_greatest): top 2^b - 1 (a TIFF whose pixels exceed its MaxSampleValue
        included). Samples stored unscaled, as many radiograph exports do, get their detector's range, whether their
-       brightest pixel is 2047 or 2048, and a hot pixel or a small burned-in label at 65535 does not make the image
-       16x darker. A dark image scaled as the specification says but without sBIT cannot be told from an unscaled
-       one (its low bits are 0 either way) and is read so.
+       brightest pixel is 2047 or 2048, and a hot pixel or a burned-in label at 65535 over less than 0.1% of the
+       pixels does not make the image 16x darker. A dark image scaled as the specification says but without sBIT
+       cannot be told from an unscaled one where its low bits are all 0, and is read so.
     """
     colour = image if image.ndim == 2 or image.shape[2] < 4 else image[:, :, :3]
     values, counts = _counts(colour)
