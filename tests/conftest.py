@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -208,3 +208,16 @@ def trained_run(tmp_path_factory, synthetic_dir) -> dict:
     cfg = compose_config("train", overrides)
     value = train(cfg)
     return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}
+
+
+def run_copy(tiny_run, tmp_path, with_settings: bool):
+    """The tiny checkpoint in a run folder of its own, with the run's saved settings (as Hydra writes them) or not."""
+    run = tmp_path / "train-run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run["ckpt"], run / "checkpoints" / "best.ckpt")
+    if with_settings:
+        data = OmegaConf.to_container(tiny_run["cfg"].data)
+        (run / ".hydra").mkdir()
+        keep = ("data_dir", "index", "classes", "leakage_threshold", "drop_leaking")
+        OmegaConf.save({"data": {k: data[k] for k in keep}}, run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "best.ckpt"

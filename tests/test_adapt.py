@@ -21,7 +21,7 @@ from chestxray.models import ood
 from chestxray.models.checkpoints import load_model
 from chestxray.synthetic import make_dataset
 from chestxray.training import adapt as adapt_module
-from tests.conftest import compose_config, predict_config, run_script
+from tests.conftest import compose_config, predict_config, run_copy, run_script
 
 PATIENT = "PATIENT-SECRET-"
 
@@ -234,3 +234,96 @@ def test_adapt_settings_out_of_range_are_refused_naming_the_setting(tmp_path):
         cfg = compose_config("adapt", ["ckpt=x.ckpt", "site=y", f"paths.output_dir={tmp_path}", override])
         with pytest.raises(ConfigError, match=rf"^{name}="):
             settings.check(cfg, settings.ADAPT_RULES)
+
+
+def _limits(model):
+    from chestxray.data.images import ImageLimits
+    from chestxray.models.checkpoints import preprocess_of
+
+    return ImageLimits(10**8, 1, preprocess=preprocess_of(model))
+
+
+def _manifest(folder: Path, rows: list[tuple[str, str]], encoding: str = "utf-8") -> None:
+    text = "path\tpatient\n" + "".join(f"{path}\t{patient}\n" for path, patient in rows)
+    (folder / "MANIFEST.tsv").write_bytes(text.encode(encoding))
+
+
+def test_a_manifest_is_read_as_label_files_are_and_grouped_only_where_it_names_the_sites_images(site, tmp_path):
+    """A byte-order mark is fine; a file that is not UTF-8 is one error naming the line; a manifest whose paths
+    match none of the images does not claim patient grouping."""
+    from chestxray.errors import DataError
+
+    paths = sorted(p for p in site.rglob("*") if p.parent != site and p.is_file())[:4]
+    rows = [(f"{p.parent.name}/{p.name}", "Müller" if k < 2 else "Jones") for k, p in enumerate(paths)]
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for p in paths:
+        (folder / p.parent.name).mkdir(exist_ok=True)
+        (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
+    mine = [folder / p.parent.name / p.name for p in paths]
+    _manifest(folder, rows, "utf-8-sig")
+    groups, by_patient = adapt_module.patient_groups(folder, mine)
+    assert by_patient and groups.tolist() == [0, 0, 1, 1]
+    _manifest(folder, rows, "latin-1")
+    with pytest.raises(DataError, match=r"MANIFEST.tsv: line 2 is not UTF-8"):
+        adapt_module.patient_groups(folder, mine)
+    _manifest(folder, [(Path(path).name, patient) for path, patient in rows])  # bare names: not the site's paths
+    groups, by_patient = adapt_module.patient_groups(folder, mine)
+    assert not by_patient and groups.tolist() == [0, 1, 2, 3]
+
+
+def test_sites_adapt_cannot_use_are_refused_in_one_line(tiny_run, site, tmp_path):
+    """One patient for every image, no readable image, an ensemble: AdaptError, before anything is written."""
+    one = tmp_path / "one"
+    for name in ("Normal", "Covid"):
+        for path in sorted((site / name).iterdir())[:3]:
+            (one / name).mkdir(parents=True, exist_ok=True)
+            (one / name / path.name).write_bytes(path.read_bytes())
+    _manifest(one, [(f"{p.parent.name}/{p.name}", "ANON1") for p in sorted(one.rglob("*.*")) if p.parent != one])
+    broken = tmp_path / "broken"
+    for name in ("Normal", "Covid"):
+        (broken / name).mkdir(parents=True)
+        for k in range(3):
+            (broken / name / f"{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    ckpt = str(tiny_run["ckpt"])
+    cases = [
+        (one, ckpt, "all 6 images are of one patient"),
+        (broken, ckpt, "none of its 6 labelled image(s) could be read"),
+        (site, f"[{ckpt},{ckpt}]", "adapt.py takes one checkpoint"),
+    ]
+    for folder, which, expected in cases:
+        cfg = compose_config(
+            "adapt", [f"ckpt={which}", f"site={folder}", f"paths.output_dir={tmp_path}/o", "epochs=5", "folds=3"]
+        )
+        with pytest.raises(AdaptError) as err:
+            adapt_module.adapt(cfg)
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_unlabelled_folders_are_named_and_copies_of_training_images_left_out(tiny_run, site, tmp_path, caplog):
+    """A folder that names no class is left out with a warning naming it, and an image above the site in a folder
+    named like a class is not labelled by it; site images that copy the checkpoint's training images are left out of
+    every number (the checkpoint saw them), and the report says how many."""
+    import shutil
+
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
+    model = load_model(ckpt)
+    folder = tmp_path / "Covid" / "site"  # a folder named like a class above the site
+    shutil.copytree(site, folder)
+    (folder / "Pneumonia").mkdir()
+    for path in sorted((site / "Normal").iterdir())[:2]:
+        (folder / "Pneumonia" / path.name).write_bytes(path.read_bytes())
+    train = sorted((tiny_run["data"] / "train" / "Normal").iterdir())[:2]
+    for path in train:
+        (folder / "Normal" / f"copy-{path.name}").write_bytes(path.read_bytes())
+    with caplog.at_level("WARNING"):
+        read = adapt_module.read_site(folder, model, _limits(model))
+    assert len(read.paths) == 18 + 2  # the Pneumonia folder's images are not labelled Covid from above
+    assert any("2 image(s) in Pneumonia/, which name no class" in r.getMessage() for r in caplog.records)
+    kept, note = adapt_module.drop_training_copies(read, str(ckpt), _limits(model))
+    assert kept.training_copies == 2 and len(kept.paths) == 18 and "2 site image(s) copy a training image" in note
+    assert not any(p.name.startswith("copy-") for p in kept.paths)
+    assert len(kept.labels) == len(kept.groups) == len(kept.images) == 18
+    unknown, why = adapt_module.drop_training_copies(read, str(tiny_run["ckpt"]), _limits(model))  # no run settings
+    assert unknown.training_copies is None and len(unknown.paths) == 20 and why.startswith("not compared")

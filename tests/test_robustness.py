@@ -3,17 +3,15 @@ command writes its table, figure and TensorBoard events into a run folder of its
 the checkpoint's run folder names its train images and n/a when it does not."""
 
 import csv
-import shutil
 
 import cv2
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from chestxray.errors import ConfigError
 from chestxray.evaluation.robustness import SEVERITIES, SHIFTS, chosen_shifts, shifted_views
 from chestxray.robustness import robustness
-from tests.conftest import compose_config, run_script
+from tests.conftest import compose_config, run_copy, run_script
 
 SIZE = 64
 
@@ -91,19 +89,6 @@ def test_shifts_setting_is_checked():
         chosen_shifts(["blurr"])
 
 
-def _run_copy(tiny_run, tmp_path, with_settings: bool):
-    """The tiny checkpoint in a run folder of its own, with the run's saved settings (as Hydra writes them) or not."""
-    run = tmp_path / "train-run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(tiny_run["ckpt"], run / "checkpoints" / "best.ckpt")
-    if with_settings:
-        data = OmegaConf.to_container(tiny_run["cfg"].data)
-        (run / ".hydra").mkdir()
-        keep = ("data_dir", "index", "classes", "leakage_threshold", "drop_leaking")
-        OmegaConf.save({"data": {k: data[k] for k in keep}}, run / ".hydra" / "config.yaml")
-    return run / "checkpoints" / "best.ckpt"
-
-
 def _table(folder):
     with open(folder / "robustness.csv", newline="") as fh:
         return list(csv.DictReader(fh))
@@ -111,7 +96,7 @@ def _table(folder):
 
 @pytest.mark.slow  # a subprocess or a whole export: the full suite
 def test_the_command_writes_table_figure_and_tensorboard_in_its_own_run_folder(tiny_run, tmp_path):
-    ckpt = _run_copy(tiny_run, tmp_path, with_settings=True)
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
     out = tmp_path / "bench"
     run_script(
         "-m",
@@ -143,7 +128,7 @@ def test_the_command_writes_table_figure_and_tensorboard_in_its_own_run_folder(t
 
 
 def test_leak_free_is_n_a_without_the_runs_settings(tiny_run, tmp_path):
-    ckpt = _run_copy(tiny_run, tmp_path, with_settings=False)
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=False)
     out = tmp_path / "bench"
     cfg = compose_config(
         "robustness",
@@ -163,6 +148,20 @@ def test_a_setting_out_of_range_is_one_line(tiny_run, tmp_path):
         [f"ckpt={tiny_run['ckpt']}", "inputs=x", f"paths.output_dir={tmp_path}", "batch_size=0"],
     )
     with pytest.raises(ConfigError, match="batch_size=0: must be an integer at least 1"):
+        robustness(cfg)
+
+
+def test_inputs_none_of_which_can_be_read_are_one_line(tiny_run, tmp_path):
+    from chestxray.errors import PredictError
+
+    for name in ("Normal", "Covid"):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    cfg = compose_config(
+        "robustness",
+        [f"ckpt={tiny_run['ckpt']}", f"inputs={tmp_path / 'in'}", f"paths.output_dir={tmp_path}/o", "shifts=[blur]"],
+    )
+    with pytest.raises(PredictError, match=r"^none of the 2 labelled input image\(s\) could be read"):
         robustness(cfg)
 
 

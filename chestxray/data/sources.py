@@ -85,8 +85,9 @@ def _listed(lines: list[str]) -> str:
     return "\n".join(f"  {line}" for line in lines[:_SHOWN]) + more
 
 
-def _rows(index: Path, setting: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The header's columns and each row with the line it starts on; one error naming a line that is not UTF-8."""
+def text_table(index: Path, setting: str, delimiter: str = ",") -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header's columns and each row with the line it starts on; one error naming a line that is not UTF-8.
+    Label files (CSV) and a site's MANIFEST.tsv are read here alike."""
     raw = index.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark, as spreadsheets write, is fine
@@ -96,7 +97,7 @@ def _rows(index: Path, setting: str) -> tuple[list[str], list[tuple[int, dict[st
             f"{setting}={index}: line {line} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
             "save the label file as UTF-8"
         ) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     columns = [c.strip() for c in reader.fieldnames or []]
     rows = []
     start = reader.line_num + 1  # a quoted field may span lines: a row is named by the line it starts on
@@ -115,7 +116,7 @@ def read_index(index: Path, classes: Sequence[str], setting: str = "data.index")
     """A label file's rows grouped by split (None when it has no split column); every problem in one error."""
     if not index.is_file():
         raise DataError(f"{setting}={index}: file not found")
-    columns, rows = _rows(index, setting)
+    columns, rows = text_table(index, setting)
     if not {"path", "label"} <= set(columns):
         raise DataError(
             f"{setting}={index}: needs a header with the columns path,label[,split][,patient]; found {columns}"
@@ -264,36 +265,47 @@ def _download(data_dir: Path) -> None:
 @dataclass
 class InputImage:
     path: Path
-    label: int | None  # from a parent folder named like a class, else None
+    label: int | None  # from a parent folder named like a class (inside the input's folder), else None
 
 
 def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[InputImage]:
     """Files, folders (recursive) and globs, each image once however often and however it is named (a relative and
     an absolute spelling, a `..` detour, its folder as well); ground truth from the nearest parent folder named like
-    a class."""
+    a class, inside the folder given (or a named file's own folder)."""
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    found: list[Path] = []
+    found: list[tuple[Path, Path]] = []  # (image, the folder its label may come from, at most)
     for item in items:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            found += list_images(path, recursive=True)
+            found += [(f, path) for f in list_images(path, recursive=True)]
         elif path.is_file():
-            found.append(path)
+            found.append((path, path.parent))
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            found += [p for p in matches if p.is_file() and is_image_file(p)]
-            found += [f for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
+            found += [(p, p.parent) for p in matches if p.is_file() and is_image_file(p)]
+            found += [(f, p) for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
     unique: dict[str, Path] = {}
-    for p in found:
+    scope: dict[str, Path] = {}
+    for p, folder in found:
         unique.setdefault(os.path.realpath(p), p)
+        scope.setdefault(os.path.realpath(p), folder)
     if len(unique) < len(found):
         log.warning(
             "%d input(s) named an image already listed (the same file by another path): each predicted once",
             len(found) - len(unique),
         )
     class_index = {c: i for i, c in enumerate(classes)}
-    return [
-        InputImage(p, next((class_index[q.name] for q in p.parents if q.name in class_index), None))
-        for p in unique.values()
-    ]
+    return [InputImage(p, _label(p, scope[os.path.realpath(p)], class_index)) for p in unique.values()]
+
+
+def _label(path: Path, scope: Path, class_index: dict[str, int]) -> int | None:
+    """The class of the nearest folder named like one, from the image's folder up to `scope` (the folder the user
+    gave, or a named file's own folder), never above it: a folder of unsorted images kept somewhere under a
+    folder named Covid is not labelled Covid."""
+    for folder in path.parents:
+        if folder.name in class_index:
+            return class_index[folder.name]
+        if folder == scope:
+            return None
+    return None

@@ -20,11 +20,10 @@ are named as what cannot be estimated. No patient identifier is written anywhere
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from chestxray import settings
 from chestxray.data.images import BadImageError, ImageLimits, load_image
-from chestxray.data.sources import find_inputs
+from chestxray.data.sources import find_inputs, text_table
 from chestxray.errors import AdaptError
 from chestxray.evaluation import figures, metrics, selective
 from chestxray.evaluation.report import SMALL_SET
+from chestxray.evaluation.robustness import leak_mask_of_runs
 from chestxray.models import recalibrate, selection
 from chestxray.models.checkpoints import load_model, preprocess_of
 from chestxray.runtime.console import say, shown
@@ -60,16 +60,53 @@ class Site:
     images: torch.Tensor  # N x 3 x S x S uint8
     grouped_by_patient: bool
     skipped: int = 0
+    training_copies: int | None = None  # site images that copy a training image, left out (None: not compared)
+
+    def without(self, drop: np.ndarray) -> Site:
+        keep = ~drop
+        paths = [p for p, k in zip(self.paths, keep, strict=True) if k]
+        return Site(
+            paths, self.labels[keep], self.groups[keep], self.images[torch.from_numpy(keep)], self.grouped_by_patient,
+            self.skipped, int(drop.sum()),
+        )  # fmt: skip
+
+
+def drop_training_copies(site: Site, ckpt: str, limits: ImageLimits) -> tuple[Site, str]:
+    """The site without its images that copy one of the checkpoint's training images (perceptual hash, as the audit
+    and training check), and a note: the checkpoint saw those, so they would flatter its numbers, and fine-tuning
+    mixes training images into every fold's fit. Not compared (with the reason) where the run's training images
+    cannot be listed."""
+    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits)
+    if mask is None:
+        return site, f"not compared with the checkpoint's training images: {how}"
+    if not mask.any():
+        return replace(site, training_copies=0), f"no site image copies a training image ({how})"
+    return site.without(mask), (
+        f"{int(mask.sum())} site image(s) copy a training image of the checkpoint ({how}): left out, as the "
+        "checkpoint saw them"
+    )
 
 
 def read_site(folder: str | Path, model, limits: ImageLimits) -> Site:
-    """The labelled images under `folder` (class folders named like the model's classes)."""
+    """The labelled images under `folder` (class folders named like the model's classes). Images in folders that
+    name no class are left out with a warning naming those folders; a site none of whose images can be read is
+    refused."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdaptError(f"site={folder}: not a folder (it should hold one folder of images per class)")
-    inputs = [i for i in find_inputs(str(folder), model.classes) if i.label is not None]
+    found = find_inputs(str(folder), model.classes)
+    inputs = [i for i in found if i.label is not None]
     if not inputs:
         raise AdaptError(f"site={folder}: no labelled images (expected class folders named {', '.join(model.classes)})")
+    unlabelled = sorted({_first_folder(i.path, folder) for i in found if i.label is None})
+    if unlabelled:
+        log.warning(
+            "site=%s: %d image(s) in %s, which name no class (%s): left out",
+            folder,
+            len(found) - len(inputs),
+            ", ".join(unlabelled),
+            ", ".join(model.classes),
+        )
     size, images, kept, skipped = int(model.hparams.image_size), [], [], 0
     for item in inputs:
         try:
@@ -78,25 +115,42 @@ def read_site(folder: str | Path, model, limits: ImageLimits) -> Site:
         except BadImageError as err:
             skipped += 1
             log.warning("skipped %s: %s", item.path, err.reason)
+    if not kept:
+        raise AdaptError(f"site={folder}: none of its {len(inputs)} labelled image(s) could be read (see the warnings)")
     paths = [i.path for i in kept]
     groups, by_patient = patient_groups(folder, paths)
     labels = np.array([i.label for i in kept], dtype=np.int64)
     return Site(paths, labels, groups, torch.stack(images), by_patient, skipped)
 
 
+def _first_folder(path: Path, folder: Path) -> str:
+    """The folder right under the site that holds `path`, as the user would name it ("." for the site itself)."""
+    parts = path.relative_to(folder).parts
+    return f"{parts[0]}/" if len(parts) > 1 else "."
+
+
 def patient_groups(folder: Path, paths: Sequence[Path]) -> tuple[np.ndarray, bool]:
-    """Integer group codes from MANIFEST.tsv's patient column (images it does not list are groups of their own);
-    (one group per image, False) without it."""
+    """Integer group codes from MANIFEST.tsv's patient column (images it does not list are groups of their own),
+    and whether it named the patient of any of these images; (one group per image, False) without it."""
     patient_of: dict[str, str] = {}
     manifest = folder / MANIFEST
     if manifest.is_file():
-        with open(manifest, newline="") as fh:
-            for row in csv.DictReader(fh, delimiter="\t"):
-                if row.get("path") and row.get("patient"):
-                    patient_of[str((folder / row["path"]).resolve())] = row["patient"]
-    keys = [patient_of.get(str(p.resolve()), f"image:{k}") for k, p in enumerate(paths)]
+        _, rows = text_table(manifest, "site", delimiter="\t")
+        for _, row in rows:
+            if row.get("path") and row.get("patient"):
+                patient_of[str((folder / row["path"]).resolve())] = row["patient"]
+    known = [patient_of.get(str(p.resolve())) for p in paths]
+    if patient_of and not any(known):
+        log.warning(
+            "site=%s: %s names %d image(s), none of them among the site's images (its path column is relative to "
+            "the site folder): folds are split by image",
+            folder,
+            MANIFEST,
+            len(patient_of),
+        )
+    keys = [key if key else f"image:{k}" for k, key in enumerate(known)]
     codes = {key: code for code, key in enumerate(dict.fromkeys(keys))}
-    return np.array([codes[k] for k in keys], dtype=np.int64), bool(patient_of)
+    return np.array([codes[k] for k in keys], dtype=np.int64), any(known)
 
 
 def check_site(site: Site, classes: Sequence[str], min_per_class: int, folder: str) -> list[str]:
@@ -111,12 +165,24 @@ def check_site(site: Site, classes: Sequence[str], min_per_class: int, folder: s
     present = [c for c in range(len(classes)) if counts[c]]
     if len(present) < 2:
         raise AdaptError(f"site={folder}: images of one class only ({classes[present[0]]}); adapt.py needs two")
-    return [
+    if len(np.unique(site.groups)) < 2:
+        raise AdaptError(
+            f"site={folder}: all {len(site.labels)} images are of one patient ({MANIFEST}); cross-fitting needs "
+            "images of two patients at least"
+        )
+    notes = [
         f"{classes[c]}: no site images, so its sensitivity on this site and the sets' coverage for it cannot be "
         "estimated (recalibration never sees it)"
         for c in range(len(classes))
         if not counts[c]
     ]
+    notes += [
+        f"{classes[c]}: all its site images are of one patient, so the folds that hold that patient out are "
+        "recalibrated without that class"
+        for c in present
+        if site.grouped_by_patient and len(np.unique(site.groups[site.labels == c])) < 2
+    ]
+    return notes
 
 
 @torch.no_grad()
@@ -150,6 +216,8 @@ def training_images(ckpt: str | Path, model, limits: ImageLimits, limit: int) ->
     train = Path(str(data_dir)) / "train" if data_dir else None
     if train is None or not train.is_dir():
         return empty, np.zeros(0, np.int64), f"the training images ({train}) are not available here"
+    if limit == 0:
+        return empty, np.zeros(0, np.int64), "none asked (max_training_images=0)"
     inputs = [i for i in find_inputs(str(train), model.classes) if i.label is not None]
     rng = np.random.default_rng(0)
     chosen = sorted(rng.choice(len(inputs), min(limit, len(inputs)), replace=False)) if inputs else []
@@ -223,7 +291,7 @@ class CrossFit:
 def split(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k folds stratified by class and grouped by patient; k at most the number of groups of the rarest class."""
     per_class = [len(np.unique(groups[labels == c])) for c in np.unique(labels)]
-    k = max(2, min(folds, min(per_class)))
+    k = min(max(2, min(folds, min(per_class))), len(np.unique(groups)))  # check_site: two groups at least
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, groups))
 
@@ -313,12 +381,16 @@ def adapt(cfg: DictConfig) -> dict:
         if OmegaConf.is_missing(cfg, key):
             raise AdaptError(f"{key}= is required: python adapt.py ckpt=CHECKPOINT site=FOLDER")
     settings.check(cfg, settings.ADAPT_RULES)
+    if not isinstance(cfg.ckpt, str):
+        raise AdaptError(f"ckpt={cfg.ckpt}: adapt.py takes one checkpoint (adapt each member of an ensemble alone)")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.ckpt)
     limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess=preprocess_of(model))
-    site = read_site(cfg.site, model, limits)
-    notes = check_site(site, model.classes, int(cfg.min_per_class), str(cfg.site))
+    site, copies = drop_training_copies(read_site(cfg.site, model, limits), cfg.ckpt, limits)
+    notes = ([copies] if site.training_copies != 0 else []) + check_site(
+        site, model.classes, int(cfg.min_per_class), str(cfg.site)
+    )
     if not site.grouped_by_patient:
         notes.append(
             f"no {MANIFEST} with a patient column: folds are split by image (images of one patient may "
@@ -360,6 +432,8 @@ def adapt(cfg: DictConfig) -> dict:
         "site": str(cfg.site),
         "images": len(labels),
         "skipped": site.skipped,
+        "training_copies": site.training_copies,
+        "training_copies_check": copies,
         "per_class": {c: int((site.labels == k).sum()) for k, c in enumerate(model.classes)},
         "grouped_by_patient": site.grouped_by_patient,
         "groups": int(len(np.unique(site.groups))),
@@ -454,6 +528,7 @@ def _row(name: str, m: dict, classes: Sequence[str]) -> str:
 
 
 def report_markdown(report: dict, classes: Sequence[str]) -> str:
+    unseen = f" (it never saw them: {report['training_copies_check']})" if report["training_copies"] == 0 else ""
     head = " | ".join(f"sens. {c} (95% CI)" for c in classes)
     lines = [
         f"# Site report: {report['images']} labelled images",
@@ -461,7 +536,7 @@ def report_markdown(report: dict, classes: Sequence[str]) -> str:
         f"Checkpoint `{report['checkpoint']}`; adapted checkpoint `{report['adapted_checkpoint']}` "
         f"({report['chosen']}).",
         "",
-        "'before': the checkpoint as it is, on every site image (it never saw them). 'after': cross-fitted over "
+        f"'before': the checkpoint as it is, on every site image{unseen}. 'after': cross-fitted over "
         f"{len(report['folds'])} folds ({'grouped by patient' if report['grouped_by_patient'] else 'by image'}, "
         f"{report['groups']} groups): each image answered by a model recalibrated (and fine-tuned) on the other "
         "folds only. Intervals are 95% Wilson.",
