@@ -216,6 +216,9 @@ def check(cfg: DictConfig, rules: Sequence[Rule]) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, float) and value > 1:
             raise ConfigError(f"{key}={value}: a fraction must be at most 1.0 (or give a whole number of batches)")
+    train_limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
+    if isinstance(train_limit, int | float) and not isinstance(train_limit, bool) and train_limit == 0:
+        raise ConfigError(f"trainer.limit_train_batches={train_limit}: no step would train (a fraction or batches)")
     fold, folds = OmegaConf.select(cfg, "data.fold", default=None), OmegaConf.select(cfg, "data.folds", default=None)
     if fold is not None and folds is not None and fold >= folds:
         raise ConfigError(f"data.fold={fold}: must be between 0 and data.folds-1={folds - 1}")

@@ -175,3 +175,31 @@ def test_an_optimizer_state_from_an_older_torch_continues_the_same_optimizer(tmp
     check_same_optimizer(recorded, cfg, "ckpt_path=old.ckpt")
     with pytest.raises(ResumeError, match=r"SGD is not the kind .* \(it was torch.optim.adam.Adam\)"):
         check_same_optimizer(recorded, sgd, "ckpt_path=old.ckpt")
+
+
+def test_a_weights_only_checkpoint_is_refused_before_training_with_the_setting_that_takes_it(tmp_path, tiny_run):
+    """adapt.py's checkpoints hold no optimizer state: Lightning would fail on it after decoding every image."""
+    saved = ckpt(tiny_run["ckpt"])
+    saved.pop("optimizer_states")
+    weights = tmp_path / "adapted.ckpt"
+    torch.save(saved, weights)
+    out = tmp_path / "run"
+    cfg = train_config(out, tiny_run["data"], "trainer.max_epochs=4", f"ckpt_path={weights}")
+    with pytest.raises(ResumeError, match=rf"no optimizer state .* model.init_from={weights}$"):
+        train(cfg)
+    assert not (out / "checkpoints").exists()
+
+
+def test_settings_that_would_train_no_step_are_refused(tmp_path, synthetic_dir):
+    """A batch larger than the fit split (the last incomplete batch is dropped), or limit_train_batches=0: Lightning
+    would train nothing and test the untrained weights. One line naming the setting, before any epoch."""
+    from chestxray import settings
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^data.batch_size=500: more than the \d+ images of the fit split"):
+        train(train_config(out, synthetic_dir, "data.batch_size=500", *CHEAP))
+    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+    for value in ("0", "0.0"):
+        cfg = train_config(out, synthetic_dir, f"trainer.limit_train_batches={value}")
+        with pytest.raises(ConfigError, match=rf"^trainer.limit_train_batches={value}: no step would train"):
+            settings.check(cfg, settings.TRAIN_RULES)

@@ -21,7 +21,7 @@ from chestxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadImage
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, LabelledFiles, ensure_dataset, load_labelled, load_splits
 from chestxray.data.splits import group_ids, holdout, kfold
 from chestxray.data.store import DecodedImages, DecodeSettings, ImageArray, choose_store, decode_images
-from chestxray.errors import DataError
+from chestxray.errors import ConfigError, DataError
 from chestxray.runtime.distributed import world_size
 from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
@@ -243,6 +243,19 @@ class ChestXrayDataModule(L.LightningDataModule):
         augment = train_transform() if self.hparams.augment else None
         self.datasets["train"] = train.subset(fit, augment)
         self.datasets["val"] = self.test_sets["test"] if val is None else train.subset(val)
+        self._check_a_batch_trains(len(fit))
+
+    def _check_a_batch_trains(self, fit: int) -> None:
+        """Training drops the last incomplete batch (a batch of one breaks batch statistics and skews the epoch's
+        mean): a batch larger than each process's share of the fit split would train no step, and Lightning would
+        go on to test the untrained weights. Refused here, once the split is known."""
+        share, size = fit // world_size(), int(self.hparams.batch_size)
+        if share < size:
+            per = f" ({world_size()} processes: {share} each)" if world_size() > 1 else ""
+            raise ConfigError(
+                f"data.batch_size={size}: more than the {fit} images of the fit split{per}; the incomplete last batch "
+                f"is dropped, so no step would train: set data.batch_size to {max(share, 1)} or less"
+            )
 
     @staticmethod
     def _mark_shared_patients(name: str, patients: list[str | None], train: list[str | None]) -> np.ndarray:

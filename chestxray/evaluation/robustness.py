@@ -295,7 +295,7 @@ def run_bench(
     return BenchResult(
         kept,
         np.array(labels, dtype=np.int64),
-        np.array(correct, dtype=bool).reshape(len(kept), -1),
+        np.array(correct, dtype=bool).reshape(len(kept), per_image),  # (0, views) when none could be read
         np.array(flagged, dtype=bool) if have_flags else None,
         None,
         list(shifts),

@@ -69,6 +69,7 @@ def check_files(cfg: DictConfig) -> None:
         checkpoint = read_checkpoint(cfg.ckpt_path, "ckpt_path")
         where = f"resume={cfg.paths.output_dir}" if continues_this_run(cfg) else f"ckpt_path={cfg.ckpt_path}"
         check_fits(checkpoint, cfg, where)
+        check_training_state(checkpoint, cfg, where)
         check_same_optimizer(checkpoint, cfg, where)
         check_epochs_left(checkpoint, cfg, where)
 
@@ -101,6 +102,16 @@ def check_epochs_left(checkpoint: dict, cfg: DictConfig, where: str) -> None:
         raise ResumeError(
             f"{where}: trainer.max_epochs={max_epochs} but the checkpoint has already trained {done} epochs, so "
             f"there is nothing left to train; set trainer.max_epochs above {done}"
+        )
+
+
+def check_training_state(checkpoint: dict, cfg: DictConfig, where: str) -> None:
+    """Lightning continues a checkpoint's optimizer state, and fails on one without it (adapt.py's checkpoints, or a
+    weights-only save) only after every image is decoded. Refused here, with the setting that starts from weights."""
+    if "optimizer_states" not in checkpoint:
+        raise ResumeError(
+            f"{where}: the checkpoint holds weights only, no optimizer state to continue (adapt.py writes such "
+            f"checkpoints); start a new run from its weights with model.init_from={cfg.ckpt_path}"
         )
 
 
