@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -30,7 +31,7 @@ from chestxray.data import dicom
 from chestxray.data.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs, perceptual_hash
 from chestxray.data.images import BadImageError, decode, read_bytes
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
-from chestxray.errors import DataError
+from chestxray.errors import DataError, OutputDirError
 from chestxray.runtime.files import atomic_write
 from chestxray.runtime.parallel import available_cpus, bounded_map
 
@@ -308,6 +309,22 @@ def _print_summary(report: dict, seconds: float, out: Path) -> None:
     print(f"report: {out / 'audit.md'} and {out / 'audit.json'}")
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that could not take the report now, not after a scan of 100,000 files that would be lost.
+
+    Nothing is created here, so a run refused for its data leaves no empty report folder behind: the nearest part of
+    the path that exists must be a folder this process may write in (the rest is created when the report is written).
+    """
+    existing = out
+    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == out else f"is below {existing}, which is"
+        raise OutputDirError(f"--out={out} {where} a file, not a folder: pick a folder for the report")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--out={out}: cannot write in {existing}: pick a folder this user may write in")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chestxray.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -320,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        check_out(args.out)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             records = scan(args.data_dir, args.classes)
@@ -328,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 theirs = scan(args.against, args.classes)
                 shared = shared_images(records, args.data_dir, theirs, args.against, args.threshold)
                 report["against"] = {"data_dir": str(args.against), "files": len(theirs), "shared": shared}
-    except DataError as err:
+    except (DataError, OutputDirError) as err:
         print(f"audit: error: {err}", file=sys.stderr)
         return 2
     report["warnings"] = [str(w.message) for w in caught]

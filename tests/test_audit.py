@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import warnings
 
@@ -106,6 +107,37 @@ def test_audit_of_one_labelled_folder_and_against_another(synthetic_dir, tmp_pat
 def test_audit_of_a_missing_folder_fails_clearly(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_scan(monkeypatch):
+    """A scan fails the test: a bad --out must be refused before the files are read, not after."""
+    monkeypatch.setattr("chestxray.audit.scan", lambda *a, **k: pytest.fail("scanned before --out was checked"))
+
+
+def test_an_out_below_or_at_a_file_is_refused_before_the_scan(no_scan, synthetic_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        assert main([str(synthetic_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"audit: error: --out={out} ") and "a file, not a folder" in err
+        assert err.count("\n") == 1  # one line, no traceback
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_a_read_only_out_is_refused_before_the_scan(no_scan, synthetic_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for out in (locked, locked / "new"):
+            assert main([str(synthetic_dir), "--out", str(out)]) == 2
+            assert f"audit: error: --out={out}: cannot write in {locked}" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+    assert not (locked / "new").exists()
 
 
 @pytest.mark.real_data
