@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -146,8 +147,9 @@ def test_the_token_check_is_exact_and_the_drift_alarm_is_a_one_sided_binomial_te
     from chestxray.serving.monitor import Monitor, drift_alarm
 
     assert authorised(Headers({}), None)
-    assert authorised(Headers({"authorization": "Bearer s3cret"}), "s3cret")
-    for sent in ("Bearer s3cre", "Bearer s3cret ", "bearer s3cret", "s3cret", "", "Bearer \u00e9"):
+    for sent in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):  # RFC 9110: scheme in any case
+        assert authorised(Headers({"authorization": sent}), "s3cret"), sent
+    for sent in ("Bearer s3cre", "Bearer s3cret ", "Basic s3cret", "Bearers3cret", "s3cret", "", "Bearer \u00e9"):
         assert not authorised(Headers({"authorization": sent}), "s3cret"), sent
     assert not drift_alarm(8, 100, 0.05).raised  # 8% flagged where 5% are expected: chance
     assert drift_alarm(20, 100, 0.05).raised and drift_alarm(20, 100, 0.05).p_value < 1e-5
@@ -159,6 +161,40 @@ def test_the_token_check_is_exact_and_the_drift_alarm_is_a_one_sided_binomial_te
     summary = monitor.summary()
     assert summary["scored"] == 50 and summary["alarm"] is True and monitor.logged
     assert b"chestxray_ood_flagged_share" in monitor.exposition()
+
+
+def test_the_access_line_of_a_forged_path_stays_one_line_and_a_lowercase_bearer_passes_the_gate(caplog):
+    """The gate, driven as ASGI: a path with a decoded %0A cannot end its access line and write a forged one; the
+    token is wanted, in any case of 'Bearer'."""
+    import asyncio
+
+    from chestxray.serving.gate import Gate, GateSettings
+    from chestxray.serving.monitor import Monitor
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def status_of(path: str, authorization: str) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [(b"authorization", authorization.encode())]}
+        await gate(scope, None, send)
+        return sent[0]["status"]
+
+    gate = Gate(app, GateSettings("s3cret", max_waiting=1, request_timeout=5), Monitor(10, None))
+    forged = "/x\n[2026-12-07 00:00:00,000][chestxray.serving.access][INFO] - POST /predict 200 5 ms\r\\n"
+    with caplog.at_level(logging.INFO, logger="chestxray.serving.access"):
+        assert asyncio.run(status_of(forged, "Bearer wrong")) == 401
+        assert asyncio.run(status_of("/health", "bearer s3cret")) == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "chestxray.serving.access"]
+    assert len(lines) == 2 and all("\n" not in line and "\r" not in line for line in lines), lines
+    escaped = re.escape(forged.encode("unicode_escape").decode("ascii"))  # the newline as \n, the backslash as \\
+    assert re.fullmatch(rf"GET {escaped} 401 \d+ ms", lines[0]), lines[0]
+    assert re.fullmatch(r"GET /health 200 \d+ ms", lines[1]), lines[1]
 
 
 def test_a_deflated_dicom_bomb_is_refused_while_inflating_and_grey_dicom_decodes_without_float64_copies():
@@ -523,7 +559,7 @@ def test_a_token_is_checked_before_any_body_is_read_and_never_written_anywhere(t
         assert len(png_bomb) < 200_000 and len(dicom_bomb) < 400_000
         bodies = [png_bomb, dicom_bomb, b"garbage" * 1000, image, os.urandom(2_000_000)]
         for body in bodies:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"bearer {token}"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"}):
                 for kwargs in ({"data": body}, {"files": {"image": ("x.png", body)}}):
                     start = time.monotonic()
                     response = requests.post(srv.url + "/predict", headers=headers, timeout=30, **kwargs)

@@ -2,11 +2,13 @@
 middlewares, FastAPI's routing and the upload intake (chestxray.serving.intake) have read a byte of the body.
 
 In this order, for every HTTP request:
-1. the token: with one configured, a request without `Authorization: Bearer <token>` is answered 401 at once
-   (compared in constant time), whatever its body; only the page (GET /) is open, as it holds no data;
+1. the token: with one configured, a request without `Authorization: Bearer <token>` (the scheme in any case) is
+   answered 401 at once (compared in constant time), whatever its body; only the page (GET /) is open, as it holds
+   no data;
 2. the waiting limit: beyond `max_waiting` uploads in progress, POST /predict is answered 503 with Retry-After;
 3. the request's deadline: no response started within `request_timeout` seconds is answered 504;
-4. one access-log line (method, path, status, milliseconds: nothing else of the request) and the metrics.
+4. one access-log line (method, path with its control characters escaped, status, milliseconds: nothing else of the
+   request) and the metrics.
 
 Every refusal here is `{"error": reason}`, as the framework's own errors are (chestxray.serving.server).
 """
@@ -41,11 +43,19 @@ class GateSettings:
 
 
 def authorised(headers: Headers, token: str | None) -> bool:
-    """True without a token; else whether the Authorization header is exactly 'Bearer <token>' (constant time)."""
+    """True without a token; else whether the Authorization header is 'Bearer <token>'. The scheme is compared without
+    case, as RFC 9110 says clients may send it ('bearer'); the token exactly, in constant time."""
     if token is None:
         return True
-    sent = headers.get("authorization", "").encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(sent, f"Bearer {token}".encode())
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    sent = credentials.lstrip(" ").encode("utf-8", "surrogateescape")  # RFC 6750: 1*SP between scheme and token
+    return hmac.compare_digest(sent, token.encode()) and scheme.lower() == "bearer"
+
+
+def printable(text: str) -> str:
+    """`text` for a log line: control characters (a %0A in a URL is a newline once decoded) and backslashes escaped,
+    so a client cannot end the access line and forge another."""
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def route_of(path: str) -> str:
@@ -105,7 +115,7 @@ class Gate:
                     reason = f"no answer within request_timeout={self.settings.request_timeout:g} s"
                     await refuse(sending, 504, reason)
         except Exception as err:  # noqa: BLE001 - one line, no request content; the client gets {"error"}
-            log.error("%s %s failed: %s", method, path, type(err).__name__)
+            log.error("%s %s failed: %s", printable(method), printable(path), type(err).__name__)
             if status[0] == 0:
                 await refuse(sending, 500, "internal error")
         finally:
@@ -113,7 +123,7 @@ class Gate:
                 self.waiting -= 1
                 self.monitor.waiting.set(self.waiting)
             ms = 1000 * (time.perf_counter() - start)
-            log.info("%s %s %d %.0f ms", method, path, status[0], ms)
+            log.info("%s %s %d %.0f ms", printable(method), printable(path), status[0], ms)
             self.monitor.request(route_of(path), status[0], ms / 1000)
             if watch and status[0] == 200:
                 self.monitor.answered(flag_of(bytes(answer)))
