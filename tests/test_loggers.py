@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,6 +54,59 @@ def test_a_run_without_a_logger_builds_without_the_learning_rate_monitor(tmp_pat
     assert not trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
     _, _, trainer = build(train_config(tmp_path, synthetic_dir))
     assert any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+
+
+class MLFlowLogger:
+    """Stands in for Lightning's (log_hyperparameters routes on the type's name) and for a tracking server."""
+
+    def __init__(self, tracking_uri: str):
+        self._tracking_uri, self.run_id, self.experiment_id, self.params = tracking_uri, "run-1", "1", {}
+
+    @property
+    def experiment(self):
+        return self
+
+    def get_run(self, run_id: str):
+        return SimpleNamespace(data=SimpleNamespace(params={}))
+
+    def log_hyperparams(self, params: dict) -> None:
+        self.params.update(params)
+
+
+def test_a_password_in_the_tracking_uri_is_written_nowhere_and_mlflow_gets_it_as_credentials(tmp_path, monkeypatch):
+    """$MLFLOW_TRACKING_URI with user:password@ (and a token in its query), resolved into the config: not in the
+    parameters of any logger, hparams.yaml, TensorBoard's events or mlflow.json; MLflow gets the password through
+    its credential variables, so that its own messages, which show the host, do not hold it either."""
+    from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from chestxray.training.loggers import MLFLOW_RUN_FILE, instantiate_loggers, log_hyperparameters
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # so that the test's end unsets them again
+        monkeypatch.delenv(name)
+    secret_uri = "https://alice:S3CRET-PASS@mlflow.example.com/?token=T0KEN&site=a"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_uri)
+    cfg = train_config(tmp_path, tmp_path / "no-data", "logger=many")  # nothing is trained: no data needed
+    assert cfg.logger.mlflow.tracking_uri == secret_uri
+    built = instantiate_loggers(cfg.logger, tmp_path)
+    mlflow = next(logger for logger in built if isinstance(logger, LightningMLFlowLogger))
+    creds = mlflow._mlflow_client._tracking_client.store.get_host_creds()
+    assert (creds.username, creds.password) == ("alice", "S3CRET-PASS") and "S3CRET" not in creds.host
+    stand_in = MLFlowLogger(secret_uri)  # as if built from the URI as it is
+    loggers = [*(logger for logger in built if logger is not mlflow), stand_in]
+    log_hyperparameters(loggers, cfg, ["val/acc"])
+    for logger in built:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.flush()
+        logger.save()
+    assert stand_in.params["logger/mlflow/tracking_uri"] == "https://mlflow.example.com/?site=a"
+    assert json.loads((tmp_path / MLFLOW_RUN_FILE).read_text())["tracking_uri"] == "https://mlflow.example.com/?site=a"
+    written = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    assert {f.name for f in written} >= {"hparams.yaml", MLFLOW_RUN_FILE} and any("events" in f.name for f in written)
+    for secret in (b"S3CRET", b"T0KEN"):
+        assert not [f for f, content in written.items() if secret in content], secret
+        assert secret.decode() not in json.dumps(stand_in.params)
 
 
 @pytest.mark.slow

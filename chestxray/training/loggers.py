@@ -6,6 +6,8 @@ Lightning's loggers do the logging. Two things are added where they fall short:
   logger here appends to it instead.
 - MLFlowLogger starts a new MLflow run unless given its id: the id is kept in the run folder (mlflow.json), so
   `resume=` continues the same MLflow run.
+- A tracking URI may carry a password (https://user:password@host): it is handed to MLflow through its credential
+  variables instead, and every URI in the logged parameters and mlflow.json is written without its secrets.
 Figures go to each logger that can hold them: TensorBoard's Images tab, MLflow's artifacts; the CSV logger keeps
 scalars only (the PNG files are in the run folder).
 """
@@ -15,8 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import lightning as L
 import numpy as np
@@ -33,6 +38,8 @@ from chestxray.runtime.files import atomic_write
 log = logging.getLogger(__name__)
 
 MLFLOW_RUN_FILE = "mlflow.json"
+# query parameters of a URI that may hold a credential (?token=..., ?api_key=..., a signed URL's signature)
+SECRET_PARAMETER = re.compile(r"token|secret|pass|pwd|key|sig|credential|auth", re.IGNORECASE)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -59,6 +66,48 @@ def _is_mlflow(node: DictConfig) -> bool:
     return "MLFlowLogger" in str(node.get("_target_", ""))
 
 
+def redact_uri(value: str) -> str:
+    """`value` without what a URI may carry of a secret (user:password@, token-like query parameters), for anything
+    logged or written: https://alice:pw@host/?token=t is https://host/. Any other string is returned as it is."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # not a URI (an unbalanced '[' in a host)
+        return value
+    if not parts.scheme or not ("@" in parts.netloc or parts.query):
+        return value
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMETER.search(k)]
+    netloc, query_text = parts.netloc.rpartition("@")[2], urlencode(query) if query else ""
+    if (netloc, query_text) == (parts.netloc, parts.query):
+        return value
+    return urlunsplit(parts._replace(netloc=netloc, query=query_text))
+
+
+def _redacted(tree: object) -> object:
+    """Every string of a config tree through redact_uri."""
+    if isinstance(tree, dict):
+        return {key: _redacted(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_redacted(value) for value in tree]
+    return redact_uri(tree) if isinstance(tree, str) else tree
+
+
+def _credentials_to_environment(uri: str | None) -> str | None:
+    """The tracking URI without user:password@, which go to MLflow's own variables instead (unless already set).
+
+    MLflow prints its host ('View run at: ...') and puts it in its errors: with the password in the URI, both would
+    write it to the console and the run's log."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    if parts.username:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[Logger]:
     """Each entry of the logger group (null drops it); MLflow continues the run folder's MLflow run, if it has one."""
     loggers = []
@@ -71,6 +120,7 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
             saved = Path(output_dir) / MLFLOW_RUN_FILE
             if saved.is_file() and not node.get("run_id"):
                 kwargs["run_id"] = json.loads(saved.read_text())["run_id"]
+            kwargs["tracking_uri"] = _credentials_to_environment(node.get("tracking_uri"))
         loggers.append(instantiate(node, **kwargs))
     return loggers
 
@@ -89,10 +139,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 @rank_zero_only
 def log_hyperparameters(loggers: Sequence[Logger], cfg: DictConfig, metric_names: Sequence[str]) -> None:
     """The whole config, flattened, for every logger (TensorBoard's HParams tab gets the metrics runs are compared
-    on up front); the MLflow run's id is kept in the run folder for a resume."""
+    on up front); the MLflow run's id is kept in the run folder for a resume. Every URI is logged without its secrets
+    ($MLFLOW_TRACKING_URI with a password, resolved into the config, would otherwise reach every logger)."""
     params = OmegaConf.to_container(cfg, resolve=True)
     params.pop("hydra", None)
-    flat = _flatten(params)
+    flat = _flatten(_redacted(params))
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(flat)
@@ -118,7 +169,7 @@ def _log_mlflow_params(logger: Logger, flat: dict, output_dir: Path) -> None:
     for key, value in flat.items():
         if key in existing and existing[key] != str(value)[:250]:
             client.set_tag(run_id, f"resumed/{key}", str(value)[:250])
-    saved = {"run_id": run_id, "experiment_id": logger.experiment_id, "tracking_uri": logger._tracking_uri}
+    saved = {"run_id": run_id, "experiment_id": logger.experiment_id, "tracking_uri": redact_uri(logger._tracking_uri)}
     atomic_write(output_dir / MLFLOW_RUN_FILE, json.dumps(saved, indent=2))
 
 
