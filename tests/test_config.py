@@ -51,6 +51,32 @@ def test_every_group_and_experiment_is_covered():
     assert {"fdr", "limit", "overfit", "profiler", "none"} == set(options("debug"))
 
 
+def listed_choices() -> list[tuple[str, str]]:
+    """(file, override) for each choice a defaults line's comment lists: `- logger: tensorboard # csv | many; ~logger
+    for none` gives logger=csv, logger=many and ~logger."""
+    found = []
+    for path in sorted(CONF.glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            match = re.fullmatch(r"\s*- (\w+): \S+ # (.*)", line)
+            if not match or "|" not in match[2]:
+                continue
+            group, comment = match.groups()
+            options = re.search(r"[\w~]+(?: \| [\w~]+)+", comment)[0].split(" | ")
+            found += [(path.name, o if o.startswith("~") else f"{group}={o}") for o in options]
+            found += [(path.name, drop) for drop in re.findall(r"~\w+", comment) if drop not in options]
+    return found
+
+
+def test_every_choice_a_config_comment_lists_composes():
+    """The comments are what users copy: `logger=null` there would fail in Hydra (`~logger` drops a group)."""
+    listed = listed_choices()
+    assert {("train.yaml", "logger=mlflow"), ("train.yaml", "~logger"), ("train.yaml", "debug=fdr")} <= set(listed)
+    for page, override in listed:
+        cfg = compose_config_with_hydra([override, "paths.output_dir=/tmp/unused"], page.removesuffix(".yaml"))
+        group = override.lstrip("~").split("=")[0]
+        assert (cfg.hydra.runtime.choices.get(group) is None) == override.startswith("~"), (page, override)
+
+
 def _build(cfg, built_models: dict) -> None:
     """Instantiate what a run builds, without a GPU: data module, model, its optimizer and scheduler, callbacks,
     loggers, Trainer (on the CPU, one process, when no GPU is here)."""
@@ -151,11 +177,11 @@ def test_every_experiment_builds_with_every_option_of_every_group(tmp_path, monk
     assert all(g in settings.experiment_pins(CONF, e) for e, g, _ in refused)
 
 
-def compose_config_with_hydra(overrides):
+def compose_config_with_hydra(overrides, name: str = "train"):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+        return compose(name, overrides=overrides, return_hydra_config=True)
 
 
 def test_experiments_pin_the_groups_whose_settings_they_change():
