@@ -1,5 +1,7 @@
 """Train the chest X-ray classifier: python train.py [overrides]; python train.py --help."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -23,5 +25,16 @@ def main(cfg: DictConfig) -> float | None:
     )
 
 
+def refuse_password_argument() -> None:
+    """A URI with a password never reaches Hydra, which would write it into the run's .hydra files."""
+    from chestxray.runtime.secrets import PASSWORD_ON_COMMAND_LINE, password_argument
+
+    key = password_argument(sys.argv[1:])
+    if key:
+        print(f"train.py: error: ConfigError: {PASSWORD_ON_COMMAND_LINE.format(key=key)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    refuse_password_argument()
     main()

@@ -217,3 +217,19 @@ def test_mlflow_gets_the_run_its_parameters_metrics_and_figures_and_a_resume_con
     assert len(history) == 3
     tags = {t["key"]: t["value"] for t in again[0]["data"]["tags"]}
     assert tags["resumed/trainer/max_epochs"] == "3"  # a changed setting is kept as a tag (MLflow keeps params fixed)
+
+
+def test_a_uri_with_a_password_on_trains_command_line_is_refused_before_hydra_records_it(tmp_path):
+    from chestxray.runtime.secrets import password_argument
+
+    assert password_argument(["logger=mlflow", "logger.mlflow.tracking_uri=https://alice:S3CRET@host"]) == (
+        "logger.mlflow.tracking_uri"
+    )
+    assert password_argument(["+x=[http://h,https://u:p@h]"]) == "x"
+    assert password_argument(["logger.mlflow.tracking_uri=https://alice@host", "data.data_dir=/a/b@c", "-m"]) is None
+    out = tmp_path / "run"
+    uri = "https://alice:S3CRET-PASS@mlflow.example.com"
+    args = ("logger=mlflow", f"logger.mlflow.tracking_uri={uri}", f"hydra.run.dir={out}")
+    result = run_script("train.py", *args, ok=False)
+    assert result.returncode == 2 and "logger.mlflow.tracking_uri=: a URI with a password" in result.stderr
+    assert "S3CRET" not in result.stderr + result.stdout and not out.exists()  # no .hydra folder recorded it
