@@ -327,3 +327,20 @@ def test_unlabelled_folders_are_named_and_copies_of_training_images_left_out(tin
     assert len(kept.labels) == len(kept.groups) == len(kept.images) == 18
     unknown, why = adapt_module.drop_training_copies(read, str(tiny_run["ckpt"]), _limits(model))  # no run settings
     assert unknown.training_copies is None and len(unknown.paths) == 20 and why.startswith("not compared")
+
+
+def test_a_dicom_sites_patients_are_grouped_by_their_patient_id_as_training_groups_them(site, tmp_path):
+    """Without MANIFEST.tsv, DICOM files of one patient are one group (an opaque key; the ID is never kept)."""
+    from tests.test_dicom import dataset, save, stored
+
+    grey = cv2.imread(str(sorted((site / "Normal").iterdir())[0]), cv2.IMREAD_GRAYSCALE)
+    paths = []
+    for k in range(6):
+        (tmp_path / "Normal").mkdir(exist_ok=True)
+        picture = np.roll(grey, 5 * k, axis=0)
+        ds = dataset(stored(picture, 12), 12, PatientID=f"{PATIENT}{k // 3}")
+        paths.append(save(ds, tmp_path / "Normal" / f"{k}.dcm"))
+    paths.append(tmp_path / "Normal" / "plain.png")
+    cv2.imwrite(str(paths[-1]), grey)
+    groups, by_patient = adapt_module.patient_groups(tmp_path, paths)
+    assert by_patient and groups.tolist() == [0, 0, 0, 1, 1, 1, 2]

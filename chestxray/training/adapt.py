@@ -9,9 +9,10 @@
    training images mixed in where its run folder names them (its .hydra/config.yaml's data.data_dir), chosen only
    when its cross-validated accuracy on the site images is above the unadapted model's.
 4. Honest figures: every after-adaptation number is cross-fitted. The site images are split in k folds (grouped by
-   patient where the folder's MANIFEST.tsv names them, stratified by class: scikit-learn's StratifiedGroupKFold);
-   each fold's answers come from a recalibration (and fine-tuning) fitted on the other folds only. The written
-   checkpoint is fitted on all of them; the cross-fitted numbers estimate how it does on new images of the site.
+   patient where the folder's MANIFEST.tsv or a DICOM file's PatientID names them, stratified by class:
+   scikit-learn's StratifiedGroupKFold); each fold's answers come from a recalibration (and fine-tuning) fitted on
+   the other folds only. The written checkpoint is fitted on all of them; the cross-fitted numbers estimate how it
+   does on new images of the site.
 
 A folder with fewer than `min_per_class` images of a class it has is refused (AdaptError, exit 2); classes it lacks
 are named as what cannot be estimated. No patient identifier is written anywhere: groups are used, never shown.
@@ -34,6 +35,7 @@ from scipy.stats import binomtest
 from sklearn.model_selection import StratifiedGroupKFold
 
 from chestxray import settings
+from chestxray.data.datamodule import patient_of
 from chestxray.data.images import BadImageError, ImageLimits, load_image
 from chestxray.data.sources import find_inputs, text_table
 from chestxray.errors import AdaptError
@@ -130,24 +132,26 @@ def _first_folder(path: Path, folder: Path) -> str:
 
 
 def patient_groups(folder: Path, paths: Sequence[Path]) -> tuple[np.ndarray, bool]:
-    """Integer group codes from MANIFEST.tsv's patient column (images it does not list are groups of their own),
-    and whether it named the patient of any of these images; (one group per image, False) without it."""
-    patient_of: dict[str, str] = {}
+    """Integer group codes of the images' patients, as training groups them (chestxray.data.datamodule.patient_of):
+    MANIFEST.tsv's patient column, else a DICOM file's PatientID as an opaque key; an image of no known patient is a
+    group of its own. Also whether any patient was known."""
+    listed: dict[str, str] = {}
     manifest = folder / MANIFEST
     if manifest.is_file():
         _, rows = text_table(manifest, "site", delimiter="\t")
         for _, row in rows:
             if row.get("path") and row.get("patient"):
-                patient_of[str((folder / row["path"]).resolve())] = row["patient"]
-    known = [patient_of.get(str(p.resolve())) for p in paths]
-    if patient_of and not any(known):
+                listed[str((folder / row["path"]).resolve())] = row["patient"]
+    from_manifest = [listed.get(str(p.resolve())) for p in paths]
+    if listed and not any(from_manifest):
         log.warning(
             "site=%s: %s names %d image(s), none of them among the site's images (its path column is relative to "
-            "the site folder): folds are split by image",
+            "the site folder)",
             folder,
             MANIFEST,
-            len(patient_of),
+            len(listed),
         )
+    known = [patient_of(p, mine) for p, mine in zip(paths, from_manifest, strict=True)]
     keys = [key if key else f"image:{k}" for k, key in enumerate(known)]
     codes = {key: code for code, key in enumerate(dict.fromkeys(keys))}
     return np.array([codes[k] for k in keys], dtype=np.int64), any(known)
@@ -393,8 +397,8 @@ def adapt(cfg: DictConfig) -> dict:
     )
     if not site.grouped_by_patient:
         notes.append(
-            f"no {MANIFEST} with a patient column: folds are split by image (images of one patient may "
-            "fall on both sides, which flatters the after-adaptation numbers)"
+            f"no patient known (no {MANIFEST} with a patient column, no DICOM PatientID): folds are split by image "
+            "(images of one patient may fall on both sides, which flatters the after-adaptation numbers)"
         )
     features = trunk_features(model, site.images)
     raw = head_logits(model, features)
