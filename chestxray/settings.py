@@ -309,9 +309,15 @@ def check_choices(choices: Mapping[str, str | None], conf_dir: str | Path) -> No
         chosen = choices.get(group)
         if chosen != pinned:
             raise ConfigError(
-                f"{group}={_show(chosen)} contradicts experiment={experiment}, which runs with {group}="
-                f"{_show(pinned)} (its settings assume it): drop one of the two, or copy the experiment and change it"
+                f"{_choice_typed(group, chosen)} contradicts experiment={experiment}, which runs with "
+                f"{_choice_typed(group, pinned)} (its settings assume it): drop one of the two, or copy the "
+                "experiment and change it"
             )
+
+
+def _choice_typed(group: str, choice: str | None) -> str:
+    """A group's choice as it is typed on the command line: ~group for none (group=null is not accepted)."""
+    return f"~{group}" if choice is None else f"{group}={choice}"
 
 
 def hydra_choices() -> tuple[dict[str, str | None], Path | None]:
