@@ -181,6 +181,7 @@ ADAPT_RULES = [
     _int("folds", 2),
     _int("min_per_class", 2),
     _bool("finetune"),
+    _bool("check_training_copies"),
     _number("finetune_level", 0, 1, low_open=True, high_open=True),
     _int("max_training_images", 0),
     _int("epochs", 1),

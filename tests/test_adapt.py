@@ -344,3 +344,25 @@ def test_a_dicom_sites_patients_are_grouped_by_their_patient_id_as_training_grou
     cv2.imwrite(str(paths[-1]), grey)
     groups, by_patient = adapt_module.patient_groups(tmp_path, paths)
     assert by_patient and groups.tolist() == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_copies_of_training_images_are_found_after_drop_leaking_and_a_site_of_copies_is_refused(tiny_run, tmp_path):
+    """data.drop_leaking dropped the train copies of the run's test images, not of a new site's: a site image that
+    copies a train image still is one. A site left with nothing (or too little) says that copies were left out."""
+    from omegaconf import OmegaConf
+
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
+    saved = ckpt.parent.parent / ".hydra" / "config.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(saved), {"data": {"drop_leaking": True}}), saved)
+    site = tmp_path / "copies"
+    for name in ("Normal", "Covid"):
+        (site / name).mkdir(parents=True)
+        for path in sorted((tiny_run["data"] / "train" / name).iterdir())[:3]:
+            (site / name / path.name).write_bytes(path.read_bytes())
+    model, limits = load_model(ckpt), _limits(load_model(ckpt))
+    kept, note = adapt_module.drop_training_copies(adapt_module.read_site(site, model, limits), str(ckpt), limits)
+    assert kept.training_copies == 6 and not kept.paths, note
+    cfg = adapt_config(tmp_path / "o", ckpt, site)
+    with pytest.raises(AdaptError, match=r"no image left once 6 copies of training images are left out$"):
+        adapt_module.adapt(cfg)
+    assert adapt_module.adapt(adapt_config(tmp_path / "o2", ckpt, site, "check_training_copies=false"))["images"] == 6

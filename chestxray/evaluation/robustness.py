@@ -408,9 +408,11 @@ def write_tensorboard(folder: Path, rows: Sequence[dict], figure: np.ndarray) ->
         writer.add_image("robustness/accuracy_vs_severity", figure, global_step=0, dataformats="HWC")
 
 
-def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str]:
+def run_train_files(ckpt: Path, inputs_are_its_test: bool = True) -> tuple[list[Path] | None, int, str]:
     """The train images of the checkpoint's run (from its saved settings), the leakage threshold, and a note: or
-    None and why not (a checkpoint moved out of its run folder, a dataset no longer there, copies dropped)."""
+    None and why not (a checkpoint moved out of its run folder, a dataset no longer there). A run with
+    data.drop_leaking=true dropped its train copies of its test images: none leak where the inputs are those test
+    images (inputs_are_its_test); any other images (a new site's) are compared with every train image."""
     from omegaconf import OmegaConf
 
     from chestxray.data.duplicates import DEFAULT_THRESHOLD
@@ -425,7 +427,7 @@ def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str]:
     # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
     threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
     data_dir, index = data.get("data_dir"), data.get("index")
-    if data.get("drop_leaking"):
+    if data.get("drop_leaking") and inputs_are_its_test:
         return [], threshold, "the run dropped its train copies of test images (data.drop_leaking=true): none leak"
     try:
         files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, list(data.get("classes")))
@@ -474,14 +476,15 @@ def machine() -> str:
 
 
 def leak_mask_of_runs(
-    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits
+    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits, inputs_are_its_test: bool = True
 ) -> tuple[np.ndarray | None, str]:
-    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known."""
+    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known.
+    inputs_are_its_test: see run_train_files."""
     train: list[Path] = []
     notes = []
     threshold = 0
     for ckpt in ckpts:
-        files, threshold, note = run_train_files(ckpt)
+        files, threshold, note = run_train_files(ckpt, inputs_are_its_test)
         if files is None:
             return None, note
         train += files

@@ -78,7 +78,7 @@ def drop_training_copies(site: Site, ckpt: str, limits: ImageLimits) -> tuple[Si
     and training check), and a note: the checkpoint saw those, so they would flatter its numbers, and fine-tuning
     mixes training images into every fold's fit. Not compared (with the reason) where the run's training images
     cannot be listed."""
-    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits)
+    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits, inputs_are_its_test=False)
     if mask is None:
         return site, f"not compared with the checkpoint's training images: {how}"
     if not mask.any():
@@ -160,19 +160,24 @@ def patient_groups(folder: Path, paths: Sequence[Path]) -> tuple[np.ndarray, boo
 def check_site(site: Site, classes: Sequence[str], min_per_class: int, folder: str) -> list[str]:
     """Refuse a site with too few images of a class it has; return what cannot be estimated (classes it lacks)."""
     counts = np.bincount(site.labels, minlength=len(classes))
+    dropped = f" once {site.training_copies} copies of training images are left out" if site.training_copies else ""
+    if not len(site.labels):
+        raise AdaptError(f"site={folder}: no image left{dropped}")
     few = [f"{classes[c]} has {counts[c]}" for c in range(len(classes)) if 0 < counts[c] < min_per_class]
     if few:
         raise AdaptError(
-            f"site={folder}: {', '.join(few)} image(s); adapt.py needs at least min_per_class={min_per_class} "
-            "images of each class the folder has (remove that class folder, or add images)"
+            f"site={folder}: {', '.join(few)} image(s){dropped}; adapt.py needs at least min_per_class="
+            f"{min_per_class} images of each class the folder has (remove that class folder, or add images)"
         )
     present = [c for c in range(len(classes)) if counts[c]]
     if len(present) < 2:
-        raise AdaptError(f"site={folder}: images of one class only ({classes[present[0]]}); adapt.py needs two")
+        raise AdaptError(
+            f"site={folder}: images of one class only ({classes[present[0]]}){dropped}; adapt.py needs two"
+        )
     if len(np.unique(site.groups)) < 2:
         raise AdaptError(
-            f"site={folder}: all {len(site.labels)} images are of one patient ({MANIFEST}); cross-fitting needs "
-            "images of two patients at least"
+            f"site={folder}: all {len(site.labels)} images are of one patient (by {MANIFEST} or their DICOM "
+            "PatientID); cross-fitting needs images of two patients at least"
         )
     notes = [
         f"{classes[c]}: no site images, so its sensitivity on this site and the sets' coverage for it cannot be "
@@ -391,7 +396,11 @@ def adapt(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.ckpt)
     limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess=preprocess_of(model))
-    site, copies = drop_training_copies(read_site(cfg.site, model, limits), cfg.ckpt, limits)
+    site = read_site(cfg.site, model, limits)
+    if cfg.check_training_copies:
+        site, copies = drop_training_copies(site, cfg.ckpt, limits)
+    else:
+        copies = "not compared with the checkpoint's training images (check_training_copies=false)"
     notes = ([copies] if site.training_copies != 0 else []) + check_site(
         site, model.classes, int(cfg.min_per_class), str(cfg.site)
     )
