@@ -486,3 +486,24 @@ def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_
     exports = [p for p in cache.glob("*.int8.onnx") if p.name.startswith(mine)]
     assert len(exports) == 1 and len([p for p in cache.glob("*.onnx") if p.name.startswith(mine)]) == 2
     assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == "the named images"
+
+
+def test_labels_come_from_class_folders_inside_what_was_given_whatever_the_form_or_order(tmp_path, monkeypatch):
+    """A folder, a glob (from its fixed leading folder) and a named file label alike, in any order; a folder above
+    what was given never labels (unsorted images kept under a folder named Covid are not Covid)."""
+    for name in ("test/Covid/b.png", "test/Covid/sub/a.png", "Covid/site/unsorted/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png_bytes(40, 40))
+    monkeypatch.chdir(tmp_path)
+    covid = CLASSES.index("Covid")
+
+    def labels(inputs) -> dict[str, int | None]:
+        return {p.path.name: p.label for p in find_inputs(inputs, CLASSES)}
+
+    for inputs in ("test", "test/Covid", "test/Covid/**/*.png", "test/**/*.png", "*/Covid/**/*.png"):
+        assert labels(inputs) == {"b.png": covid, "a.png": covid}, inputs
+    assert labels(["test/Covid/sub/a.png", "test"])["a.png"] == covid  # the order of inputs is no matter
+    assert labels(["test", "test/Covid/sub/a.png"])["a.png"] == covid
+    assert labels("test/Covid/sub/a.png") == {"a.png": None}  # a named file: its own folder only
+    assert labels("Covid/site/unsorted") == {"c.png": None} and labels("Covid/site") == {"c.png": None}
+    assert labels("Covid") == {"c.png": covid}

@@ -283,20 +283,29 @@ def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[Inp
             found.append((path, path.parent))
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            found += [(p, p.parent) for p in matches if p.is_file() and is_image_file(p)]
-            found += [(f, p) for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
-    unique: dict[str, Path] = {}
-    scope: dict[str, Path] = {}
-    for p, folder in found:
-        unique.setdefault(os.path.realpath(p), p)
-        scope.setdefault(os.path.realpath(p), folder)
+            root = _glob_root(item)
+            found += [(p, root) for p in matches if p.is_file() and is_image_file(p)]
+            found += [(f, root) for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
+    class_index = {c: i for i, c in enumerate(classes)}
+    unique: dict[str, InputImage] = {}
+    for p, scope in found:
+        key, label = os.path.realpath(p), _label(p, scope, class_index)
+        if key not in unique or (unique[key].label is None and label is not None):  # the order of inputs is no matter
+            unique[key] = InputImage(unique[key].path if key in unique else p, label)
     if len(unique) < len(found):
         log.warning(
             "%d input(s) named an image already listed (the same file by another path): each predicted once",
             len(found) - len(unique),
         )
-    class_index = {c: i for i, c in enumerate(classes)}
-    return [InputImage(p, _label(p, scope[os.path.realpath(p)], class_index)) for p in unique.values()]
+    return list(unique.values())
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob searches from: its leading parts without wildcards (test/Covid for test/Covid/**/*.png), so
+    that a glob's files are labelled as the files of that folder are."""
+    parts = Path(pattern).parts
+    fixed = next((k for k, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path(".")
 
 
 def _label(path: Path, scope: Path, class_index: dict[str, int]) -> int | None:
