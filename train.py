@@ -25,16 +25,17 @@ def main(cfg: DictConfig) -> float | None:
     )
 
 
-def refuse_password_argument() -> None:
-    """A URI with a password never reaches Hydra, which would write it into the run's .hydra files."""
-    from chestxray.runtime.secrets import PASSWORD_ON_COMMAND_LINE, password_argument
+def refuse_credential_argument() -> None:
+    """A URI with a credential never reaches Hydra, which would write it into the run's .hydra files."""
+    from chestxray.runtime.secrets import CREDENTIAL_ON_COMMAND_LINE, credential_argument
 
-    key = password_argument(sys.argv[1:])
+    key = credential_argument(sys.argv[1:])
     if key:
-        print(f"train.py: error: ConfigError: {PASSWORD_ON_COMMAND_LINE.format(key=key)}", file=sys.stderr, flush=True)
+        message = CREDENTIAL_ON_COMMAND_LINE.format(key=key)
+        print(f"train.py: error: ConfigError: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    refuse_password_argument()
+    refuse_credential_argument()
     main()

@@ -109,6 +109,22 @@ def test_a_password_in_the_tracking_uri_is_written_nowhere_and_mlflow_gets_it_as
         assert secret.decode() not in json.dumps(stand_in.params)
 
 
+def test_an_mlflow_logger_without_a_tracking_uri_setting_takes_the_environments(tmp_path, monkeypatch):
+    """A logger config of one's own with no tracking_uri key: MLflow's default, $MLFLOW_TRACKING_URI (without its
+    credentials), not a local ./mlruns folder."""
+    from omegaconf import OmegaConf
+
+    from chestxray.training.loggers import instantiate_loggers
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    node = {"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "experiment_name": "x"}}
+    (logger,) = instantiate_loggers(OmegaConf.create(node), tmp_path)
+    assert logger._tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 @pytest.mark.slow
 def test_a_resumed_run_appends_to_its_csv_log(tmp_path, synthetic_dir):
     run = tmp_path / "run"
@@ -219,17 +235,30 @@ def test_mlflow_gets_the_run_its_parameters_metrics_and_figures_and_a_resume_con
     assert tags["resumed/trainer/max_epochs"] == "3"  # a changed setting is kept as a tag (MLflow keeps params fixed)
 
 
-def test_a_uri_with_a_password_on_trains_command_line_is_refused_before_hydra_records_it(tmp_path):
-    from chestxray.runtime.secrets import password_argument
+def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_records_it(tmp_path):
+    """As Hydra parses the override (escapes, quotes, sweeps, dicts) and as typed where it cannot: the setting is
+    named, never the value; a path with '@' and ':' in it is no URI."""
+    from chestxray.runtime.secrets import credential_argument, redact_uri
 
-    assert password_argument(["logger=mlflow", "logger.mlflow.tracking_uri=https://alice:S3CRET@host"]) == (
-        "logger.mlflow.tracking_uri"
-    )
-    assert password_argument(["+x=[http://h,https://u:p@h]"]) == "x"
-    assert password_argument(["logger.mlflow.tracking_uri=https://alice@host", "data.data_dir=/a/b@c", "-m"]) is None
+    key = "logger.mlflow.tracking_uri"
+    for arg in (
+        f"{key}=https://alice:S3CRET@host",
+        f"{key}=choice('https://u:p@h','x')",
+        f"{key}=https\\://u\\:p@h",
+        f"{key}='https://alice:pa,ss@host'",
+        f"{key}='https://alice:pa]ss@host'",
+        f"{key}=https://TOKEN@host",
+        f"{key}='https://host/?token=abc'",
+        f"+{key}=[http://h,https://u:p@h]",
+    ):
+        assert credential_argument(["logger=mlflow", arg, "-m"]) == key, arg
+    assert credential_argument(["+logger.mlflow={tracking_uri:'https://u:p@h'}"]) == "logger.mlflow"
+    harmless = [f"{key}=https://host:5000/x?a=b", "data.data_dir=/a/b@c:d", "hydra.run.dir=x", "a=x,y", "~logger"]
+    assert credential_argument(harmless) is None
+    assert redact_uri("https://alice:pa]ss@host/x") == "https://host/x"
     out = tmp_path / "run"
     uri = "https://alice:S3CRET-PASS@mlflow.example.com"
-    args = ("logger=mlflow", f"logger.mlflow.tracking_uri={uri}", f"hydra.run.dir={out}")
+    args = ("logger=mlflow", f"{key}={uri}", f"hydra.run.dir={out}")
     result = run_script("train.py", *args, ok=False)
-    assert result.returncode == 2 and "logger.mlflow.tracking_uri=: a URI with a password" in result.stderr
+    assert result.returncode == 2 and f"{key}=: a URI with a credential" in result.stderr
     assert "S3CRET" not in result.stderr + result.stdout and not out.exists()  # no .hydra folder recorded it

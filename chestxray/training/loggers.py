@@ -18,10 +18,9 @@ import csv
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import lightning as L
 import numpy as np
@@ -34,12 +33,11 @@ from torch.utils.tensorboard.summary import hparams
 
 from chestxray.errors import require
 from chestxray.runtime.files import atomic_write
+from chestxray.runtime.secrets import redact_uri
 
 log = logging.getLogger(__name__)
 
 MLFLOW_RUN_FILE = "mlflow.json"
-# query parameters of a URI that may hold a credential (?token=..., ?api_key=..., a signed URL's signature)
-SECRET_PARAMETER = re.compile(r"token|secret|pass|pwd|key|sig|credential|auth", re.IGNORECASE)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -64,22 +62,6 @@ class AppendingCSVLogger(CSVLogger):
 
 def _is_mlflow(node: DictConfig) -> bool:
     return "MLFlowLogger" in str(node.get("_target_", ""))
-
-
-def redact_uri(value: str) -> str:
-    """`value` without what a URI may carry of a secret (user:password@, token-like query parameters), for anything
-    logged or written: https://alice:pw@host/?token=t is https://host/. Any other string is returned as it is."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # not a URI (an unbalanced '[' in a host)
-        return value
-    if not parts.scheme or not ("@" in parts.netloc or parts.query):
-        return value
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMETER.search(k)]
-    netloc, query_text = parts.netloc.rpartition("@")[2], urlencode(query) if query else ""
-    if (netloc, query_text) == (parts.netloc, parts.query):
-        return value
-    return urlunsplit(parts._replace(netloc=netloc, query=query_text))
 
 
 def _redacted(tree: object) -> object:
@@ -120,7 +102,8 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
             saved = Path(output_dir) / MLFLOW_RUN_FILE
             if saved.is_file() and not node.get("run_id"):
                 kwargs["run_id"] = json.loads(saved.read_text())["run_id"]
-            kwargs["tracking_uri"] = _credentials_to_environment(node.get("tracking_uri"))
+            uri = node.get("tracking_uri") if "tracking_uri" in node else os.environ.get("MLFLOW_TRACKING_URI")
+            kwargs["tracking_uri"] = _credentials_to_environment(uri)  # MLFlowLogger's own default when not set
         loggers.append(instantiate(node, **kwargs))
     return loggers
 
