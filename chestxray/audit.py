@@ -316,9 +316,13 @@ def check_out(out: Path) -> None:
     the path that exists must be a folder this process may write in (the rest is created when the report is written).
     """
     existing = out
-    while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    try:
+        while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except OSError as err:  # a folder on the way this user may not enter
+        raise OutputDirError(f"--out={out}: cannot reach {existing} ({type(err).__name__})") from None
+    if not is_dir:
         where = "is" if existing == out else f"is below {existing}, which is"
         raise OutputDirError(f"--out={out} {where} a file, not a folder: pick a folder for the report")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -126,17 +127,32 @@ def test_an_out_below_or_at_a_file_is_refused_before_the_scan(no_scan, synthetic
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
-def test_a_read_only_out_is_refused_before_the_scan(no_scan, synthetic_dir, tmp_path, capsys):
-    locked = tmp_path / "locked"
+def test_an_out_this_user_cannot_write_or_reach_is_refused_before_the_scan(
+    no_scan, synthetic_dir, tmp_path, capsys, monkeypatch
+):
+    """A folder this user may not write in, or not even enter (Path.exists raises PermissionError below it): one line,
+    exit 2. The permissions are those os.access and the file system report, made so here because root (CI) may
+    write anywhere."""
+    locked, hidden = tmp_path / "locked", tmp_path / "hidden"
     locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        for out in (locked, locked / "new"):
-            assert main([str(synthetic_dir), "--out", str(out)]) == 2
-            assert f"audit: error: --out={out}: cannot write in {locked}" in capsys.readouterr().err
-    finally:
-        locked.chmod(0o755)
+    hidden.mkdir()
+    access, exists = os.access, Path.exists
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+
+    def no_entry(self: Path, *args, **kwargs) -> bool:
+        if self.is_relative_to(hidden) and self != hidden:
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", no_entry)
+    for out, expected in (
+        (locked, f"--out={locked}: cannot write in {locked}"),
+        (locked / "new", f"--out={locked / 'new'}: cannot write in {locked}"),
+        (hidden / "inner" / "report", f"--out={hidden / 'inner' / 'report'}: cannot reach "),
+    ):
+        assert main([str(synthetic_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"audit: error: {expected}") and err.count("\n") == 1, err
     assert not (locked / "new").exists()
 
 

@@ -203,3 +203,15 @@ def test_settings_that_would_train_no_step_are_refused(tmp_path, synthetic_dir):
         cfg = train_config(out, synthetic_dir, f"trainer.limit_train_batches={value}")
         with pytest.raises(ConfigError, match=rf"^trainer.limit_train_batches={value}: no step would train"):
             settings.check(cfg, settings.TRAIN_RULES)
+
+
+def test_the_batch_check_counts_each_process_share_as_the_distributed_sampler_pads_it(monkeypatch):
+    """9 fit images on 2 processes: 5 each (the sampler pads), so a batch of 5 trains a step and 6 does not."""
+    from chestxray.data import datamodule
+
+    monkeypatch.setattr(datamodule, "world_size", lambda: 2)
+    dm = datamodule.ChestXrayDataModule("unused", batch_size=5, download=False)
+    dm._check_a_batch_trains(9)
+    dm.hparams.batch_size = 6
+    with pytest.raises(ConfigError, match=r"^data.batch_size=6: more than the 9 images of the fit split \(2 processes"):
+        dm._check_a_batch_trains(9)

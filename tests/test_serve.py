@@ -277,7 +277,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
-        cmd = [sys.executable, "serve.py", f"ckpt={ckpt}", f"port={self.port}", f"paths.output_dir={out}"]
+        cmd = [sys.executable, "serve.py", f"ckpt={ckpt}", f"port={self.port}", f"hydra.run.dir={out}"]
         cmd += ["accelerator=cpu", *overrides]
         env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE} | ({TOKEN_VARIABLE: token} if token else {})
         self.proc = subprocess.Popen(

@@ -249,7 +249,7 @@ class ChestXrayDataModule(L.LightningDataModule):
         """Training drops the last incomplete batch (a batch of one breaks batch statistics and skews the epoch's
         mean): a batch larger than each process's share of the fit split would train no step, and Lightning would
         go on to test the untrained weights. Refused here, once the split is known."""
-        share, size = fit // world_size(), int(self.hparams.batch_size)
+        share, size = -(-fit // world_size()), int(self.hparams.batch_size)  # the sampler pads each share up
         if share < size:
             per = f" ({world_size()} processes: {share} each)" if world_size() > 1 else ""
             raise ConfigError(
