@@ -7,6 +7,7 @@ import csv
 import cv2
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from chestxray.errors import ConfigError
 from chestxray.evaluation.robustness import SEVERITIES, SHIFTS, chosen_shifts, shifted_views
@@ -149,6 +150,26 @@ def test_a_setting_out_of_range_is_one_line(tiny_run, tmp_path):
     )
     with pytest.raises(ConfigError, match="batch_size=0: must be an integer at least 1"):
         robustness(cfg)
+
+
+def test_drop_leaking_clears_a_runs_own_test_images_only(tiny_run, tmp_path):
+    """data.drop_leaking=true dropped the train copies of the run's test images: those leak no more; any other
+    inputs (another folder holding copies of train images) are still compared with every train image."""
+    from chestxray.data.images import ImageLimits
+    from chestxray.evaluation.robustness import leak_mask_of_runs
+
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
+    saved = ckpt.parent.parent / ".hydra" / "config.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(saved), {"data": {"drop_leaking": True}}), saved)
+    test = sorted(p for p in (tiny_run["data"] / "test").rglob("*.*") if p.is_file())
+    mask, note = leak_mask_of_runs([ckpt], test, ImageLimits())
+    assert mask is not None and not mask.any() and "dropped its train copies of these test images" in note
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in sorted((tiny_run["data"] / "train" / "Covid").iterdir())[:2]:
+        (other / path.name).write_bytes(path.read_bytes())
+    mask, note = leak_mask_of_runs([ckpt], [*test[:3], *sorted(other.iterdir())], ImageLimits())
+    assert mask is not None and mask[-2:].all() and "dropped only the copies of its own test images" in note
 
 
 def test_inputs_none_of_which_can_be_read_are_one_line(tiny_run, tmp_path):

@@ -408,11 +408,13 @@ def write_tensorboard(folder: Path, rows: Sequence[dict], figure: np.ndarray) ->
         writer.add_image("robustness/accuracy_vs_severity", figure, global_step=0, dataformats="HWC")
 
 
-def run_train_files(ckpt: Path, inputs_are_its_test: bool = True) -> tuple[list[Path] | None, int, str]:
-    """The train images of the checkpoint's run (from its saved settings), the leakage threshold, and a note: or
-    None and why not (a checkpoint moved out of its run folder, a dataset no longer there). A run with
-    data.drop_leaking=true dropped its train copies of its test images: none leak where the inputs are those test
-    images (inputs_are_its_test); any other images (a new site's) are compared with every train image."""
+def run_train_files(ckpt: Path, inputs: Sequence[Path] = ()) -> tuple[list[Path] | None, int, str]:
+    """The train images of the checkpoint's run (from its saved settings) that `inputs` may copy, the leakage
+    threshold, and a note: or None and why not (a checkpoint moved out of its run folder, a dataset no longer there).
+    A run with data.drop_leaking=true dropped its train copies of its own test images: none leak where every input is
+    one of those; any other inputs (another folder, a new site) are compared with every train image."""
+    import os
+
     from omegaconf import OmegaConf
 
     from chestxray.data.duplicates import DEFAULT_THRESHOLD
@@ -427,14 +429,18 @@ def run_train_files(ckpt: Path, inputs_are_its_test: bool = True) -> tuple[list[
     # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
     threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
     data_dir, index = data.get("data_dir"), data.get("index")
-    if data.get("drop_leaking") and inputs_are_its_test:
-        return [], threshold, "the run dropped its train copies of test images (data.drop_leaking=true): none leak"
     try:
         files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, list(data.get("classes")))
     except (DataError, OSError, TypeError) as err:
         how = f" (saved as {raw}: set it as for training)" if raw != data_dir else ""
         return None, threshold, f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
-    return files["train"].paths, threshold, f"compared with the {len(files['train'])} train images of {data_dir}"
+    note = f"compared with the {len(files['train'])} train images of {data_dir}"
+    if data.get("drop_leaking"):
+        test = {os.path.realpath(p) for p in files["test"].paths}
+        if inputs and all(os.path.realpath(p) in test for p in inputs):
+            return [], threshold, "the run dropped its train copies of these test images (data.drop_leaking=true)"
+        note += " (data.drop_leaking=true dropped only the copies of its own test images)"
+    return files["train"].paths, threshold, note
 
 
 def leaking_mask(paths: Sequence[Path], train: Sequence[Path], threshold: int, limits: ImageLimits) -> np.ndarray:
@@ -476,15 +482,14 @@ def machine() -> str:
 
 
 def leak_mask_of_runs(
-    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits, inputs_are_its_test: bool = True
+    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits
 ) -> tuple[np.ndarray | None, str]:
-    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known.
-    inputs_are_its_test: see run_train_files."""
+    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known."""
     train: list[Path] = []
     notes = []
     threshold = 0
     for ckpt in ckpts:
-        files, threshold, note = run_train_files(ckpt, inputs_are_its_test)
+        files, threshold, note = run_train_files(ckpt, paths)
         if files is None:
             return None, note
         train += files

@@ -78,7 +78,7 @@ def drop_training_copies(site: Site, ckpt: str, limits: ImageLimits) -> tuple[Si
     and training check), and a note: the checkpoint saw those, so they would flatter its numbers, and fine-tuning
     mixes training images into every fold's fit. Not compared (with the reason) where the run's training images
     cannot be listed."""
-    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits, inputs_are_its_test=False)
+    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits)
     if mask is None:
         return site, f"not compared with the checkpoint's training images: {how}"
     if not mask.any():
@@ -176,8 +176,8 @@ def check_site(site: Site, classes: Sequence[str], min_per_class: int, folder: s
         )
     if len(np.unique(site.groups)) < 2:
         raise AdaptError(
-            f"site={folder}: all {len(site.labels)} images are of one patient (by {MANIFEST} or their DICOM "
-            "PatientID); cross-fitting needs images of two patients at least"
+            f"site={folder}: all {len(site.labels)} images{dropped} are of one patient (by {MANIFEST} or their "
+            "DICOM PatientID); cross-fitting needs images of two patients at least"
         )
     notes = [
         f"{classes[c]}: no site images, so its sensitivity on this site and the sets' coverage for it cannot be "
