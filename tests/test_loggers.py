@@ -250,12 +250,25 @@ def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_
         f"{key}=https://TOKEN@host",
         f"{key}='https://host/?token=abc'",
         f"+{key}=[http://h,https://u:p@h]",
+        f"{key}=https://alice:pa,ss@host",  # a sweep to Hydra, recorded as typed with -m
+        f"{key}='https://h/?X-Amz-Signature=zz'",
     ):
         assert credential_argument(["logger=mlflow", arg, "-m"]) == key, arg
     assert credential_argument(["+logger.mlflow={tracking_uri:'https://u:p@h'}"]) == "logger.mlflow"
-    harmless = [f"{key}=https://host:5000/x?a=b", "data.data_dir=/a/b@c:d", "hydra.run.dir=x", "a=x,y", "~logger"]
-    assert credential_argument(harmless) is None
+    harmless = [
+        f"{key}=https://host:5000/x",
+        f"{key}='https://alice:${{oc.env:PW}}@host'",  # recorded unresolved
+        "data.data_dir=/a/b@c:d",
+        "+tags=[http://ci,owner:alice@x.org]",
+        "+logger.mlflow.tags={server:'http://ci',owner:alice@x.org}",
+        "x='https://h/x?author=bob&design=1&signal=2'",
+        "hydra.run.dir=x",
+        "a=x,y",
+        "~logger",
+    ]
+    assert [a for a in harmless if credential_argument([a])] == []
     assert redact_uri("https://alice:pa]ss@host/x") == "https://host/x"
+    assert redact_uri("https://alice:pa@ss]word@host/x?token=t") == "https://host/x?"
     out = tmp_path / "run"
     uri = "https://alice:S3CRET-PASS@mlflow.example.com"
     args = ("logger=mlflow", f"{key}={uri}", f"hydra.run.dir={out}")

@@ -9,11 +9,20 @@ import re
 from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# query parameters of a URI that may hold a credential (?token=..., ?api_key=..., a signed URL's signature)
-SECRET_PARAMETER = re.compile(r"token|secret|pass|pwd|key|sig|credential|auth", re.IGNORECASE)
-# a user:password@ after a scheme, whatever urlsplit makes of the rest (an unbalanced ']', a ',' in the password)
-USERINFO = re.compile(r"(://)[^/?#\s@]*@")
-PASSWORD = re.compile(r"://[^/?#\s@]*:[^/?#\s]*@")
+# query parameters of a URI that may hold a credential (?token=..., ?api_key=..., a signed URL's X-Amz-Signature): the
+# name's words, not any name that contains one (?author=, ?design= are not secrets)
+SECRET_PARAMETER = re.compile(
+    r"(^|[_.-])(token|secret|password|passwd|pass|pwd|api_?key|key|sig|signature|credentials?|auth)($|[_.-])",
+    re.IGNORECASE,
+)
+# where urlsplit refuses a URI (an unbalanced '[' or ']'): its userinfo, up to the last '@' before the path, and a
+# secret query parameter's value
+USERINFO = re.compile(r"(://)[^/?#\s]*@")
+SECRET_QUERY = re.compile(
+    r"([?&])[^=&#]*?(token|secret|password|passwd|pwd|api_?key|sig|signature|credentials?|auth)[^=&#]*=[^&#]*",
+    re.IGNORECASE,
+)
+INTERPOLATION = re.compile(r"\$\{[^}]*\}")  # ${oc.env:PW}: Hydra records it unresolved
 
 CREDENTIAL_ON_COMMAND_LINE = (
     "{key}=: a URI with a credential (user:password@, user@ or a token-like query parameter) on the command line is "
@@ -27,8 +36,8 @@ def redact_uri(value: str) -> str:
     logged or written: https://alice:pw@host/?token=t is https://host/. Any other string is returned as it is."""
     try:
         parts = urlsplit(value)
-    except ValueError:  # urlsplit refuses it (an unbalanced '[' or ']'): the userinfo is still removed
-        return USERINFO.sub(r"\1", value)
+    except ValueError:  # urlsplit refuses it (an unbalanced '[' or ']'): the userinfo and secrets still go
+        return SECRET_QUERY.sub(r"\1", USERINFO.sub(r"\1", value))
     if not parts.scheme or not ("@" in parts.netloc or parts.query):
         return value
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMETER.search(k)]
@@ -55,23 +64,40 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(getattr(value, attribute, None))
 
 
+def has_credential(value: str) -> bool:
+    """Whether a string is a URI that holds a credential as typed: a password, a user that is a token (user@ without a
+    password: a user:${oc.env:PW}@ is fine, its password is recorded unresolved), or a secret query parameter with a
+    value."""
+    typed = INTERPOLATION.sub("", value)
+    try:
+        parts = urlsplit(typed)
+    except ValueError:
+        return SECRET_QUERY.sub(r"\1", USERINFO.sub(r"\1", typed)) != typed
+    if not parts.scheme or not parts.netloc and not parts.query:
+        return False
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at and (parts.password or (userinfo and ":" not in userinfo)):
+        return True
+    return any(SECRET_PARAMETER.search(k) and v for k, v in parse_qsl(parts.query, keep_blank_values=True))
+
+
 def credential_argument(argv: list[str]) -> str | None:
-    """The setting of the first override whose value holds a URI with a credential, as Hydra parses it (escapes,
-    quotes, sweeps, lists and dicts), or as typed where Hydra cannot parse it; None if there is none. The value is
-    never returned: the caller names the setting only."""
+    """The setting of the first override whose value holds a URI with a credential (has_credential), as Hydra parses
+    it (escapes, quotes, sweeps, lists and dicts); None if there is none. An override Hydra cannot parse is left to
+    Hydra, which refuses it before it records anything. The value is never returned: the caller names the setting."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
-        typed = arg.partition("=")[0].lstrip("+~")
-        if PASSWORD.search(arg.replace("\\", "").replace("'", "").replace('"', "")):
-            return typed
         try:
             override = parser.parse_overrides([arg])[0]
         except Exception:  # noqa: BLE001 - Hydra refuses it itself, with its own message
             continue
-        if any(redact_uri(s) != s or PASSWORD.search(s) for s in _strings(override._value)):
+        strings = list(_strings(override._value))
+        if getattr(override._value, "simple_form", False):  # a=x,y: a ',' may be inside a password
+            strings.append(arg.partition("=")[2])
+        if any(has_credential(s) for s in strings):
             return override.key_or_group
     return None
