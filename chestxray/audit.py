@@ -309,6 +309,14 @@ def _print_summary(report: dict, seconds: float, out: Path) -> None:
     print(f"report: {out / 'audit.md'} and {out / 'audit.json'}")
 
 
+def _visible(path: Path) -> bool:
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
 def check_out(out: Path) -> None:
     """Refuse an --out that could not take the report now, not after a scan of 100,000 files that would be lost.
 
@@ -320,8 +328,9 @@ def check_out(out: Path) -> None:
         while not (existing.exists() or existing.is_symlink()) and existing != existing.parent:
             existing = existing.parent
         is_dir = existing.is_dir()
-    except OSError as err:  # a folder on the way this user may not enter
-        raise OutputDirError(f"--out={out}: cannot reach {existing} ({type(err).__name__})") from None
+    except OSError as err:  # a folder on the way this user may not enter: the nearest one it can see
+        blocked = next((p for p in existing.parents if _visible(p)), existing)
+        raise OutputDirError(f"--out={out}: cannot enter {blocked} ({type(err).__name__})") from None
     if not is_dir:
         where = "is" if existing == out else f"is below {existing}, which is"
         raise OutputDirError(f"--out={out} {where} a file, not a folder: pick a folder for the report")

@@ -130,25 +130,25 @@ def test_an_out_below_or_at_a_file_is_refused_before_the_scan(no_scan, synthetic
 def test_an_out_this_user_cannot_write_or_reach_is_refused_before_the_scan(
     no_scan, synthetic_dir, tmp_path, capsys, monkeypatch
 ):
-    """A folder this user may not write in, or not even enter (Path.exists raises PermissionError below it): one line,
+    """A folder this user may not write in, or not even enter (os.stat raises PermissionError below it): one line,
     exit 2. The permissions are those os.access and the file system report, made so here because root (CI) may
     write anywhere."""
     locked, hidden = tmp_path / "locked", tmp_path / "hidden"
     locked.mkdir()
     hidden.mkdir()
-    access, exists = os.access, Path.exists
+    access, stat = os.access, os.stat
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
 
-    def no_entry(self: Path, *args, **kwargs) -> bool:
-        if self.is_relative_to(hidden) and self != hidden:
-            raise PermissionError(13, "Permission denied", str(self))
-        return exists(self, *args, **kwargs)
+    def no_entry(path, *args, **kwargs):
+        if Path(path).is_relative_to(hidden) and Path(path) != hidden:
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "exists", no_entry)
+    monkeypatch.setattr(os, "stat", no_entry)
     for out, expected in (
         (locked, f"--out={locked}: cannot write in {locked}"),
         (locked / "new", f"--out={locked / 'new'}: cannot write in {locked}"),
-        (hidden / "inner" / "report", f"--out={hidden / 'inner' / 'report'}: cannot reach "),
+        (hidden / "inner" / "report", f"--out={hidden / 'inner' / 'report'}: cannot enter {hidden} "),
     ):
         assert main([str(synthetic_dir), "--out", str(out)]) == 2
         err = capsys.readouterr().err

@@ -507,3 +507,8 @@ def test_labels_come_from_class_folders_inside_what_was_given_whatever_the_form_
     assert labels("test/Covid/sub/a.png") == {"a.png": None}  # a named file: its own folder only
     assert labels("Covid/site/unsorted") == {"c.png": None} and labels("Covid/site") == {"c.png": None}
     assert labels("Covid") == {"c.png": covid}
+    (tmp_path / "test" / "Normal").mkdir()
+    (tmp_path / "test" / "Normal" / "link.png").symlink_to(tmp_path / "test" / "Covid" / "b.png")
+    for inputs in (["test/Covid", "test/Normal"], ["test/Normal", "test/Covid"], "test"):
+        linked = [label for name, label in labels(inputs).items() if name in ("b.png", "link.png")]
+        assert linked == [None], inputs  # one file in two class folders: no label, whichever comes first

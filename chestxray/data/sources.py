@@ -288,10 +288,18 @@ def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[Inp
             found += [(f, root) for p in matches if p.is_dir() for f in list_images(p, recursive=True)]
     class_index = {c: i for i, c in enumerate(classes)}
     unique: dict[str, InputImage] = {}
+    conflicting: set[str] = set()
     for p, scope in found:
         key, label = os.path.realpath(p), _label(p, scope, class_index)
-        if key not in unique or (unique[key].label is None and label is not None):  # the order of inputs is no matter
-            unique[key] = InputImage(unique[key].path if key in unique else p, label)
+        if key not in unique:
+            unique[key] = InputImage(p, label)
+        elif label is not None and unique[key].label not in (None, label):  # a link from one class folder into another
+            conflicting.add(key)
+        elif unique[key].label is None:  # the label either naming gives, whatever the order of the inputs
+            unique[key] = InputImage(unique[key].path, label)
+    for key in conflicting:
+        log.warning("%s is in two class folders (by a link): left unlabelled", unique[key].path)
+        unique[key] = InputImage(unique[key].path, None)
     if len(unique) < len(found):
         log.warning(
             "%d input(s) named an image already listed (the same file by another path): each predicted once",
