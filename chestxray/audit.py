@@ -80,17 +80,19 @@ def inspect_file(path: Path, split: str, label: str, patient: str | None = None)
     return record
 
 
-def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, str, str | None]]:
-    """(path, split, class, listed patient) of every file: train/test folders, one folder of class folders, or a
-    label file (its patient column, if any)."""
+def dataset_files(
+    data: Path, classes=DEFAULT_CLASSES, setting: str = "DATA"
+) -> list[tuple[Path, str, str, str | None]]:
+    """(path, split, class, listed patient) of every file: train/test folders, one folder of class folders (some of
+    the classes: a hospital's images need not hold every class), or a label file (its patient column, if any)."""
     if data.is_file() or data.suffix.lower() == ".csv":
-        groups = {split or WHOLE: files for split, files in read_index(data, classes, "audit").items()}
+        groups = {split or WHOLE: files for split, files in read_index(data, classes, setting).items()}
     elif not data.is_dir():
-        raise DataError(f"not found: {data} (a dataset folder or a label file)")
+        raise DataError(f"{setting}={data}: not found (a dataset folder or a label file)")
     elif (data / "train").is_dir() or (data / "test").is_dir():
-        groups = {split: scan_class_folders(data / split, classes) for split in SPLITS}
+        groups = {split: scan_class_folders(data / split, classes, setting) for split in SPLITS}
     else:
-        groups = {WHOLE: scan_class_folders(data, classes, "audit", strict=True)}
+        groups = {WHOLE: scan_class_folders(data, classes, setting, missing_ok=True)}
     return [
         (path, split, classes[label], patient)
         for split, files in groups.items()
@@ -100,9 +102,9 @@ def dataset_files(data: Path, classes=DEFAULT_CLASSES) -> list[tuple[Path, str, 
     ]
 
 
-def scan(data: Path, classes=DEFAULT_CLASSES) -> list[FileRecord]:
+def scan(data: Path, classes=DEFAULT_CLASSES, setting: str = "DATA") -> list[FileRecord]:
     """Every file inspected, in parallel, in listing order."""
-    jobs = dataset_files(data, classes)
+    jobs = dataset_files(data, classes, setting)
     records: list[FileRecord | None] = [None] * len(jobs)
 
     def one(i: int) -> None:
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             records = scan(args.data_dir, args.classes)
             report = summarise(records, args.data_dir, args.threshold, args.classes)
             if args.against:
-                theirs = scan(args.against, args.classes)
+                theirs = scan(args.against, args.classes, "--against")
                 shared = shared_images(records, args.data_dir, theirs, args.against, args.threshold)
                 report["against"] = {"data_dir": str(args.against), "files": len(theirs), "shared": shared}
     except (DataError, OutputDirError) as err:

@@ -105,6 +105,26 @@ def test_audit_of_one_labelled_folder_and_against_another(synthetic_dir, tmp_pat
     assert "shared with" in capsys.readouterr().out
 
 
+def test_a_hospitals_folder_need_not_hold_every_class(synthetic_dir, tmp_path, capsys):
+    """A second site with Normal and Covid only is audited, and checked --against, as it is; a folder with no class
+    folder at all is one line naming the option."""
+    site = tmp_path / "site"
+    for name in ("Normal", "Covid"):
+        shutil.copytree(synthetic_dir / "test" / name, site / name)
+    assert main([str(synthetic_dir), "--against", str(site), "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert report["against"]["files"] == sum(1 for p in site.rglob("*") if p.is_file()) and report["against"]["shared"]
+    assert main([str(site), "--out", str(tmp_path / "b")]) == 0
+    per_class = json.loads((tmp_path / "b" / "audit.json").read_text())["per_split_class"]["all"]
+    assert {name for name, stats in per_class.items() if stats["count"]} == {"Normal", "Covid"}
+    capsys.readouterr()
+    (tmp_path / "empty" / "misc").mkdir(parents=True)
+    assert main([str(synthetic_dir), "--against", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"audit: error: --against={tmp_path / 'empty'}: no class folder in it")
+    assert err.count("\n") == 1
+
+
 def test_audit_of_a_missing_folder_fails_clearly(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err

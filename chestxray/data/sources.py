@@ -49,12 +49,17 @@ class LabelledFiles:
 
 
 def scan_class_folders(
-    folder: Path, classes: Sequence[str], setting: str = "data.data_dir", strict: bool = False
+    folder: Path,
+    classes: Sequence[str],
+    setting: str = "data.data_dir",
+    strict: bool = False,
+    missing_ok: bool = False,
 ) -> LabelledFiles:
     """folder/<class>/ images for each class, checking the layout first.
 
     strict (an evaluation set): the class folders must be exactly the model's classes. Otherwise an extra folder
-    is a warning and a missing class an error.
+    is a warning and a missing class an error, unless missing_ok (the audit of one set of class folders: a hospital's
+    images need not hold every class), where at least one class folder must be there.
     """
     if not folder.is_dir():
         raise DataError(f"split folder not found: {folder} (expected {folder}/<class>/ for {list(classes)}; {setting})")
@@ -64,12 +69,19 @@ def scan_class_folders(
             f"{setting}={folder}: its class folders {sorted(present)} differ from the model's classes "
             f"{list(classes)}; rename the folders (or use a label file with the model's class names)"
         )
+    if missing_ok and not present & set(classes):
+        raise DataError(
+            f"{setting}={folder}: no class folder in it (expected folders named like some of {list(classes)}, or "
+            "train/ and test/ holding them)"
+        )
     for extra in sorted(present - set(classes)):
         warnings.warn(f"ignoring unexpected folder {folder / extra} (not one of {list(classes)})", stacklevel=2)
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
         class_dir = folder / name
+        if missing_ok and name not in present:
+            continue
         if not class_dir.is_dir():
             raise DataError(f"class folder not found: {class_dir} (classes: {list(classes)})")
         files = list_images(class_dir)
