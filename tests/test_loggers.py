@@ -252,6 +252,11 @@ def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_
         f"+{key}=[http://h,https://u:p@h]",
         f"{key}=https://alice:pa,ss@host",  # a sweep to Hydra, recorded as typed with -m
         f"{key}='https://h/?X-Amz-Signature=zz'",
+        f"{key}=https://alice:S3/CRET@host",  # '/', '?', '#' in a password end the host for urlsplit
+        f"{key}=https://alice:p?w@host",
+        f"{key}='https://m/?accessToken=S3'",  # camelCase and run-together names
+        f"{key}='https://m/?sessiontoken=S3'",
+        f"{key}='https://alice:${{oc.env:PW,S3CRET}}@host'",  # Hydra records the default as typed
     ):
         assert credential_argument(["logger=mlflow", arg, "-m"]) == key, arg
     assert credential_argument(["+logger.mlflow={tracking_uri:'https://u:p@h'}"]) == "logger.mlflow"
@@ -262,13 +267,19 @@ def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_
         "+tags=[http://ci,owner:alice@x.org]",
         "+logger.mlflow.tags={server:'http://ci',owner:alice@x.org}",
         "x='https://h/x?author=bob&design=1&signal=2'",
+        "logger.mlflow.artifact_location=wasbs://container@account.blob.core.windows.net/mlflow",  # no secret
+        f"{key}=postgresql://mlflow@db/mlflow",
+        f"{key}=https://h:5000/users/@me",
+        "+tags=http://ci,alice@x",
         "hydra.run.dir=x",
         "a=x,y",
         "~logger",
     ]
     assert [a for a in harmless if credential_argument([a])] == []
     assert redact_uri("https://alice:pa]ss@host/x") == "https://host/x"
-    assert redact_uri("https://alice:pa@ss]word@host/x?token=t") == "https://host/x?"
+    assert redact_uri("https://alice:pa@ss]word@host/x?token=t&a=b") == "https://host/x?a=b"
+    assert redact_uri("https://alice:S3/CRET@host/x?accessToken=t") == "https://host/x"
+    assert redact_uri("wasbs://container@account/x") == "wasbs://container@account/x"
     out = tmp_path / "run"
     uri = "https://alice:S3CRET-PASS@mlflow.example.com"
     args = ("logger=mlflow", f"{key}={uri}", f"hydra.run.dir={out}")

@@ -9,39 +9,46 @@ import re
 from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# query parameters of a URI that may hold a credential (?token=..., ?api_key=..., a signed URL's X-Amz-Signature): the
-# name's words, not any name that contains one (?author=, ?design= are not secrets)
-SECRET_PARAMETER = re.compile(
-    r"(^|[_.-])(token|secret|password|passwd|pass|pwd|api_?key|key|sig|signature|credentials?|auth)($|[_.-])",
-    re.IGNORECASE,
-)
-# where urlsplit refuses a URI (an unbalanced '[' or ']'): its userinfo, up to the last '@' before the path, and a
-# secret query parameter's value
-USERINFO = re.compile(r"(://)[^/?#\s]*@")
-SECRET_QUERY = re.compile(
-    r"([?&])[^=&#]*?(token|secret|password|passwd|pwd|api_?key|sig|signature|credentials?|auth)[^=&#]*=[^&#]*",
-    re.IGNORECASE,
-)
-INTERPOLATION = re.compile(r"\$\{[^}]*\}")  # ${oc.env:PW}: Hydra records it unresolved
+# A query parameter names a secret by a short word of its own (?key=, ?sig=, ?auth=, ?api_key=, X-Amz-Signature) or by
+# a long word anywhere in it (?accessToken=, ?clientSecret=, ?sessiontoken=); not ?author=, ?design=, ?monkey=.
+SHORT_SECRET = re.compile(r"(^|_)(pass|pwd|key|sig|auth|api_?key)($|_)")
+LONG_SECRET = re.compile(r"token|secret|passw|signature|credential")
+# user:password@ after a scheme, a password of one character or more running to the last '@' (it may hold '@', '/',
+# '?', '#' or ']', which end the host for urlsplit; a later '@' in the path is stripped with it); not a port
+# (host:5000/path@x)
+PASSWORD = re.compile(r"(://)[^/?#@\s:]*:(?!\d+(?:[/?#]|$))\S+@")
+SECRET_QUERY = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+INTERPOLATION = re.compile(r"\$\{[^}]*\}")  # ${oc.env:PW}: Hydra records it unresolved...
+ENV_DEFAULT = re.compile(r"\$\{oc\.env:[^,}]*,([^}]*)\}")  # ...but the default of ${oc.env:PW,default} as typed
+TOKEN_AS_USER = ("http", "https")  # where a user without a password is a token (not wasbs://container@, git@)
+
+
+def _secret_name(name: str) -> bool:
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower().replace("-", "_").replace(".", "_")
+    return bool(SHORT_SECRET.search(words) or LONG_SECRET.search(words))
+
 
 CREDENTIAL_ON_COMMAND_LINE = (
-    "{key}=: a URI with a credential (user:password@, user@ or a token-like query parameter) on the command line is "
-    "refused: it would be visible in `ps` and recorded in the run's .hydra files; set MLFLOW_TRACKING_URI, or "
+    "{key}=: a URI with a credential (user:password@, an http(s) user@ or a secret query parameter) on the command "
+    "line is refused: it would be visible in `ps` and recorded in the run's .hydra files; set MLFLOW_TRACKING_URI, or "
     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the environment instead"
 )
 
 
 def redact_uri(value: str) -> str:
-    """`value` without what a URI may carry of a secret (user:password@, token-like query parameters), for anything
-    logged or written: https://alice:pw@host/?token=t is https://host/. Any other string is returned as it is."""
+    """`value` without what a URI may carry of a secret (user:password@, a token as an http(s) user, secret query
+    parameters), for anything logged or written: https://alice:pw@host/?token=t is https://host/. Any other string is
+    returned as it is."""
+    value = PASSWORD.sub(r"\1", value)
     try:
         parts = urlsplit(value)
-    except ValueError:  # urlsplit refuses it (an unbalanced '[' or ']'): the userinfo and secrets still go
-        return SECRET_QUERY.sub(r"\1", USERINFO.sub(r"\1", value))
+    except ValueError:  # urlsplit refuses it (an unbalanced '[' or ']'): the secret query values still go
+        return SECRET_QUERY.sub(lambda m: m.group(1) if _secret_name(m.group(2)) else m.group(0), value)
     if not parts.scheme or not ("@" in parts.netloc or parts.query):
         return value
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMETER.search(k)]
-    netloc, query_text = parts.netloc.rpartition("@")[2], urlencode(query) if query else ""
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _secret_name(k)]
+    netloc = parts.netloc.rpartition("@")[2] if parts.scheme.lower() in TOKEN_AS_USER else parts.netloc
+    query_text = urlencode(query) if query else ""
     if (netloc, query_text) == (parts.netloc, parts.query):
         return value
     return urlunsplit(parts._replace(netloc=netloc, query=query_text))
@@ -64,21 +71,25 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(getattr(value, attribute, None))
 
 
-def has_credential(value: str) -> bool:
-    """Whether a string is a URI that holds a credential as typed: a password, a user that is a token (user@ without a
-    password: a user:${oc.env:PW}@ is fine, its password is recorded unresolved), or a secret query parameter with a
-    value."""
-    typed = INTERPOLATION.sub("", value)
+def has_credential(value: str, password_only: bool = False) -> bool:
+    """Whether a string is a URI that holds a credential as typed: a password, a token as an http(s) user (user@
+    without a password; a user:${oc.env:PW}@ is fine, Hydra records its password unresolved), or a secret query
+    parameter with a value."""
+    typed = INTERPOLATION.sub("", ENV_DEFAULT.sub(r"\1", value))
+    if PASSWORD.search(typed):
+        return True
+    if password_only:
+        return False
     try:
         parts = urlsplit(typed)
     except ValueError:
-        return SECRET_QUERY.sub(r"\1", USERINFO.sub(r"\1", typed)) != typed
+        return any(_secret_name(m.group(2)) and m.group(3) for m in SECRET_QUERY.finditer(typed))
     if not parts.scheme or not parts.netloc and not parts.query:
         return False
     userinfo, at, _ = parts.netloc.rpartition("@")
-    if at and (parts.password or (userinfo and ":" not in userinfo)):
+    if at and userinfo and ":" not in userinfo and parts.scheme.lower() in TOKEN_AS_USER:
         return True
-    return any(SECRET_PARAMETER.search(k) and v for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return any(_secret_name(k) and v for k, v in parse_qsl(parts.query, keep_blank_values=True))
 
 
 def credential_argument(argv: list[str]) -> str | None:
@@ -95,9 +106,9 @@ def credential_argument(argv: list[str]) -> str | None:
             override = parser.parse_overrides([arg])[0]
         except Exception:  # noqa: BLE001 - Hydra refuses it itself, with its own message
             continue
-        strings = list(_strings(override._value))
-        if getattr(override._value, "simple_form", False):  # a=x,y: a ',' may be inside a password
-            strings.append(arg.partition("=")[2])
-        if any(has_credential(s) for s in strings):
+        whole = getattr(override._value, "simple_form", False)  # a=x,y: a ',' may be inside a password
+        if any(has_credential(s) for s in _strings(override._value)) or (
+            whole and has_credential(arg.partition("=")[2], password_only=True)
+        ):
             return override.key_or_group
     return None
