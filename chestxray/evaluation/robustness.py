@@ -408,39 +408,47 @@ def write_tensorboard(folder: Path, rows: Sequence[dict], figure: np.ndarray) ->
         writer.add_image("robustness/accuracy_vs_severity", figure, global_step=0, dataformats="HWC")
 
 
-def run_train_files(ckpt: Path, inputs: Sequence[Path] = ()) -> tuple[list[Path] | None, int, str]:
-    """The train images of the checkpoint's run (from its saved settings) that `inputs` may copy, the leakage
-    threshold, and a note: or None and why not (a checkpoint moved out of its run folder, a dataset no longer there).
-    A run with data.drop_leaking=true dropped its train copies of its own test images: none leak where every input is
-    one of those; any other inputs (another folder, a new site) are compared with every train image."""
+def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str, set[str]]:
+    """The train images of the checkpoint's run (from its saved settings), the leakage threshold, a note, and the
+    real paths of the images that leak no more: or None and why not (a checkpoint moved out of its run folder, a
+    dataset no longer there). A run with data.drop_leaking=true dropped its train copies of its test images (and of
+    its evaluation sets'): those images leak no more, whatever else the inputs hold; any other image is compared with
+    every train image."""
     import os
 
     from omegaconf import OmegaConf
 
     from chestxray.data.duplicates import DEFAULT_THRESHOLD
-    from chestxray.data.sources import load_splits
+    from chestxray.data.sources import load_labelled, load_splits
     from chestxray.errors import DataError
 
     saved = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
     if not saved.is_file():
-        return None, DEFAULT_THRESHOLD, f"n/a (no {saved}: the checkpoint's run settings, so no train folder known)"
-    data = OmegaConf.load(saved).get("data", {})
+        note = f"n/a (no {saved}: the checkpoint's run settings, so no train folder known)"
+        return None, DEFAULT_THRESHOLD, note, set()
+    config = OmegaConf.load(saved)
+    data = config.get("data", {})
     raw = OmegaConf.to_container(data, resolve=False).get("data_dir") if data else None
     # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
     threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
-    data_dir, index = data.get("data_dir"), data.get("index")
+    data_dir, index, classes = data.get("data_dir"), data.get("index"), list(data.get("classes"))
     try:
-        files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, list(data.get("classes")))
+        files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, classes)
     except (DataError, OSError, TypeError) as err:
         how = f" (saved as {raw}: set it as for training)" if raw != data_dir else ""
-        return None, threshold, f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
+        note = f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
+        return None, threshold, note, set()
     note = f"compared with the {len(files['train'])} train images of {data_dir}"
+    cleared: set[str] = set()
     if data.get("drop_leaking"):
-        test = {os.path.realpath(p) for p in files["test"].paths}
-        if inputs and all(os.path.realpath(p) in test for p in inputs):
-            return [], threshold, "the run dropped its train copies of these test images (data.drop_leaking=true)"
-        note += " (data.drop_leaking=true dropped only the copies of its own test images)"
-    return files["train"].paths, threshold, note
+        cleared = {os.path.realpath(p) for p in files["test"].paths}
+        for name, source in (config.get("eval_sets") or {}).items():
+            try:
+                cleared |= {os.path.realpath(p) for p in load_labelled(str(source), classes, f"eval_sets.{name}").paths}
+            except (DataError, OSError):
+                continue  # an evaluation set no longer there: its images are compared like any others
+        note += " (data.drop_leaking=true: its own test and evaluation images leak no more)"
+    return files["train"].paths, threshold, note, cleared
 
 
 def leaking_mask(paths: Sequence[Path], train: Sequence[Path], threshold: int, limits: ImageLimits) -> np.ndarray:
@@ -484,17 +492,18 @@ def machine() -> str:
 def leak_mask_of_runs(
     ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits
 ) -> tuple[np.ndarray | None, str]:
-    """Which inputs duplicate a train image of any member's run, and a note; None with the reason when not known."""
-    train: list[Path] = []
-    notes = []
-    threshold = 0
+    """Which inputs duplicate a train image of any member's run (and are not images whose train copies that run
+    dropped), and a note; None with the reason when not known."""
+    import os
+
+    mask = np.zeros(len(paths), bool)
+    notes, threshold = [], 0
     for ckpt in ckpts:
-        files, threshold, note = run_train_files(ckpt, paths)
+        files, threshold, note, cleared = run_train_files(ckpt)
         if files is None:
             return None, note
-        train += files
         notes.append(note)
-    if not train:
-        return np.zeros(len(paths), bool), "; ".join(notes)
-    mask = leaking_mask(paths, train, threshold, limits)
+        if files:
+            mine = leaking_mask(paths, files, threshold, limits)
+            mask |= mine & np.array([os.path.realpath(p) not in cleared for p in paths], dtype=bool)
     return mask, f"{'; '.join(notes)} ({int(mask.sum())} of {len(paths)} inputs duplicate one, {threshold} bits)"
