@@ -83,14 +83,15 @@ def inspect_file(path: Path, split: str, label: str, patient: str | None = None)
 def dataset_files(
     data: Path, classes=DEFAULT_CLASSES, setting: str = "DATA"
 ) -> list[tuple[Path, str, str, str | None]]:
-    """(path, split, class, listed patient) of every file: train/test folders, one folder of class folders (some of
-    the classes: a hospital's images need not hold every class), or a label file (its patient column, if any)."""
+    """(path, split, class, listed patient) of every file: train/test folders or one folder of class folders (some of
+    the classes in each: a hospital's images need not hold every class, though a misnamed folder is refused), or a
+    label file (its patient column, if any)."""
     if data.is_file() or data.suffix.lower() == ".csv":
         groups = {split or WHOLE: files for split, files in read_index(data, classes, setting).items()}
     elif not data.is_dir():
         raise DataError(f"{setting}={data}: not found (a dataset folder or a label file)")
     elif (data / "train").is_dir() or (data / "test").is_dir():
-        groups = {split: scan_class_folders(data / split, classes, setting) for split in SPLITS}
+        groups = {split: scan_class_folders(data / split, classes, setting, missing_ok=True) for split in SPLITS}
     else:
         groups = {WHOLE: scan_class_folders(data, classes, setting, missing_ok=True)}
     return [
@@ -343,7 +344,7 @@ def check_out(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chestxray.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "data_dir", type=Path, help="train/ and test/ class folders, one set of class folders, or a CSV"
+        "data_dir", type=Path, metavar="DATA", help="train/ and test/ class folders, one set of class folders, or a CSV"
     )
     parser.add_argument("--against", type=Path, help="another dataset (same kinds): list the images both have")
     parser.add_argument("--out", type=Path, default=Path("outputs/audit"), help="report folder (outputs/audit)")

@@ -117,7 +117,14 @@ def test_a_hospitals_folder_need_not_hold_every_class(synthetic_dir, tmp_path, c
     assert main([str(site), "--out", str(tmp_path / "b")]) == 0
     per_class = json.loads((tmp_path / "b" / "audit.json").read_text())["per_split_class"]["all"]
     assert {name for name, stats in per_class.items() if stats["count"]} == {"Normal", "Covid"}
+    split = tmp_path / "split"  # train/ and test/ holding some of the classes
+    for part in ("train", "test"):
+        shutil.copytree(site / "Normal", split / part / "Normal")
+    assert main([str(synthetic_dir), "--against", str(split), "--out", str(tmp_path / "d")]) == 0
     capsys.readouterr()
+    shutil.copytree(site / "Covid", site / "COVID-19")  # a misnamed class folder must not pass for a missing class
+    assert main([str(site), "--out", str(tmp_path / "e")]) == 2
+    assert f"DATA={site}: its folder COVID-19/ is not one of the classes" in capsys.readouterr().err
     (tmp_path / "empty" / "misc").mkdir(parents=True)
     assert main([str(synthetic_dir), "--against", str(tmp_path / "empty"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err

@@ -74,7 +74,13 @@ def scan_class_folders(
             f"{setting}={folder}: no class folder in it (expected folders named like some of {list(classes)}, or "
             "train/ and test/ holding them)"
         )
-    for extra in sorted(present - set(classes)):
+    extras = sorted(present - set(classes))
+    if missing_ok and extras:  # some classes may be missing: a misnamed class folder must not pass for one
+        raise DataError(
+            f"{setting}={folder}: its folder {extras[0]}/ is not one of the classes {list(classes)}; rename it "
+            "(or move it out)"
+        )
+    for extra in extras:
         warnings.warn(f"ignoring unexpected folder {folder / extra} (not one of {list(classes)})", stacklevel=2)
     paths: list[Path] = []
     labels: list[int] = []
