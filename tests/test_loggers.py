@@ -260,6 +260,9 @@ def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_
     ):
         assert credential_argument(["logger=mlflow", arg, "-m"]) == key, arg
     assert credential_argument(["+logger.mlflow={tracking_uri:'https://u:p@h'}"]) == "logger.mlflow"
+    for name in ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN"):
+        assert credential_argument([f"+hydra.job.env_set.{name}=S3CRET"]) == f"hydra.job.env_set.{name}"
+    assert credential_argument(["+hydra.job.env_set.OMP_NUM_THREADS=2", "hydra.job.env_set.HOME=/x"]) is None
     harmless = [
         f"{key}=https://host:5000/x",
         f"{key}='https://alice:${{oc.env:PW}}@host'",  # recorded unresolved
@@ -284,5 +287,5 @@ def test_a_uri_with_a_credential_on_trains_command_line_is_refused_before_hydra_
     uri = "https://alice:S3CRET-PASS@mlflow.example.com"
     args = ("logger=mlflow", f"{key}={uri}", f"hydra.run.dir={out}")
     result = run_script("train.py", *args, ok=False)
-    assert result.returncode == 2 and f"{key}=: a URI with a credential" in result.stderr
+    assert result.returncode == 2 and f"{key}=: a credential (a URI's user:password@" in result.stderr
     assert "S3CRET" not in result.stderr + result.stdout and not out.exists()  # no .hydra folder recorded it

@@ -20,6 +20,7 @@ PASSWORD = re.compile(r"(://)[^/?#@\s:]*:(?!\d+(?:[/?#]|$))\S+@")
 SECRET_QUERY = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 INTERPOLATION = re.compile(r"\$\{[^}]*\}")  # ${oc.env:PW}: Hydra records it unresolved...
 ENV_DEFAULT = re.compile(r"\$\{oc\.env:[^,}]*,([^}]*)\}")  # ...but the default of ${oc.env:PW,default} as typed
+ENV_SET = "hydra.job.env_set."  # environment variables Hydra sets for the job, recorded in hydra.yaml
 TOKEN_AS_USER = ("http", "https")  # where a user without a password is a token (not wasbs://container@, git@)
 
 
@@ -29,9 +30,10 @@ def _secret_name(name: str) -> bool:
 
 
 CREDENTIAL_ON_COMMAND_LINE = (
-    "{key}=: a URI with a credential (user:password@, an http(s) user@ or a secret query parameter) on the command "
-    "line is refused: it would be visible in `ps` and recorded in the run's .hydra files; set MLFLOW_TRACKING_URI, or "
-    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the environment instead"
+    "{key}=: a credential (a URI's user:password@, an http(s) user@ or a secret query parameter, or a secret in "
+    "hydra.job.env_set) on the command line is refused: it would be visible in `ps` and recorded in the run's "
+    ".hydra files; set MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the "
+    "environment instead"
 )
 
 
@@ -102,6 +104,9 @@ def credential_argument(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
+        key = arg.partition("=")[0].lstrip("+~")
+        if key.startswith(ENV_SET) and _secret_name(key[len(ENV_SET) :]) and arg.partition("=")[2]:
+            return key  # a secret set in the job's environment (MLFLOW_TRACKING_PASSWORD=...), recorded as typed
         try:
             override = parser.parse_overrides([arg])[0]
         except Exception:  # noqa: BLE001 - Hydra refuses it itself, with its own message
