@@ -451,11 +451,19 @@ def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str, set[str]]:
     return files["train"].paths, threshold, note, cleared
 
 
-def leaking_mask(paths: Sequence[Path], train: Sequence[Path], threshold: int, limits: ImageLimits) -> np.ndarray:
-    """Which images near-duplicate a train image (perceptual hash within `threshold` bits, as training checks)."""
+def leaking_mask(
+    paths: Sequence[Path],
+    hashed: tuple[np.ndarray, np.ndarray],
+    train: Sequence[Path],
+    threshold: int,
+    limits: ImageLimits,
+) -> np.ndarray:
+    """Which images near-duplicate a train image (perceptual hash within `threshold` bits, as training checks);
+    `hashed`: the images' own hashes and which could be hashed (duplicates.hash_files), computed once for every
+    member of an ensemble."""
     from chestxray.data.duplicates import hash_files, near_pairs
 
-    mine, ok = hash_files(paths, limits)
+    mine, ok = hashed
     theirs, theirs_ok = hash_files(train, limits)
     train_ok = [p for p, good in zip(train, theirs_ok, strict=True) if good]
     pairs = near_pairs(
@@ -496,14 +504,17 @@ def leak_mask_of_runs(
     dropped), and a note; None with the reason when not known."""
     import os
 
+    from chestxray.data.duplicates import hash_files
+
     mask = np.zeros(len(paths), bool)
-    notes, threshold = [], 0
+    notes, threshold, hashed = [], 0, None
     for ckpt in ckpts:
         files, threshold, note, cleared = run_train_files(ckpt)
         if files is None:
             return None, note
         notes.append(note)
         if files:
-            mine = leaking_mask(paths, files, threshold, limits)
+            hashed = hashed or hash_files(paths, limits)
+            mine = leaking_mask(paths, hashed, files, threshold, limits)
             mask |= mine & np.array([os.path.realpath(p) not in cleared for p in paths], dtype=bool)
     return mask, f"{'; '.join(notes)} ({int(mask.sum())} of {len(paths)} inputs duplicate one, {threshold} bits)"

@@ -65,12 +65,16 @@ class Site:
     training_copies: int | None = None  # site images that copy a training image, left out (None: not compared)
 
     def without(self, drop: np.ndarray) -> Site:
+        """The site without the images `drop` marks, counted as training copies."""
         keep = ~drop
-        paths = [p for p, k in zip(self.paths, keep, strict=True) if k]
-        return Site(
-            paths, self.labels[keep], self.groups[keep], self.images[torch.from_numpy(keep)], self.grouped_by_patient,
-            self.skipped, int(drop.sum()),
-        )  # fmt: skip
+        return replace(
+            self,
+            paths=[p for p, k in zip(self.paths, keep, strict=True) if k],
+            labels=self.labels[keep],
+            groups=self.groups[keep],
+            images=self.images[torch.from_numpy(keep)],
+            training_copies=int(drop.sum()),
+        )
 
 
 def drop_training_copies(site: Site, ckpt: str, limits: ImageLimits) -> tuple[Site, str]:
