@@ -58,8 +58,8 @@ def scan_class_folders(
     """folder/<class>/ images for each class, checking the layout first.
 
     strict (an evaluation set): the class folders must be exactly the model's classes. Otherwise an extra folder
-    is a warning and a missing class an error, unless missing_ok (the audit of one set of class folders: a hospital's
-    images need not hold every class), where at least one class folder must be there.
+    is a warning and a missing class an error, unless missing_ok (the audit: a hospital's images need not hold every
+    class), where at least one class folder must be there and a folder that is no class is an error.
     """
     if not folder.is_dir():
         raise DataError(f"split folder not found: {folder} (expected {folder}/<class>/ for {list(classes)}; {setting})")
@@ -289,7 +289,7 @@ class InputImage:
 def find_inputs(inputs: str | Sequence[str], classes: Sequence[str]) -> list[InputImage]:
     """Files, folders (recursive) and globs, each image once however often and however it is named (a relative and
     an absolute spelling, a `..` detour, its folder as well); ground truth from the nearest parent folder named like
-    a class, inside the folder given (or a named file's own folder)."""
+    a class, inside the folder given (a glob's leading folder without wildcards, a named file's own folder)."""
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     found: list[tuple[Path, Path]] = []  # (image, the folder its label may come from, at most)
     for item in items:
