@@ -57,7 +57,7 @@ def robustness(cfg) -> dict:
         write_csv,
         write_tensorboard,
     )
-    from chestxray.models.checkpoints import load_models, preprocess_of
+    from chestxray.models.checkpoints import load_models, preprocess_of, training_data
     from chestxray.models.classifier import Ensemble
     from chestxray.runtime.files import atomic_write
 
@@ -86,7 +86,7 @@ def robustness(cfg) -> dict:
         raise PredictError(f"none of the {len(items)} labelled input image(s) could be read (see the warnings above)")
     leak_note = "n/a (leak_free=false)"
     if cfg.leak_free:
-        result.leaking, leak_note = leak_mask_of_runs([Path(c) for c in ckpts], result.paths, limits)
+        result.leaking, leak_note = leak_mask_of_runs([training_data(c) for c in ckpts], result.paths, limits)
     ood_note = (
         "the share the checkpoint's detector flags (model.ood.detector, its 95% pass threshold on the validation split)"
         if result.flagged is not None

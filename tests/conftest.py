@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -210,14 +210,17 @@ def trained_run(tmp_path_factory, synthetic_dir) -> dict:
     return {"cfg": cfg, "dir": out, "value": value, "data": synthetic_dir, "ckpt": out / "checkpoints" / "best.ckpt"}
 
 
-def run_copy(tiny_run, tmp_path, with_settings: bool):
-    """The tiny checkpoint in a run folder of its own, with the run's saved settings (as Hydra writes them) or not."""
-    run = tmp_path / "train-run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(tiny_run["ckpt"], run / "checkpoints" / "best.ckpt")
+def run_copy(tiny_run, tmp_path, with_settings: bool, **data) -> Path:
+    """A copy of the tiny checkpoint, with the data settings training saved in it (changed by `data`, e.g.
+    drop_leaking=True), or without them, as a checkpoint that names no train images."""
+    import torch
+
+    checkpoint = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)
     if with_settings:
-        data = OmegaConf.to_container(tiny_run["cfg"].data)
-        (run / ".hydra").mkdir()
-        keep = ("data_dir", "index", "classes", "leakage_threshold", "drop_leaking")
-        OmegaConf.save({"data": {k: data[k] for k in keep}}, run / ".hydra" / "config.yaml")
-    return run / "checkpoints" / "best.ckpt"
+        checkpoint["datamodule_hyper_parameters"].update(data)
+    else:
+        del checkpoint["datamodule_hyper_parameters"]
+    target = tmp_path / "train-run" / "checkpoints" / "best.ckpt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, target)
+    return target

@@ -18,7 +18,7 @@ from chestxray.evaluation.robustness import SHIFTS
 from chestxray.evaluation.selective import shift_alarm
 from chestxray.inference.predict import predict
 from chestxray.models import ood
-from chestxray.models.checkpoints import load_model
+from chestxray.models.checkpoints import load_model, training_data
 from chestxray.synthetic import make_dataset
 from chestxray.training import adapt as adapt_module
 from tests.conftest import compose_config, predict_config, run_copy, run_script
@@ -321,11 +321,12 @@ def test_unlabelled_folders_are_named_and_copies_of_training_images_left_out(tin
         read = adapt_module.read_site(folder, model, _limits(model))
     assert len(read.paths) == 18 + 2  # the Pneumonia folder's images are not labelled Covid from above
     assert any("2 image(s) in Pneumonia/, which name no class" in r.getMessage() for r in caplog.records)
-    kept, note = adapt_module.drop_training_copies(read, str(ckpt), _limits(model))
+    kept, note = adapt_module.drop_training_copies(read, training_data(ckpt), _limits(model))
     assert kept.training_copies == 2 and len(kept.paths) == 18 and "2 site image(s) copy a training image" in note
     assert not any(p.name.startswith("copy-") for p in kept.paths)
     assert len(kept.labels) == len(kept.groups) == len(kept.images) == 18
-    unknown, why = adapt_module.drop_training_copies(read, str(tiny_run["ckpt"]), _limits(model))  # no run settings
+    bare = run_copy(tiny_run, tmp_path / "bare", with_settings=False)  # a checkpoint that names no train images
+    unknown, why = adapt_module.drop_training_copies(read, training_data(bare), _limits(model))
     assert unknown.training_copies is None and len(unknown.paths) == 20 and why.startswith("not compared")
 
 
@@ -349,18 +350,15 @@ def test_a_dicom_sites_patients_are_grouped_by_their_patient_id_as_training_grou
 def test_copies_of_training_images_are_found_after_drop_leaking_and_a_site_of_copies_is_refused(tiny_run, tmp_path):
     """data.drop_leaking dropped the train copies of the run's test images, not of a new site's: a site image that
     copies a train image still is one. A site left with nothing (or too little) says that copies were left out."""
-    from omegaconf import OmegaConf
-
-    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
-    saved = ckpt.parent.parent / ".hydra" / "config.yaml"
-    OmegaConf.save(OmegaConf.merge(OmegaConf.load(saved), {"data": {"drop_leaking": True}}), saved)
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True, drop_leaking=True)
     site = tmp_path / "copies"
     for name in ("Normal", "Covid"):
         (site / name).mkdir(parents=True)
         for path in sorted((tiny_run["data"] / "train" / name).iterdir())[:3]:
             (site / name / path.name).write_bytes(path.read_bytes())
     model, limits = load_model(ckpt), _limits(load_model(ckpt))
-    kept, note = adapt_module.drop_training_copies(adapt_module.read_site(site, model, limits), str(ckpt), limits)
+    read = adapt_module.read_site(site, model, limits)
+    kept, note = adapt_module.drop_training_copies(read, training_data(ckpt), limits)
     assert kept.training_copies == 6 and not kept.paths, note
     cfg = adapt_config(tmp_path / "o", ckpt, site)
     with pytest.raises(AdaptError, match=r"no image left once 6 copies of training images are left out$"):

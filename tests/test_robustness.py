@@ -1,8 +1,9 @@
 """The robustness bench: severity 0 is the shifted path at a null shift, each severity changes the image more; the
 command writes its table, figure and TensorBoard events into a run folder of its own, with leak-free accuracy when
-the checkpoint's run folder names its train images and n/a when it does not."""
+the checkpoint names its train images (the data settings saved in it) and n/a when it does not."""
 
 import csv
+import shutil
 
 import cv2
 import numpy as np
@@ -138,7 +139,8 @@ def test_leak_free_is_n_a_without_the_runs_settings(tiny_run, tmp_path):
     )
     summary = robustness(cfg)
     assert summary["work_side"] == 48 and "at most 48 px" in (out / "robustness.md").read_text()
-    assert summary["clean_leak_free_accuracy"] is None and summary["leak_free"].startswith("n/a (no ")
+    assert summary["clean_leak_free_accuracy"] is None
+    assert summary["leak_free"].startswith(f"n/a (ckpt={ckpt} saved no data settings")
     assert all(r["leak_free_accuracy"] == "" for r in _table(out))
     assert "Leak-free: n/a" in (out / "robustness.md").read_text()
 
@@ -157,10 +159,9 @@ def test_drop_leaking_clears_a_runs_own_test_images_only(tiny_run, tmp_path):
     inputs (another folder holding copies of train images) are still compared with every train image."""
     from chestxray.data.images import ImageLimits
     from chestxray.evaluation.robustness import leak_mask_of_runs
+    from chestxray.models.checkpoints import training_data
 
-    ckpt = run_copy(tiny_run, tmp_path, with_settings=True)
-    saved = ckpt.parent.parent / ".hydra" / "config.yaml"
-    OmegaConf.save(OmegaConf.merge(OmegaConf.load(saved), {"data": {"drop_leaking": True}}), saved)
+    run = training_data(run_copy(tiny_run, tmp_path, with_settings=True, drop_leaking=True))
     test = sorted(p for p in (tiny_run["data"] / "test").rglob("*.*") if p.is_file())
     assert sum(p.name.startswith("leak_") for p in test) == 3  # test images whose train copies were dropped
     other = tmp_path / "other"
@@ -168,9 +169,38 @@ def test_drop_leaking_clears_a_runs_own_test_images_only(tiny_run, tmp_path):
     for path in sorted((tiny_run["data"] / "train" / "Covid").iterdir())[:2]:
         (other / path.name).write_bytes(path.read_bytes())
     for inputs in (test, [*test, *sorted(other.iterdir())]):  # mixed with other images, the test images stay clear
-        mask, note = leak_mask_of_runs([ckpt], inputs, ImageLimits())
+        mask, note = leak_mask_of_runs([run], inputs, ImageLimits())
         assert mask is not None and not mask[: len(test)].any(), note
         assert mask[len(test) :].all() and "its own test and evaluation images leak no more" in note
+
+
+def test_the_train_images_come_with_the_checkpoint_wherever_it_lies(tiny_run, tmp_path):
+    """The leak check reads the data settings saved in the checkpoint: a checkpoint moved out of its run folder, or
+    adapt.py's adapted.ckpt in a run folder whose .hydra/config.yaml has no data settings, still finds the
+    generated data's 3 copies of train images (the run's own .hydra/config.yaml once crashed the bench there)."""
+    from chestxray.data.images import ImageLimits
+    from chestxray.evaluation.robustness import leak_mask_of_runs
+    from chestxray.models.checkpoints import training_data
+
+    moved = tmp_path / "moved.ckpt"
+    shutil.copy(tiny_run["ckpt"], moved)
+    adapted = tmp_path / "adapt-run" / "checkpoints" / "adapted.ckpt"
+    adapted.parent.mkdir(parents=True)
+    shutil.copy(tiny_run["ckpt"], adapted)
+    (tmp_path / "adapt-run" / ".hydra").mkdir()
+    OmegaConf.save({"site": "somewhere", "ckpt": str(moved)}, tmp_path / "adapt-run" / ".hydra" / "config.yaml")
+    test = sorted(p for p in (tiny_run["data"] / "test").rglob("*.*") if p.is_file())
+    for ckpt in (moved, adapted):
+        mask, note = leak_mask_of_runs([training_data(ckpt)], test, ImageLimits())
+        assert mask is not None and sorted(p.name for p, m in zip(test, mask, strict=True) if m) == sorted(
+            p.name for p in test if p.name.startswith("leak_")
+        ), note
+        assert note.startswith(f"compared with the {len(training_data(ckpt).train)} train images of ")
+    cfg = compose_config(
+        "robustness",
+        [f"ckpt={adapted}", f"inputs={tiny_run['data'] / 'test'}", f"paths.output_dir={tmp_path}/o", "shifts=[blur]"],
+    )
+    assert robustness(cfg)["clean_leak_free_accuracy"] is not None
 
 
 def test_inputs_none_of_which_can_be_read_are_one_line(tiny_run, tmp_path):

@@ -17,7 +17,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,6 +230,50 @@ def load_labelled(source: str | Path, classes: Sequence[str], setting: str) -> L
             raise DataError(f"{setting}={source}: no rows")
         return files
     return scan_class_folders(source, classes, setting, strict=True)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a checkpoint's run trained on, for the commands that must not count those images as new: the leak-free
+    numbers (robustness), a site's copies of training images and the images mixed into fine-tuning (adapt.py), int8
+    calibration (ONNX)."""
+
+    train: LabelledFiles | None  # None: not known here, `note` says why
+    threshold: int  # data.leakage_threshold: bits within which two perceptual hashes are one image
+    cleared: frozenset[str]  # real paths of images whose train copies the run dropped (data.drop_leaking=true)
+    note: str  # where they come from, or why they are not known
+
+
+def training_data(settings: Mapping | None, where: str) -> TrainingData:
+    """The train images named by the data settings a run saved in its checkpoint (the LightningDataModule's
+    hyper-parameters, which travel with the checkpoint and its adapted copies), listed as training lists them (class
+    folders or data.index). A run with data.drop_leaking=true dropped its train copies of its own test and
+    evaluation images: those are `cleared`. Not known (train None, with the reason) for a checkpoint without data
+    settings or a dataset not there any more; `where` names the checkpoint in that reason."""
+    from chestxray.data.duplicates import DEFAULT_THRESHOLD
+
+    if not settings or not settings.get("classes") or not (settings.get("data_dir") or settings.get("index")):
+        note = f"{where} saved no data settings, so its train images are not known"
+        return TrainingData(None, DEFAULT_THRESHOLD, frozenset(), note)
+    threshold = int(settings.get("leakage_threshold") or DEFAULT_THRESHOLD)
+    classes, data_dir, index = list(settings["classes"]), settings.get("data_dir"), settings.get("index")
+    try:
+        files = load_splits(Path(str(data_dir or ".")), Path(str(index)) if index else None, classes)
+    except (DataError, OSError) as err:
+        named = f"data.index={index}" if index else f"data.data_dir={data_dir}"
+        note = f"the train images of {where}, {named}, cannot be listed here: {err}"
+        return TrainingData(None, threshold, frozenset(), note)
+    note = f"compared with the {len(files['train'])} train images of {index or data_dir}"
+    cleared: set[str] = set()
+    if settings.get("drop_leaking"):
+        cleared = {os.path.realpath(p) for p in files["test"].paths}
+        for name, source in (settings.get("eval_sets") or {}).items():
+            try:
+                cleared |= {os.path.realpath(p) for p in load_labelled(str(source), classes, f"eval_sets.{name}").paths}
+            except (DataError, OSError):
+                continue  # an evaluation set no longer there: its images are compared like any others
+        note += " (data.drop_leaking=true: its own test and evaluation images leak no more)"
+    return TrainingData(files["train"], threshold, frozenset(cleared), note)
 
 
 def _check_every_class(files: LabelledFiles, classes: Sequence[str]) -> None:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from chestxray.data.images import BadImageError, ImageLimits, decode_bytes, read_bytes, resize_square
 from chestxray.data.preprocess import preprocess_image
+from chestxray.data.sources import TrainingData
 from chestxray.evaluation.metrics import wilson_interval
 from chestxray.runtime.files import atomic_write
 
@@ -408,49 +409,6 @@ def write_tensorboard(folder: Path, rows: Sequence[dict], figure: np.ndarray) ->
         writer.add_image("robustness/accuracy_vs_severity", figure, global_step=0, dataformats="HWC")
 
 
-def run_train_files(ckpt: Path) -> tuple[list[Path] | None, int, str, set[str]]:
-    """The train images of the checkpoint's run (from its saved settings), the leakage threshold, a note, and the
-    real paths of the images that leak no more: or None and why not (a checkpoint moved out of its run folder, a
-    dataset no longer there). A run with data.drop_leaking=true dropped its train copies of its test images (and of
-    its evaluation sets'): those images leak no more, whatever else the inputs hold; any other image is compared with
-    every train image."""
-    import os
-
-    from omegaconf import OmegaConf
-
-    from chestxray.data.duplicates import DEFAULT_THRESHOLD
-    from chestxray.data.sources import load_labelled, load_splits
-    from chestxray.errors import DataError
-
-    saved = ckpt.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        note = f"n/a (no {saved}: the checkpoint's run settings, so no train folder known)"
-        return None, DEFAULT_THRESHOLD, note, set()
-    config = OmegaConf.load(saved)
-    data = config.get("data", {})
-    raw = OmegaConf.to_container(data, resolve=False).get("data_dir") if data else None
-    # a saved ${oc.env:CHESTXRAY_DATA,...} resolves with this process's environment: say so when it fails
-    threshold = int(data.get("leakage_threshold", DEFAULT_THRESHOLD))
-    data_dir, index, classes = data.get("data_dir"), data.get("index"), list(data.get("classes"))
-    try:
-        files = load_splits(Path(str(data_dir)), Path(str(index)) if index else None, classes)
-    except (DataError, OSError, TypeError) as err:
-        how = f" (saved as {raw}: set it as for training)" if raw != data_dir else ""
-        note = f"n/a (the run's train images, data.data_dir={data_dir}{how}, cannot be listed: {err})"
-        return None, threshold, note, set()
-    note = f"compared with the {len(files['train'])} train images of {data_dir}"
-    cleared: set[str] = set()
-    if data.get("drop_leaking"):
-        cleared = {os.path.realpath(p) for p in files["test"].paths}
-        for name, source in (config.get("eval_sets") or {}).items():
-            try:
-                cleared |= {os.path.realpath(p) for p in load_labelled(str(source), classes, f"eval_sets.{name}").paths}
-            except (DataError, OSError):
-                continue  # an evaluation set no longer there: its images are compared like any others
-        note += " (data.drop_leaking=true: its own test and evaluation images leak no more)"
-    return files["train"].paths, threshold, note, cleared
-
-
 def leaking_mask(
     paths: Sequence[Path],
     hashed: tuple[np.ndarray, np.ndarray],
@@ -498,23 +456,23 @@ def machine() -> str:
 
 
 def leak_mask_of_runs(
-    ckpts: Sequence[Path], paths: Sequence[Path], limits: ImageLimits
+    runs: Sequence[TrainingData], paths: Sequence[Path], limits: ImageLimits
 ) -> tuple[np.ndarray | None, str]:
     """Which inputs duplicate a train image of any member's run (and are not images whose train copies that run
-    dropped), and a note; None with the reason when not known."""
+    dropped), and a note; None with the reason when a run's train images are not known."""
     import os
 
     from chestxray.data.duplicates import hash_files
 
     mask = np.zeros(len(paths), bool)
     notes, threshold, hashed = [], 0, None
-    for ckpt in ckpts:
-        files, threshold, note, cleared = run_train_files(ckpt)
-        if files is None:
-            return None, note
-        notes.append(note)
-        if files:
+    for run in runs:
+        if run.train is None:
+            return None, f"n/a ({run.note})"
+        notes.append(run.note)
+        threshold = run.threshold
+        if run.train.paths:
             hashed = hashed or hash_files(paths, limits)
-            mine = leaking_mask(paths, hashed, files, threshold, limits)
-            mask |= mine & np.array([os.path.realpath(p) not in cleared for p in paths], dtype=bool)
+            mine = leaking_mask(paths, hashed, run.train.paths, run.threshold, limits)
+            mask |= mine & np.array([os.path.realpath(p) not in run.cleared for p in paths], dtype=bool)
     return mask, f"{'; '.join(notes)} ({int(mask.sum())} of {len(paths)} inputs duplicate one, {threshold} bits)"

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from chestxray.errors import UserError, require
-from chestxray.models.checkpoints import preprocess_of
+from chestxray.models.checkpoints import preprocess_of, training_data
 from chestxray.models.classifier import Answered, Answers, ChestXrayClassifier, Predictor
 from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
 
@@ -102,24 +102,13 @@ def _write_record(target: Path, **fields) -> None:
 
 
 def training_images(model: ChestXrayClassifier, checkpoint_path: str | Path) -> list[Path]:
-    """The checkpoint's own train images (from the data settings saved in it), up to CALIBRATION_IMAGES spread over
-    the classes with a fixed seed: int8's activation ranges come from images like those the model learnt on, chosen
-    once at export, not from whatever is being predicted."""
-    from chestxray.data.sources import load_splits
-
-    data = (
-        torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
-        or {}
-    )
-    if not data.get("data_dir") and not data.get("index"):
-        raise UserError(f"{checkpoint_path}: has no data settings to find its train images: give calibration=FOLDER")
-    try:
-        index = Path(data["index"]) if data.get("index") else None
-        train = load_splits(Path(data.get("data_dir") or "."), index, model.classes)["train"]
-    except UserError as err:
-        raise UserError(
-            f"int8 calibration: the checkpoint's train images cannot be listed ({err}): give calibration=FOLDER"
-        ) from None
+    """The checkpoint's own train images (checkpoints.training_data: the data settings saved in it), up to
+    CALIBRATION_IMAGES spread over the classes with a fixed seed: int8's activation ranges come from images like those
+    the model learnt on, chosen once at export, not from whatever is being predicted."""
+    run = training_data(checkpoint_path)
+    if run.train is None:
+        raise UserError(f"int8 calibration: {run.note}: give calibration=FOLDER")
+    train = run.train
     rng = np.random.default_rng(0)
     labels = np.asarray(train.labels)
     per_class = max(1, CALIBRATION_IMAGES // len(model.classes))

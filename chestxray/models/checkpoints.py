@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from chestxray.data import sources
+from chestxray.data.sources import TrainingData
 from chestxray.errors import CheckpointError
 from chestxray.models.classifier import ChestXrayClassifier
 from chestxray.runtime.files import atomic_writer
@@ -86,6 +88,13 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:
             "(written by another version of chestxray?)"
         )
     return checkpoint
+
+
+def training_data(path: str | Path, setting: str = "ckpt") -> TrainingData:
+    """The train images of the checkpoint's run, from the data settings Lightning saved in it (the datamodule's
+    hyper-parameters): one source for every command, which moves with the checkpoint and its adapted copies."""
+    checkpoint = read_checkpoint(path, setting)
+    return sources.training_data(checkpoint.get("datamodule_hyper_parameters"), f"{setting}={path}")
 
 
 def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:

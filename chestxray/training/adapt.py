@@ -6,7 +6,7 @@
 2. Recalibration on the site images (chestxray.models.recalibrate): temperature, the detector's bank and thresholds,
    conformal sets, the acceptance threshold.
 3. Adaptation of the weights when it helps: the head fine-tuned on the site images, with the checkpoint's own
-   training images mixed in where its run folder names them (its .hydra/config.yaml's data.data_dir), chosen only
+   training images mixed in where the data settings saved in it name them and they are here, chosen only
    when its cross-validated accuracy on the site images is above the unadapted model's.
 4. Honest figures: every after-adaptation number is cross-fitted. The site images are split in k folds (grouped by
    patient where the folder's MANIFEST.tsv or a DICOM file's PatientID names them, stratified by class:
@@ -37,13 +37,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 from chestxray import settings
 from chestxray.data.datamodule import patient_of
 from chestxray.data.images import BadImageError, ImageLimits, load_image
-from chestxray.data.sources import find_inputs, text_table
+from chestxray.data.sources import TrainingData, find_inputs, text_table
 from chestxray.errors import AdaptError
 from chestxray.evaluation import figures, metrics, selective
 from chestxray.evaluation.report import SMALL_SET
 from chestxray.evaluation.robustness import leak_mask_of_runs
 from chestxray.models import recalibrate, selection
-from chestxray.models.checkpoints import load_model, preprocess_of
+from chestxray.models.checkpoints import load_model, preprocess_of, training_data
 from chestxray.runtime.console import say, shown
 from chestxray.runtime.files import atomic_write
 
@@ -77,12 +77,12 @@ class Site:
         )
 
 
-def drop_training_copies(site: Site, ckpt: str, limits: ImageLimits) -> tuple[Site, str]:
+def drop_training_copies(site: Site, run: TrainingData, limits: ImageLimits) -> tuple[Site, str]:
     """The site without its images that copy one of the checkpoint's training images (perceptual hash, as the audit
     and training check), and a note: the checkpoint saw those, so they would flatter its numbers, and fine-tuning
     mixes training images into every fold's fit. Not compared (with the reason) where the run's training images
     cannot be listed."""
-    mask, how = leak_mask_of_runs([Path(ckpt)], site.paths, limits)
+    mask, how = leak_mask_of_runs([run], site.paths, limits)
     if mask is None:
         return site, f"not compared with the checkpoint's training images: {how}"
     if not mask.any():
@@ -218,32 +218,28 @@ def head_logits(model, features: torch.Tensor) -> torch.Tensor:
 # --- the checkpoint's own training images (mixed into fine-tuning) -----------------------------------------------
 
 
-def training_images(ckpt: str | Path, model, limits: ImageLimits, limit: int) -> tuple[torch.Tensor, np.ndarray, str]:
-    """(images, labels, where) of the checkpoint's training folder, named by its run's .hydra/config.yaml
-    (data.data_dir/train); empty, with the reason, when that cannot be found or read."""
-    config = Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
-    empty = torch.zeros(0, 3, int(model.hparams.image_size), int(model.hparams.image_size), dtype=torch.uint8)
-    if not config.is_file():
-        return empty, np.zeros(0, np.int64), f"no run config next to the checkpoint ({config})"
-    data_dir = OmegaConf.load(config).get("data", {}).get("data_dir")
-    train = Path(str(data_dir)) / "train" if data_dir else None
-    if train is None or not train.is_dir():
-        return empty, np.zeros(0, np.int64), f"the training images ({train}) are not available here"
+def training_images(run: TrainingData, model, limits: ImageLimits, limit: int) -> tuple[torch.Tensor, np.ndarray, str]:
+    """(images, labels, where) of up to `limit` of the checkpoint's train images (checkpoints.training_data: the data
+    settings saved in it), drawn with a fixed seed; empty, with the reason, when they cannot be listed or read."""
+    size = int(model.hparams.image_size)
+    empty = torch.zeros(0, 3, size, size, dtype=torch.uint8), np.zeros(0, np.int64)
+    if run.train is None:
+        return *empty, f"the training images are not available here: {run.note}"
     if limit == 0:
-        return empty, np.zeros(0, np.int64), "none asked (max_training_images=0)"
-    inputs = [i for i in find_inputs(str(train), model.classes) if i.label is not None]
+        return *empty, "none asked (max_training_images=0)"
+    train = run.train
     rng = np.random.default_rng(0)
-    chosen = sorted(rng.choice(len(inputs), min(limit, len(inputs)), replace=False)) if inputs else []
+    chosen = sorted(rng.choice(len(train), min(limit, len(train)), replace=False)) if len(train) else []
     images, labels = [], []
     for k in chosen:
         try:
-            images.append(torch.from_numpy(load_image(inputs[k].path, int(model.hparams.image_size), limits)))
-            labels.append(inputs[k].label)
+            images.append(torch.from_numpy(load_image(train.paths[k], size, limits)))
+            labels.append(train.labels[k])
         except BadImageError:
             continue
     if not images:
-        return empty, np.zeros(0, np.int64), f"no readable training images in {train}"
-    return torch.stack(images), np.array(labels, np.int64), f"{len(images)} training images of {train}"
+        return *empty, f"no readable training images in {train.where}"
+    return torch.stack(images), np.array(labels, np.int64), f"{len(images)} training images of {train.where}"
 
 
 # --- weights: the head fine-tuned ------------------------------------------------------------------------------
@@ -401,8 +397,9 @@ def adapt(cfg: DictConfig) -> dict:
     model = load_model(cfg.ckpt)
     limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess=preprocess_of(model))
     site = read_site(cfg.site, model, limits)
+    run = training_data(cfg.ckpt)  # the checkpoint's train images: copies of them are left out, some are mixed in
     if cfg.check_training_copies:
-        site, copies = drop_training_copies(site, cfg.ckpt, limits)
+        site, copies = drop_training_copies(site, run, limits)
     else:
         copies = "not compared with the checkpoint's training images (check_training_copies=false)"
     notes = ([copies] if site.training_copies != 0 else []) + check_site(
@@ -420,7 +417,7 @@ def adapt(cfg: DictConfig) -> dict:
 
     extra, where = None, "no fine-tuning asked (adapt.finetune=false)"
     if cfg.finetune:
-        images, train_labels, where = training_images(cfg.ckpt, model, limits, int(cfg.max_training_images))
+        images, train_labels, where = training_images(run, model, limits, int(cfg.max_training_images))
         if len(train_labels):
             extra = (trunk_features(model, images), torch.from_numpy(train_labels))
         else:
