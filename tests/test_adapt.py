@@ -175,6 +175,19 @@ def test_adapt_end_to_end_writes_a_report_and_a_checkpoint_predict_takes(tiny_ru
     assert all(abs(written[k] - by_path[k]) < 1e-4 for k in written), (written, by_path)
     # the shifted images: in distribution for the recalibrated flag, still gated as unlike the training images
     assert any(r["in_distribution"] == "1" and float(r["confidence"]) < 0 for r in rows)
+    # adapted.ckpt records the site images it was fitted on: its leak-free numbers leave them out, and adapting it
+    # again on them is refused (in-sample), while the source checkpoint compares them with its train images only
+    from chestxray.evaluation.robustness import leak_mask_of_runs
+
+    adapted = out / "checkpoints" / "adapted.ckpt"
+    mask, note = leak_mask_of_runs([training_data(adapted)], images.paths, ImageLimits())
+    assert mask.all() and note.endswith(
+        f"and the site images adapt.py fitted it on (18 of {site}) (18 of 18 inputs duplicate one, 40 bits)"
+    ), note
+    source, _ = leak_mask_of_runs([training_data(tiny_run["ckpt"])], images.paths, ImageLimits())
+    assert not source.all()
+    with pytest.raises(AdaptError, match=r"no image left once 18 copies of training images are left out$"):
+        adapt_module.adapt(adapt_config(tmp_path / "again", adapted, site))
 
 
 def small_site(site: Path, folder: Path) -> Path:

@@ -7,6 +7,7 @@ import inspect
 import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ RESUME_KEYS = {
     "std": "model.std",
     "backbone": "model.backbone",
 }
+# adapt.py's record, in adapted.ckpt, of the site images it was fitted on: [{"site", "paths", "labels"}, ...]
+ADAPTED_ON = "chestxray_adapted_on"
 # Loading for prediction: no ImageNet download, no compile, no feature cache.
 INFERENCE = {"pretrained": False, "weights_path": None, "compile": False, "cache_features": False}
 
@@ -91,10 +94,22 @@ def read_checkpoint(path: str | Path, setting: str = "ckpt") -> dict:
 
 
 def training_data(path: str | Path, setting: str = "ckpt") -> TrainingData:
-    """The train images of the checkpoint's run, from the data settings Lightning saved in it (the datamodule's
-    hyper-parameters): one source for every command, which moves with the checkpoint and its adapted copies."""
+    """The images the checkpoint was fitted on: its run's train images, from the data settings Lightning saved in it
+    (the datamodule's hyper-parameters), and for adapt.py's adapted.ckpt the site images it was recalibrated (and
+    perhaps fine-tuned) on. One source for every command, which moves with the checkpoint."""
     checkpoint = read_checkpoint(path, setting)
-    return sources.training_data(checkpoint.get("datamodule_hyper_parameters"), f"{setting}={path}")
+    run = sources.training_data(checkpoint.get("datamodule_hyper_parameters"), f"{setting}={path}")
+    sites = checkpoint.get(ADAPTED_ON) or []
+    if run.train is None or not sites:
+        return run
+    paths = [*run.train.paths, *(Path(p) for s in sites for p in s["paths"])]
+    labels = [*run.train.labels, *(int(k) for s in sites for k in s["labels"])]
+    named = ", ".join(f"{len(s['paths'])} of {s['site']}" for s in sites)
+    return replace(
+        run,
+        train=sources.LabelledFiles(paths, labels, f"{run.train.where} and the site images adapt.py fitted on"),
+        note=f"{run.note} and the site images adapt.py fitted it on ({named})",
+    )
 
 
 def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:

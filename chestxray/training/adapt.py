@@ -43,7 +43,7 @@ from chestxray.evaluation import figures, metrics, selective
 from chestxray.evaluation.report import SMALL_SET
 from chestxray.evaluation.robustness import leak_mask_of_runs
 from chestxray.models import recalibrate, selection
-from chestxray.models.checkpoints import load_model, preprocess_of, training_data
+from chestxray.models.checkpoints import ADAPTED_ON, load_model, preprocess_of, training_data
 from chestxray.runtime.console import say, shown
 from chestxray.runtime.files import atomic_write
 
@@ -439,7 +439,8 @@ def adapt(cfg: DictConfig) -> dict:
     comparison = paired_comparison(crossed, site.labels, float(cfg.finetune_level))
     chosen = candidates[-1] if comparison and comparison["chosen"] else candidates[0]
     final, calibration = adapted_model(model, chosen, features, labels, extra, tuning)
-    path = write_checkpoint(cfg.ckpt, final, calibration.state, out / "checkpoints" / "adapted.ckpt", chosen.finetune)
+    target = out / "checkpoints" / "adapted.ckpt"
+    path = write_checkpoint(cfg.ckpt, final, calibration.state, target, chosen.finetune, site, str(cfg.site))
     report = {
         "checkpoint": str(cfg.ckpt),
         "adapted_checkpoint": str(path),
@@ -496,10 +497,17 @@ def paired_comparison(crossed: dict[str, CrossFit], labels: np.ndarray, level: f
     return {"wins": wins, "losses": losses, "p_value": p, "level": level, "chosen": p < level}
 
 
-def write_checkpoint(source: str, model, state: dict, target: Path, with_head: bool) -> Path:
+def write_checkpoint(source: str, model, state: dict, target: Path, with_head: bool, site: Site, folder: str) -> Path:
     """The source checkpoint with the site's fitted buffers (and the fine-tuned head's weights), loaded with
-    weights_only; predict.py and serve.py take it like any other."""
+    weights_only; predict.py and serve.py take it like any other. It also records the site images it was fitted on
+    (ADAPTED_ON: their paths and labels, no header field), so that checkpoints.training_data counts them with the
+    run's train images: every leak-free number of the adapted checkpoint leaves them out, and adapting it again
+    on the same images is refused as in-sample."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint[ADAPTED_ON] = [
+        *checkpoint.get(ADAPTED_ON, []),
+        {"site": folder, "paths": [str(p) for p in site.paths], "labels": [int(k) for k in site.labels]},
+    ]
     checkpoint["state_dict"].update({k: v.clone() for k, v in state.items()})
     if with_head:
         prefix = f"net.{model.backbone.head_attr}."
