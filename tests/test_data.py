@@ -122,28 +122,29 @@ def check_label_file_matches_folders(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_a_runs_training_data_is_listed_as_training_listed_it(synthetic_dir, tmp_path):
-    """sources.training_data (what robustness, adapt.py and int8 calibration compare with or mix in): a run trained
-    from a label file lists its train rows; data.drop_leaking=true clears its test and evaluation images; a dataset
-    no longer there, or no data settings at all, is not known, with the setting named."""
+    """sources.saved_training_data (what robustness, adapt.py and int8 calibration compare with or mix in): a run
+    trained from a label file lists its train rows; data.drop_leaking=true clears its test and evaluation images; a
+    dataset no longer there, or no data settings at all, is not known, with the setting named."""
     import os
 
-    from chestxray.data.sources import DEFAULT_CLASSES, training_data
+    from chestxray.data.sources import DEFAULT_CLASSES, saved_training_data
 
     index = tmp_path / "index.csv"
     write_index(synthetic_dir, index)
     settings = {"data_dir": str(tmp_path / "unused"), "index": str(index), "classes": list(DEFAULT_CLASSES)}
-    run = training_data(settings, "ckpt=a.ckpt")
+    run = saved_training_data(settings, "ckpt=a.ckpt")
     folders = sorted(p.resolve() for p in (synthetic_dir / "train").rglob("*.*"))
     assert sorted(p.resolve() for p in run.train.paths) == folders and not run.cleared
     assert run.threshold == 40 and run.note == f"compared with the {len(folders)} train images of {index}"
     evaluation = tmp_path / "eval"
     shutil.copytree(synthetic_dir / "test", evaluation)
-    run = training_data({**settings, "drop_leaking": True, "eval_sets": {"other": str(evaluation)}}, "ckpt=a.ckpt")
+    dropped = {**settings, "drop_leaking": True, "eval_sets": {"other": str(evaluation)}}
+    run = saved_training_data(dropped, "ckpt=a.ckpt")
     tests = {os.path.realpath(p) for p in (*(synthetic_dir / "test").rglob("*.*"), *evaluation.rglob("*.*"))}
     assert run.cleared == tests and "leak no more" in run.note
-    gone = training_data({**settings, "index": None, "data_dir": str(tmp_path / "gone")}, "ckpt=a.ckpt")
+    gone = saved_training_data({**settings, "index": None, "data_dir": str(tmp_path / "gone")}, "ckpt=a.ckpt")
     assert gone.train is None and f"data.data_dir={tmp_path / 'gone'}, cannot be listed here" in gone.note
-    unknown = training_data(None, "ckpt=a.ckpt")
+    unknown = saved_training_data(None, "ckpt=a.ckpt")
     assert unknown.train is None
     assert unknown.note == "ckpt=a.ckpt saved no data settings, so its train images are not known"
 

@@ -244,7 +244,7 @@ class TrainingData:
     note: str  # where they come from, or why they are not known
 
 
-def training_data(settings: Mapping | None, where: str) -> TrainingData:
+def saved_training_data(settings: Mapping | None, where: str) -> TrainingData:
     """The train images named by the data settings a run saved in its checkpoint (the LightningDataModule's
     hyper-parameters, which travel with the checkpoint and its adapted copies), listed as training lists them (class
     folders or data.index). A run with data.drop_leaking=true dropped its train copies of its own test and

@@ -98,7 +98,7 @@ def training_data(path: str | Path, setting: str = "ckpt") -> TrainingData:
     (the datamodule's hyper-parameters), and for adapt.py's adapted.ckpt the site images it was recalibrated (and
     perhaps fine-tuned) on. One source for every command, which moves with the checkpoint."""
     checkpoint = read_checkpoint(path, setting)
-    run = sources.training_data(checkpoint.get("datamodule_hyper_parameters"), f"{setting}={path}")
+    run = sources.saved_training_data(checkpoint.get("datamodule_hyper_parameters"), f"{setting}={path}")
     sites = checkpoint.get(ADAPTED_ON) or []
     if run.train is None or not sites:
         return run
