@@ -377,3 +377,20 @@ def test_copies_of_training_images_are_found_after_drop_leaking_and_a_site_of_co
     with pytest.raises(AdaptError, match=r"no image left once 6 copies of training images are left out$"):
         adapt_module.adapt(cfg)
     assert adapt_module.adapt(adapt_config(tmp_path / "o2", ckpt, site, "check_training_copies=false"))["images"] == 6
+
+
+def test_the_adapted_checkpoint_is_written_whole_or_not_at_all(tiny_run, site, tmp_path, monkeypatch):
+    """A write that fails half-way (a kill, a full disk) leaves no adapted.ckpt: a checkpoints/ folder holding half a
+    file would pass for a finished run."""
+    model = load_model(tiny_run["ckpt"])
+    read = adapt_module.read_site(site, model, _limits(model))
+    target = tmp_path / "checkpoints" / "adapted.ckpt"
+
+    def half(obj, fh):
+        fh.write(b"PK\x03\x04 half a zip archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapt_module.torch, "save", half)
+    with pytest.raises(OSError, match="No space left"):
+        adapt_module.write_checkpoint(str(tiny_run["ckpt"]), model, {}, target, False, read, str(site))
+    assert not target.exists() and not list(target.parent.iterdir())

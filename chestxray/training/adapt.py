@@ -45,7 +45,7 @@ from chestxray.evaluation.robustness import leak_mask_of_runs
 from chestxray.models import recalibrate, selection
 from chestxray.models.checkpoints import ADAPTED_ON, load_model, preprocess_of, training_data
 from chestxray.runtime.console import say, shown
-from chestxray.runtime.files import atomic_write
+from chestxray.runtime.files import atomic_write, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -516,8 +516,8 @@ def write_checkpoint(source: str, model, state: dict, target: Path, with_head: b
         )
     checkpoint.pop("optimizer_states", None)  # a site's head is not the optimizer's: start from it with init_from
     checkpoint.pop("lr_schedulers", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, target)
+    with atomic_writer(target, "wb") as fh:  # whole or not at all, as training writes its checkpoints
+        torch.save(checkpoint, fh)
     return target
 
 
