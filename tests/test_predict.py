@@ -485,7 +485,14 @@ def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_
     assert "onnx-int8:" in named.stdout
     exports = [p for p in cache.glob("*.int8.onnx") if p.name.startswith(mine)]
     assert len(exports) == 1 and len([p for p in cache.glob("*.onnx") if p.name.startswith(mine)]) == 2
-    assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == "the named images"
+    assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == f"the named images in {test / 'Normal'}"
+    again = run_script(  # a run naming no images uses that export, and says what it was calibrated on
+        "predict.py", f"ckpt={ckpt}", f"inputs={one}", "runtime=onnx-int8", f"hydra.run.dir={tmp_path / 'again'}"
+    )
+    assert (
+        f"runtime=onnx-int8: quantised when exported, calibrated on 12 of the named images in {test / 'Normal'}"
+        in again.stdout
+    )
 
 
 def test_labels_come_from_class_folders_inside_what_was_given_whatever_the_form_or_order(tmp_path, monkeypatch):

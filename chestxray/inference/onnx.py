@@ -252,12 +252,25 @@ def exported(
     if fmt == "onnx":
         return fp32
     images = calibration or training_images(models[0], ckpt_paths[0])
-    source = "the named images" if calibration else "the checkpoint's train images"
+    source = (
+        f"the named images in {os.path.commonpath(calibration)}" if calibration else "the checkpoint's train images"
+    )
     log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
     quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size, preprocess_of(models[0])))
     _write_record(target, images=_digest(images, "calibration"), count=len(images), source=source)
     _remove_stale(target, ckpt_paths, fmt)
     return target
+
+
+def calibration_of(path: Path) -> str | None:
+    """What an int8 export was calibrated on, from its record ('63 of the checkpoint's train images'); None for fp32.
+    The cache keeps one int8 export per checkpoint, calibrated when it was exported: a run that names no images uses
+    the one there, whichever images quantised it, so the run says which."""
+    try:  # exported() has just checked the file against this record
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"{record['count']} of {record['source']}" if "count" in record else None
 
 
 class OnnxPredictor(Predictor):
@@ -270,6 +283,7 @@ class OnnxPredictor(Predictor):
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(path), providers=providers)
+        self.calibration = calibration_of(path)
 
     @classmethod
     def from_checkpoints(

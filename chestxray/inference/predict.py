@@ -342,7 +342,10 @@ def runtime_module(cfg: DictConfig, paths: Sequence[str], models: Sequence[Chest
         )
     # int8: calibrated once at export, on calibration=FOLDER or the checkpoint's own train images, never on the inputs
     named = [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
-    return OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, named)
+    predictor = OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, named)
+    if cfg.runtime == "onnx-int8":
+        say(f"runtime=onnx-int8: quantised when exported, calibrated on {predictor.calibration}")
+    return predictor
 
 
 def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:
