@@ -17,7 +17,8 @@ class DataError(UserError):
 
 
 class CacheError(UserError):
-    """The decoded-image cache folder cannot hold a store (read-only, or too little free space)."""
+    """A cache folder cannot hold what it is for: a decoded-image store or an ONNX export (read-only, or too little
+    free space)."""
 
 
 class WeightsError(UserError):

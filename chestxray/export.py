@@ -4,12 +4,13 @@ graph (chestxray.inference.onnx), cached in the cache folder where predict.py ru
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from chestxray.errors import UserError
 from chestxray.inference.onnx import exported
-from chestxray.runtime.files import atomic_copy
+from chestxray.runtime.files import atomic_copy, probe_writable
 
 USAGE = """usage: python -m chestxray.export ckpt=PATH|[A.ckpt,B.ckpt] [format=onnx|onnx-int8] [calibration=FOLDER]
                                   [out=FILE]
@@ -50,14 +51,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         if cfg.get("calibration") and not calibration:
             raise ValueError(f"calibration={cfg.calibration}: no image found there")
+        if cfg.get("out"):
+            _check_out(Path(str(cfg.out)))
         path = exported(paths, models, fmt, calibration)
+        if cfg.get("out"):
+            try:
+                path = atomic_copy(path, cfg.out)
+            except OSError as err:
+                raise UserError(
+                    f"out={cfg.out}: cannot write it ({err.strerror or err}); the export is {path}"
+                ) from None
     except (UserError, ValueError) as err:
         print(f"export: error: {err}", file=sys.stderr)
         return 2
-    if cfg.get("out"):
-        path = atomic_copy(path, cfg.out)
     print(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """out= names a file this user can write, checked before the export (minutes), in one line if not."""
+    if out.is_dir():
+        raise UserError(f"out={out}: is a folder (name the file to write, e.g. out={out / 'model.onnx'})")
+    try:
+        probe_writable(out.parent)
+    except OSError as err:
+        raise UserError(f"out={out}: cannot write in {out.parent}: {err.strerror or err}") from None
 
 
 if __name__ == "__main__":

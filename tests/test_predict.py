@@ -519,3 +519,33 @@ def test_labels_come_from_class_folders_inside_what_was_given_whatever_the_form_
     for inputs in (["test/Covid", "test/Normal"], ["test/Normal", "test/Covid"], "test"):
         linked = [label for name, label in labels(inputs).items() if name in ("b.png", "link.png")]
         assert linked == [None], inputs  # one file in two class folders: no label, whichever comes first
+
+
+def test_an_export_that_cannot_be_written_is_refused_before_the_export(tiny_run, tmp_path, monkeypatch, capsys):
+    """An unwritable cache folder ($CHESTXRAY_CACHE below a file) or out= is one line (exit 2) before the export's
+    minutes, not a traceback after them."""
+    from chestxray import export
+    from chestxray.errors import CacheError
+    from chestxray.inference import onnx
+    from chestxray.models.checkpoints import load_models
+
+    def no_export(*args):
+        raise AssertionError("exported although the result could not be kept")
+
+    monkeypatch.setattr(onnx, "export_onnx", no_export)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CHESTXRAY_CACHE", str(blocker / "cache"))
+    ckpt = str(tiny_run["ckpt"])
+    with pytest.raises(CacheError, match=rf"^cannot write the ONNX export cache folder {blocker}/cache/onnx "):
+        onnx.exported([ckpt], load_models([ckpt]), "onnx")
+    assert export.main([f"ckpt={ckpt}"]) == 2
+    assert capsys.readouterr().err.startswith("export: error: cannot write the ONNX export cache folder")
+    monkeypatch.setenv("CHESTXRAY_CACHE", str(tmp_path / "cache"))
+    for out, said in (
+        (blocker / "x.onnx", f"out={blocker / 'x.onnx'}: cannot write in {blocker}: "),
+        (tmp_path, "is a folder"),
+    ):
+        assert export.main([f"ckpt={ckpt}", f"out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err

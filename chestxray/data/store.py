@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from chestxray.data.images import DECODE_VERSION, DEFAULT_LIMITS, BadImageError, ImageLimits, model_view, read_bytes
 from chestxray.errors import CacheError
-from chestxray.runtime.files import atomic_write, default_cache_dir
+from chestxray.runtime.files import atomic_write, default_cache_dir, probe_writable
 from chestxray.runtime.parallel import available_cpus, bounded_map
 
 log = logging.getLogger(__name__)
@@ -421,9 +421,7 @@ def _move_into_place(tmp: Path, final: Path, paths: Sequence[Path], settings: De
 
 def _check_writable(cache_dir: Path) -> None:
     try:
-        (cache_dir / "stores").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir / "stores", prefix=".write-test-"):
-            pass
+        probe_writable(cache_dir / "stores")
     except OSError as err:
         raise CacheError(
             f"cannot write the decoded-image cache folder {cache_dir} (data.cache_dir, or $CHESTXRAY_CACHE): "

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chestxray.errors import UserError, require
+from chestxray.errors import CacheError, UserError, require
 from chestxray.models.checkpoints import preprocess_of, training_data
 from chestxray.models.classifier import Answered, Answers, ChestXrayClassifier, Predictor
-from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir
+from chestxray.runtime.files import atomic_copy, atomic_write, default_cache_dir, probe_writable
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,13 @@ def exported(
     if record:
         return target
     fp32 = target if fmt == "onnx" else onnx_path(ckpt_paths, "onnx", key)
+    try:
+        probe_writable(target.parent)  # before minutes of export, not after them
+    except OSError as err:
+        raise CacheError(
+            f"cannot write the ONNX export cache folder {target.parent} ($CHESTXRAY_CACHE, else ~/.cache/chestxray): "
+            f"{err.strerror or err}; set CHESTXRAY_CACHE to a writable folder"
+        ) from None
     if fmt == "onnx" or not _record(fp32):
         log.info("exporting %s to ONNX: %s", ", ".join(map(str, ckpt_paths)), fp32)
         export_onnx(models, fp32)

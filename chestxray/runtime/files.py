@@ -17,6 +17,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chestxray"
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Make `folder` and a file in it (removed at once): an OSError now, naming the cause, instead of one after the
+    work whose result it was to hold."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
+
+
 def _umask() -> int:
     """The process's umask (read by setting it, so set it straight back: done once, at import, before any thread
     could create a file in between)."""
