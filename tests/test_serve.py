@@ -197,6 +197,104 @@ def test_the_access_line_of_a_forged_path_stays_one_line_and_a_lowercase_bearer_
     assert re.fullmatch(r"GET /health 200 \d+ ms", lines[1]), lines[1]
 
 
+def test_refusals_close_the_connection_every_answer_has_security_headers_and_websockets_are_refused(caplog):
+    """A refused client's connection is not kept for its body; no answer may be sniffed, framed, cached or sent a
+    referrer; a WebSocket handshake never reaches a route; a 504 names the settings it waited for; a path's access
+    line is cut at LOGGED_PATH characters."""
+    import asyncio
+
+    from chestxray.serving.gate import LOGGED_PATH, Gate, GateSettings
+    from chestxray.serving.monitor import Monitor
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def exchange(scope) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await gate(scope, None, send)
+        return sent
+
+    def http(path: str, token: str) -> dict:
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        start = asyncio.run(exchange({"type": "http", "method": "GET", "path": path, "headers": headers}))[0]
+        return {"status": start["status"], **{k.decode(): v.decode() for k, v in start["headers"]}}
+
+    gate = Gate(app, GateSettings("s3cret", 1, request_timeout=0.2, body_timeout=0.1), Monitor(10, None))
+    long_path = "/" + "a" * 5000
+    with caplog.at_level(logging.INFO, logger="chestxray.serving.access"):
+        refused, served, late = http(long_path, "wrong"), http("/health", "s3cret"), http("/slow", "s3cret")
+        closed = asyncio.run(exchange({"type": "websocket", "path": "/predict", "headers": []}))
+    assert refused["status"] == 401 and refused["connection"] == "close"
+    assert served["status"] == 200 and "connection" not in served
+    assert late["status"] == 504 and late["connection"] == "close"
+    for answer in (refused, served, late):
+        assert answer["x-content-type-options"] == "nosniff" and answer["x-frame-options"] == "DENY"
+        assert answer["cache-control"] == "no-store" and answer["referrer-policy"] == "no-referrer"
+    assert closed == [{"type": "websocket.close", "code": 1008}]
+    lines = [r.getMessage() for r in caplog.records if r.name == "chestxray.serving.access"]
+    assert lines[0] == f"GET /{'a' * (LOGGED_PATH - 1)}... (5001 characters) 401" + lines[0].split("401", 1)[1]
+    assert len(lines[0]) < LOGGED_PATH + 40 and lines[-1] == "WEBSOCKET /predict refused"
+    body = json.loads(asyncio.run(exchange({"type": "http", "method": "GET", "path": "/slow", "headers": [
+        (b"authorization", b"Bearer s3cret")]}))[1]["body"])  # fmt: skip
+    assert body == {"error": "no answer within request_timeout=0.2 s (after body_timeout=0.1 s for the upload)"}
+
+
+def test_slow_or_endless_request_headers_are_cut_off_and_a_slow_answer_is_not():
+    """No token is needed to send headers: a client that sends them a byte at a time, or without end, loses its
+    connection (header_timeout, MAX_HEADER_BYTES); a request whose headers arrived waits for its answer however
+    long the answer takes, and a kept-alive connection serves a second request."""
+    import threading
+
+    import uvicorn
+
+    from chestxray.serving import connections
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/slow":
+            await __import__("asyncio").sleep(1.5)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="error", lifespan="off", http=connections.protocol(1.0),
+        h11_max_incomplete_event_size=connections.MAX_HEADER_BYTES,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            start = time.monotonic()
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            with pytest.raises((ConnectionError, OSError)):  # a header byte every 0.3 s: cut off after 1 s
+                for _ in range(20):
+                    time.sleep(0.3)
+                    slow.sendall(b"X")
+            assert 0.9 < time.monotonic() - start < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as endless:
+            endless.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-a: " + b"a" * (connections.MAX_HEADER_BYTES + 10))
+            assert endless.recv(100).startswith(b"HTTP/1.1 400")
+        with requests.Session() as session:  # one kept-alive connection: a slow answer, then another request
+            assert session.get(f"http://127.0.0.1:{port}/slow", timeout=10).text == "ok"
+            time.sleep(0.5)
+            assert session.get(f"http://127.0.0.1:{port}/", timeout=10).text == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_a_deflated_dicom_bomb_is_refused_while_inflating_and_grey_dicom_decodes_without_float64_copies():
     import tracemalloc
 
@@ -351,6 +449,9 @@ def test_every_endpoint_answers_and_probabilities_equal_predict_py(server, tiny_
     assert len(info["members"][0]["sha256"]) == 64 and info["members"][0]["temperature"] > 0
     page = requests.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "<title>chestxray" in page.text and "http" not in page.text.split("<script>")[1]
+    policy = page.headers["content-security-policy"]  # its own inline script runs (Chromium's test), nothing else
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]{43}=';", policy) and page.headers["x-frame-options"] == "DENY"
     multipart = assert_served(server.post(files={"image": (image.name, image.read_bytes())}), probs)
     height, width = cv2.imread(str(image)).shape[:2]
     assert (multipart["width"], multipart["height"]) == (width, height) and "gradcam_png" not in multipart

@@ -7,10 +7,13 @@ In this order, for every HTTP request:
    no data;
 2. the waiting limit: beyond `max_waiting` uploads in progress, POST /predict is answered 503 with Retry-After;
 3. the request's deadline: no response started within `request_timeout` seconds is answered 504;
-4. one access-log line (method, path with its control characters escaped, status, milliseconds: nothing else of the
-   request) and the metrics.
+4. one access-log line (method, path with its control characters escaped and cut at LOGGED_PATH characters, status,
+   milliseconds: nothing else of the request) and the metrics.
 
-Every refusal here is `{"error": reason}`, as the framework's own errors are (chestxray.serving.server).
+Every response gets SECURITY_HEADERS (no sniffing, no framing, no caching of answers, no referrer). Every refusal
+here is `{"error": reason}`, as the framework's own errors are (chestxray.serving.server), and closes the connection
+(`Connection: close`): a refused client's body is not read, and the connection is not kept for it. WebSocket
+connections are closed unopened: no route takes one, and they would pass the token check by another door.
 """
 
 from __future__ import annotations
@@ -32,13 +35,21 @@ log = logging.getLogger("chestxray.serving.access")
 OPEN_PATHS = frozenset({"/"})  # the page: no data in it; its requests carry the token the user types
 PREDICT = "/predict"
 UNAUTHORISED = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
+LOGGED_PATH = 200  # characters of a request's path in its access-log line: a client chooses its length
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),  # answers are about a patient's image: no cache keeps them
+]
 
 
 @dataclass(frozen=True)
 class GateSettings:
     token: str | None  # held in memory only: never logged, written or put in argv
     max_waiting: int  # POST /predict in progress (body, decode, queue, model) beyond which 503
-    request_timeout: float  # seconds before a request without a response gets 504
+    request_timeout: float  # seconds a request may wait for its answer once its body has arrived
+    body_timeout: float = 0.0  # seconds its body may take to arrive: the deadline for a response is the sum
     retry_after: int = 1  # seconds a 503 asks the client to wait
 
 
@@ -52,10 +63,12 @@ def authorised(headers: Headers, token: str | None) -> bool:
     return hmac.compare_digest(sent, token.encode()) and scheme.lower() == "bearer"
 
 
-def printable(text: str) -> str:
+def printable(text: str, limit: int = LOGGED_PATH) -> str:
     """`text` for a log line: control characters (a %0A in a URL is a newline once decoded) and backslashes escaped,
-    so a client cannot end the access line and forge another."""
-    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+    so a client cannot end the access line and forge another; cut at `limit` characters, so it cannot fill the log."""
+    cut = text[:limit]
+    shown = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in cut)
+    return shown + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def route_of(path: str) -> str:
@@ -64,8 +77,8 @@ def route_of(path: str) -> str:
 
 
 async def refuse(send: Send, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
-    """Answer {"error": reason} without reading the request's body."""
-    response = JSONResponse({"error": reason}, status_code=status, headers=headers)
+    """Answer {"error": reason} without reading the request's body, and close the connection after it."""
+    response = JSONResponse({"error": reason}, status_code=status, headers={**(headers or {}), "Connection": "close"})
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
@@ -78,7 +91,11 @@ class Gate:
         self.waiting = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation: no route takes one
+            log.info("WEBSOCKET %s refused", printable(scope["path"]))
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -90,6 +107,7 @@ class Gate:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             elif message["type"] == "http.response.body" and watch and status[0] == 200 and len(answer) < 1 << 22:
                 answer.extend(message.get("body", b""))
             await send(message)
@@ -108,11 +126,14 @@ class Gate:
                 counted = True
                 self.monitor.waiting.set(self.waiting)
             try:
-                async with asyncio.timeout(self.settings.request_timeout):
+                async with asyncio.timeout(self.settings.request_timeout + self.settings.body_timeout):
                     await self.app(scope, receive, sending)
             except TimeoutError:
                 if status[0] == 0:
-                    reason = f"no answer within request_timeout={self.settings.request_timeout:g} s"
+                    reason = (
+                        f"no answer within request_timeout={self.settings.request_timeout:g} s "
+                        f"(after body_timeout={self.settings.body_timeout:g} s for the upload)"
+                    )
                     await refuse(sending, 504, reason)
         except Exception as err:  # noqa: BLE001 - one line, no request content; the client gets {"error"}
             log.error("%s %s failed: %s", printable(method), printable(path), type(err).__name__)

@@ -21,8 +21,11 @@ and held in memory; token= on the command line is refused by serve.py before Hyd
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from chestxray import settings
 from chestxray.data.images import ImageLimits
 from chestxray.errors import ConfigError, PredictError, require
-from chestxray.serving import signals
+from chestxray.serving import connections, signals
 from chestxray.serving.token import TOKEN_ON_COMMAND_LINE, TOKEN_VARIABLE, read_token
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ SERVE_RULES = [
     settings._int("decode_threads", 1),
     settings._number("request_timeout", 0, low_open=True),
     settings._number("body_timeout", 0, low_open=True),
+    settings._number("header_timeout", 0, low_open=True),
+    settings._int("max_connections", 1),
     settings._int("ood_window", 1),
     settings._bool("docs"),
 ]
@@ -134,9 +139,19 @@ def build_server(cfg: DictConfig, token: str | None = None):
     add_page(app)
     add_info_and_metrics(app, server, monitor)
     # added last, so outermost: the token is checked before any other middleware or the body is read
-    gate = GateSettings(token, int(cfg.max_waiting), float(cfg.request_timeout) + float(cfg.body_timeout))
+    gate = GateSettings(token, int(cfg.max_waiting), float(cfg.request_timeout), float(cfg.body_timeout))
     app.add_middleware(Gate, settings=gate, monitor=monitor)
     return server
+
+
+def connection_limits(cfg: DictConfig) -> dict:
+    """uvicorn.Config's settings for the connections (chestxray.serving.connections): headers bounded in size and
+    time, connections in number."""
+    return {
+        "http": connections.protocol(float(cfg.header_timeout)),
+        "h11_max_incomplete_event_size": connections.MAX_HEADER_BYTES,
+        "limit_concurrency": int(cfg.max_connections),
+    }
 
 
 def add_error_handlers(app) -> None:
@@ -154,13 +169,29 @@ def add_error_handlers(app) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
 
 
+def content_policy(html: str) -> str:
+    """The page's Content-Security-Policy: its own inline script and style (by their SHA-256) and nothing else runs or
+    styles it; it talks to this server only, shows images from its answers (data:) and the chosen file (blob:), and
+    no other site may frame it (the token field)."""
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "img-src 'self' data: blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 def add_page(app) -> None:
     """GET /: the page (no token needed: it holds no data; its requests carry the token the user types)."""
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
     html = PAGE.read_text()
+    policy = {"Content-Security-Policy": content_policy(html)}
 
     async def page() -> HTMLResponse:
-        return HTMLResponse(html)
+        return HTMLResponse(html, headers=policy)
 
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
 
@@ -202,5 +233,11 @@ def serve(cfg: DictConfig) -> dict:
         + (" (token required)" if token else ""),
         flush=True,
     )
-    server.run(host=str(cfg.host), port=int(cfg.port), generate_client_file=False, log_level=str(cfg.log_level))
+    server.run(
+        host=str(cfg.host),
+        port=int(cfg.port),
+        generate_client_file=False,
+        log_level=str(cfg.log_level),
+        **connection_limits(cfg),
+    )
     return {"host": str(cfg.host), "port": int(cfg.port)}
