@@ -27,7 +27,7 @@ from chestxray.data.images import ImageLimits
 from chestxray.errors import ConfigError
 from chestxray.inference import predict as predict_module
 from chestxray.serving.api import build_answer, warnings_for
-from chestxray.serving.intake import IntakeSettings, Refused, decode
+from chestxray.serving.intake import IntakeSettings, Refused, decode, image_bytes
 from chestxray.serving.server import check, loopback_warning
 from chestxray.serving.token import TOKEN_VARIABLE
 from tests.conftest import CLASSES, ROOT, compose_config, predict_config
@@ -293,6 +293,38 @@ def test_slow_or_endless_request_headers_are_cut_off_and_a_slow_answer_is_not():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_an_upload_refused_unread_closes_its_connection_and_a_form_of_too_many_files_says_so():
+    """413 (declared too large: the body is never read) closes the connection; a 422 after a whole body does not;
+    Starlette's own multipart limit is named, not just its exception's class."""
+    import asyncio
+
+    from chestxray.serving.intake import ImageIntake
+
+    async def answer(headers: list, body: bytes) -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b""}
+        await ImageIntake(None, IntakeSettings(32, ImageLimits(), 1000))(scope, receive, send)
+        return {"status": sent[0]["status"], **{k.decode(): v.decode() for k, v in sent[0]["headers"]}, "body": sent[1]}
+
+    large = asyncio.run(answer([(b"content-length", b"10000000000")], b""))
+    assert large["status"] == 413 and large["connection"] == "close"
+    junk = asyncio.run(answer([(b"content-length", b"5")], b"hello"))
+    assert junk["status"] == 422 and "connection" not in junk
+    part = b'--b\r\nContent-Disposition: form-data; name="f%d"; filename="x"\r\n\r\nx\r\n'
+    form = b"".join(part % i for i in range(1001)) + b"--b--\r\n"
+    with pytest.raises(Refused, match=r"malformed multipart form \(Too many files. Maximum number of files is 1000.\)"):
+        asyncio.run(
+            image_bytes({"type": "http", "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}, form)
+        )
 
 
 def test_a_deflated_dicom_bomb_is_refused_while_inflating_and_grey_dicom_decodes_without_float64_copies():

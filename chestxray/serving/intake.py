@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,7 +98,8 @@ async def image_bytes(scope: Scope, body: bytes) -> tuple[bytes, dict[str, str]]
     try:
         form = await Request(scope, replay).form()
     except Exception as err:  # noqa: BLE001 - any malformed form is the client's
-        raise Refused(400, f"malformed multipart form ({type(err).__name__})") from None
+        why = err.message if isinstance(err, MultiPartException) else type(err).__name__  # Starlette's own limits
+        raise Refused(400, f"malformed multipart form ({why})") from None
     try:
         item = form.get(FIELD)
         if not isinstance(item, UploadFile):
@@ -172,7 +174,10 @@ class ImageIntake:
             gradcam = truthy(query.get("gradcam")) or truthy(fields.get("gradcam"))
             upload = await anyio.to_thread.run_sync(self.decode, data, limiter=self.limiter)
         except Refused as refused:
-            await JSONResponse({"error": refused.reason}, status_code=refused.status)(scope, receive, send)
+            unread = {"Connection": "close"} if refused.status in (400, 408, 413) else None  # a body not read whole
+            await JSONResponse({"error": refused.reason}, status_code=refused.status, headers=unread)(
+                scope, receive, send
+            )
             return
         encoded = json.dumps(payload(upload, gradcam, data)).encode()
         sent = False
