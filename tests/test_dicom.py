@@ -3,6 +3,7 @@ path that training, label files, the store, the audit and predict.py share; and 
 
 import csv
 import json
+import logging
 import shutil
 import struct
 import zlib
@@ -223,6 +224,34 @@ def test_size_limits_apply_from_rows_and_columns_before_decoding(grey, tmp_path,
         read_image(path, limits=ImageLimits(max_pixels=1_000))
     with pytest.raises(BadImageError, match=r"smaller than data.min_image_side=64"):
         read_image(path, limits=ImageLimits(min_side=64))
+
+
+def test_header_values_that_cannot_be_applied_are_one_line_that_quotes_no_value(grey, tmp_path, caplog):
+    """Windows, LUTs and counts pydicom cannot apply (WindowWidth 0 is found in real files) are one line each, not
+    a crash (a 500 in serve.py); the line names the element, never its value, and pydicom logs nothing."""
+    pixels = stored(grey, 12)
+    lut_without_data, lut_without_descriptor = Dataset(), Dataset()
+    lut_without_data.ModalityLUTType = lut_without_descriptor.ModalityLUTType = "US"
+    lut_without_descriptor.add_new(0x00283006, "US", [0] * 4096)  # LUTData: its VR named, as no descriptor tells
+    lut_without_data.LUTDescriptor = [4096, 0, 16]
+    cases = {
+        "width0": dict(WindowCenter=100, WindowWidth=0),
+        "negative": dict(WindowCenter=100, WindowWidth=-5),
+        "sigmoid0": dict(WindowCenter=100, WindowWidth=0, VOILUTFunction="SIGMOID"),
+        "function": dict(WindowCenter=100, WindowWidth=50, VOILUTFunction="Doe^Jane"),
+        "lut1": dict(ModalityLUTSequence=[lut_without_data]),
+        "lut2": dict(ModalityLUTSequence=[lut_without_descriptor]),
+    }
+    with caplog.at_level(logging.DEBUG):
+        for name, elements in cases.items():
+            with pytest.raises(BadImageError, match=rf"{name}\.dcm: its grey levels cannot be computed") as caught:
+                read_image(save(dataset(pixels, **elements), tmp_path / f"{name}.dcm"))
+            assert "Doe" not in str(caught.value) and "\n" not in str(caught.value)
+        data = save(dataset(pixels, NumberOfFrames="1"), tmp_path / "frames.dcm").read_bytes()
+        (tmp_path / "frames.dcm").write_bytes(data.replace(b"IS\x02\x001 ", b"IS\x06\x00Doe^J "))
+        with pytest.raises(BadImageError, match=r"frames\.dcm: image pixel module incomplete: NumberOfFrames is not"):
+            read_image(tmp_path / "frames.dcm")
+    assert not [r for r in caplog.records if "Doe" in r.getMessage() or r.name.startswith("pydicom")]
 
 
 def test_truncated_pixel_data_is_one_error(grey, tmp_path):

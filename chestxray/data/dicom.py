@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import os
 import re
 import warnings
@@ -167,11 +168,22 @@ def _check_inflated_size(data: bytes, limit: int, max_pixels: int | None = None,
         raise DicomError(f"deflated dataset inflates beyond {limit:,} bytes (more than max_pixels allows)")
 
 
+def _pydicom():
+    """pydicom, its header checks off and its logger silent: both quote header values ('Invalid value for VR IS:
+    ...'), which must reach no log or answer (its own import resets its logger, hence here, after it)."""
+    import pydicom
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    return pydicom
+
+
 def read_dataset(data: bytes, max_pixels: int | None = None, setting: str = "max_pixels"):
     """The header's READ_TAGS and the pixel data; pydicom's warnings are dropped, as they may quote values. With
     max_pixels, a deflated file is first checked to declare at most that many pixels and to inflate to at most
     what they can hold (inflated_limit)."""
-    import pydicom
+    pydicom = _pydicom()
 
     if max_pixels is not None:
         _check_inflated_size(data, inflated_limit(max_pixels), max_pixels, setting)
@@ -191,20 +203,34 @@ def info_of(ds) -> DicomInfo:
         raise DicomError("no transfer syntax in the file meta information")
     if "PixelData" not in ds:
         raise DicomError("no pixel data (not an image)")
+    return DicomInfo(
+        modality=_code(ds.get("Modality")),
+        view=_code(ds.get("ViewPosition")),
+        photometric=_code(ds.get("PhotometricInterpretation")),
+        bits_stored=_whole(ds, "BitsStored", None) or _whole(ds, "BitsAllocated"),
+        width=_whole(ds, "Columns"),
+        height=_whole(ds, "Rows"),
+        frames=_whole(ds, "NumberOfFrames", 1),
+        samples=_whole(ds, "SamplesPerPixel", 1),
+        transfer_syntax=str(syntax),
+    )
+
+
+_REQUIRED = object()
+
+
+def _whole(ds, keyword: str, default=_REQUIRED) -> int | None:
+    """A header element as a whole number, `default` where it is absent or empty; else one line naming the element
+    and not quoting its value (a header value is never echoed: it could be anything the sender put there)."""
     try:
-        return DicomInfo(
-            modality=_code(ds.get("Modality")),
-            view=_code(ds.get("ViewPosition")),
-            photometric=_code(ds.get("PhotometricInterpretation")),
-            bits_stored=int(ds.get("BitsStored") or ds.BitsAllocated),
-            width=int(ds.Columns),
-            height=int(ds.Rows),
-            frames=int(ds.get("NumberOfFrames") or 1),
-            samples=int(ds.get("SamplesPerPixel") or 1),
-            transfer_syntax=str(syntax),
-        )
-    except (AttributeError, TypeError, ValueError) as err:
-        raise DicomError(f"image pixel module incomplete ({type(err).__name__}: {err})") from None
+        value = ds.get(keyword)
+        if value is None or value == "":
+            if default is _REQUIRED:
+                raise DicomError(f"image pixel module incomplete: no {keyword}")
+            return default
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"image pixel module incomplete: {keyword} is not a whole number") from None
 
 
 def check(info: DicomInfo, lateral: str = "flag") -> None:
@@ -294,10 +320,16 @@ def decode_pixels(ds, info: DicomInfo) -> np.ndarray:
         try:
             stored = ds.pixel_array  # BitsStored applied, YBR converted to RGB
         except Exception as err:  # noqa: BLE001 - a decoder failure is a bad file, said in one line
-            raise DicomError(f"cannot decode the pixel data ({type(err).__name__}: {err})") from None
+            raise DicomError(f"cannot decode the pixel data ({type(err).__name__})") from None
         if info.samples == 3:
             return _to_uint8(stored, 0, 2**info.bits_stored - 1)
-        table = _grey_table(ds, info)
+        try:
+            table = _grey_table(ds, info)
+        except Exception as err:  # noqa: BLE001 - pydicom refuses a window or LUT it cannot apply, in many ways
+            raise DicomError(
+                f"its grey levels cannot be computed ({type(err).__name__}): a WindowWidth below 1, an unknown "
+                "VOILUTFunction, or an incomplete ModalityLUTSequence or VOILUTSequence"
+            ) from None
     return _look_up(stored, table, int(_domain(ds, info)[0]))
 
 
@@ -338,7 +370,7 @@ def header(path: str | os.PathLike, tags: list[str]):
 
     Decided by content as the decoder decides (the 'DICM' magic at offset 128), not by name: a DICOM file named .png
     is decoded as DICOM, so it gets its patient key and tags too."""
-    import pydicom
+    pydicom = _pydicom()
 
     try:
         with open(path, "rb") as fh:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -36,6 +37,11 @@ from chestxray.data.images import BadImageError, ImageLimits, check_limits, mode
 
 FIELD = "image"  # the multipart field that carries the image
 UPLOAD_NAME = "upload"  # what a refusal calls the file: never the client's file name
+
+
+# python-multipart logs what it could not parse, quoting the body's bytes ('Expected boundary character 121, got
+# 122'): nothing of an upload reaches a log, so its loggers are silenced; the client gets the reason in its 400.
+logging.getLogger("python_multipart").setLevel(logging.CRITICAL + 1)
 
 
 class Refused(Exception):
