@@ -254,6 +254,29 @@ def test_header_values_that_cannot_be_applied_are_one_line_that_quotes_no_value(
     assert not [r for r in caplog.records if "Doe" in r.getMessage() or r.name.startswith("pydicom")]
 
 
+def test_a_compressed_frame_larger_than_rows_and_columns_is_refused_before_decoding(grey, tmp_path, monkeypatch):
+    """max_pixels is checked against Rows x Columns, but the decoder allocates what the frame's own header says: a
+    48 x 48 header around a 2000 x 2000 JPEG (a 20000 x 20000 one took 1.9 GB in serve.py) is refused unread, and
+    the frame's own size is read for JPEG, JPEG-LS and JPEG 2000 alike."""
+    from chestxray.data import codestreams
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((2000, 2000), 100, np.uint8))
+    ds = dataset(grey.astype(np.uint8), 8)  # SIDE x SIDE (48)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    ds["PixelData"].VR = "OB"
+    path = save(ds, tmp_path / "lying.dcm")
+    monkeypatch.setattr(dicom, "decode_pixels", lambda *a: pytest.fail("decoded a frame larger than declared"))
+    with pytest.raises(BadImageError, match=r"lying\.dcm: compressed frame of 2000 x 2000 pixels in a header of "
+                       r"Columns 48 x Rows 48 \(refused before decoding"):  # fmt: skip
+        read_image(path)
+    assert codestreams.jpeg_size(jpeg.tobytes()) == (2000, 2000)
+    for wrapped in (False, True):  # a bare codestream (as DICOM holds it), and one in a JP2 file's boxes
+        buffer = __import__("io").BytesIO()
+        Image.fromarray(np.zeros((30, 50), np.uint8)).save(buffer, "JPEG2000", no_jp2=not wrapped)
+        assert codestreams.j2k_size(buffer.getvalue()) == (50, 30)
+
+
 def test_truncated_pixel_data_is_one_error(grey, tmp_path):
     data = save(dataset(stored(grey, 12)), tmp_path / "x.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 1000])

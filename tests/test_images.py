@@ -177,6 +177,32 @@ def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path,
         read_image(bomb, limits=ImageLimits(max_pixels=1_000))
 
 
+def progressive_jpeg(side: int, extra_scans: int = 0) -> bytes:
+    """A progressive JPEG (about 10 scans), its last scan repeated `extra_scans` more times: a few kB that take a
+    pass over every block per scan (100,000 scans of a 4000 x 4000 file: 88 s of one core)."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(90, 110, (side, side), dtype=np.uint8), "L").save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, monkeypatch):
+    from chestxray.data.codestreams import MAX_JPEG_SCANS, jpeg_scans
+
+    ordinary = tmp_path / "ordinary.jpg"
+    ordinary.write_bytes(progressive_jpeg(64))
+    assert 5 <= jpeg_scans(ordinary.read_bytes()) <= 12 and read_image(ordinary).shape == (64, 64, 3)
+    bomb = tmp_path / "scans.jpg"
+    bomb.write_bytes(progressive_jpeg(64, MAX_JPEG_SCANS))
+    decoded = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(a) or None)
+    with pytest.raises(BadImageError, match=rf"scans\.jpg: JPEG of {jpeg_scans(bomb.read_bytes()):,} scans, above 500"):
+        read_image(bomb)
+    assert not decoded
+
+
 def test_the_pixel_limit_is_inclusive_to_the_pixel(tmp_path):
     """An image of exactly max_pixels is decoded; one pixel more is refused (the limit is a maximum, not a bound)."""
     exact = tmp_path / "exact.png"

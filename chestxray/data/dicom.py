@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from chestxray.data import codestreams
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PREAMBLE = 132  # 128-byte preamble + "DICM": all a file listing reads of a file without an extension
 ACCEPTED_MODALITIES = ("CR", "DX")
@@ -266,6 +268,33 @@ def check_decoder(info: DicomInfo) -> None:
         raise DicomError(
             f"transfer syntax {uid.name} ({uid}) needs a decoder that is not installed: pip install 'chestxray[dicom]'"
         )
+
+
+def check_frame(ds, info: DicomInfo) -> None:
+    """A compressed frame must declare the size the header does, and a JPEG one at most MAX_JPEG_SCANS scans: the
+    decoder allocates what the frame says, and max_pixels was checked against Rows and Columns
+    (chestxray.data.codestreams). Before any pixel is decoded."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    syntax = info.transfer_syntax
+    if syntax not in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes):
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=max(info.frames, 1)))
+    except Exception as err:  # noqa: BLE001 - an encapsulation pydicom cannot walk is a bad file
+        raise DicomError(f"compressed pixel data cannot be read ({type(err).__name__})") from None
+    size = codestreams.j2k_size(frame) if syntax in JPEG2000TransferSyntaxes else codestreams.jpeg_size(frame)
+    if size is None:
+        raise DicomError("compressed frame without a readable size in its own header")
+    if size != (info.width, info.height):
+        raise DicomError(
+            f"compressed frame of {size[0]} x {size[1]} pixels in a header of Columns {info.width} x Rows "
+            f"{info.height} (refused before decoding: the decoder would allocate the frame's size)"
+        )
+    scans = codestreams.jpeg_scans(frame) if syntax in JPEGTransferSyntaxes else 0
+    if scans > codestreams.MAX_JPEG_SCANS:
+        raise DicomError(f"JPEG frame of {scans:,} scans, above {codestreams.MAX_JPEG_SCANS} (minutes to decode)")
 
 
 def _domain(ds, info: DicomInfo) -> np.ndarray:

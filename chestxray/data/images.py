@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
-from chestxray.data import dicom
+from chestxray.data import codestreams, dicom
 from chestxray.data.preprocess import preprocess_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", *dicom.DICOM_SUFFIXES)
@@ -188,6 +188,12 @@ def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
+    if fmt == "JPEG" and codestreams.jpeg_scans(data) > codestreams.MAX_JPEG_SCANS:
+        raise BadImageError(
+            path,
+            f"JPEG of {codestreams.jpeg_scans(data):,} scans, above {codestreams.MAX_JPEG_SCANS} (not decoded: each "
+            "scan is a pass over the whole image, and so many take minutes)",
+        )
     top = sbit = None
     try:
         # The plugin classes parse the header without Image.open's global decompression-bomb limit.
@@ -451,6 +457,7 @@ def _decode_dicom(data: bytes, path: str | os.PathLike, limits: ImageLimits) -> 
     try:
         dicom.check(info, limits.lateral)
         dicom.check_decoder(info)
+        dicom.check_frame(ds, info)
         with _DECODING.hold(header.width * header.height):
             image = dicom.decode_pixels(ds, info)
     except dicom.DicomError as err:
