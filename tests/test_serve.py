@@ -121,10 +121,15 @@ def test_the_token_comes_from_the_environment_or_a_file_never_the_command_line(t
 
     assert token_argument(["ckpt=a", "token=x"]) and token_argument(["+token=x"]) and token_argument(["++token=x"])
     assert not token_argument(["ckpt=a", "token_file=/t", "port=8000"])
-    assert read_token(None, {}) is None and read_token(None, {TOKEN_VARIABLE: " s3cret\n"}) == "s3cret"
+    long = "s3cret-0123456789abcdef"
+    assert read_token(None, {}) is None and read_token(None, {TOKEN_VARIABLE: f" {long}\n"}) == long
     secret = tmp_path / "token"
-    secret.write_text("f1le-secret\n")
-    assert read_token(str(secret), {TOKEN_VARIABLE: "other"}) == "f1le-secret"
+    secret.write_text("f1le-secret-0123456789\n")
+    assert read_token(str(secret), {TOKEN_VARIABLE: "other"}) == "f1le-secret-0123456789"
+    for bad, why in (("s3cret", "shorter than 16"), ("pässwört-секрет-2024", "only letters, digits")):
+        with pytest.raises(ConfigError, match=rf"^\${TOKEN_VARIABLE}: the token .*{why}.*token_urlsafe") as err:
+            read_token(None, {TOKEN_VARIABLE: bad})  # a client could guess it, or never send it as it is
+        assert bad not in str(err.value)
     secret.write_text("")
     with pytest.raises(ConfigError, match="is empty"):
         read_token(str(secret), {})

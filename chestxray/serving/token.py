@@ -4,6 +4,7 @@ importing nothing heavy, so that serve.py refuses `token=` at once, before Hydra
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from chestxray.errors import ConfigError
@@ -13,6 +14,13 @@ TOKEN_ON_COMMAND_LINE = (
     "token= on the command line is refused: it would be visible in `ps` and recorded in the run's .hydra files; "
     f"set the environment variable {TOKEN_VARIABLE}, or token_file=PATH (a file holding the token)"
 )
+
+
+MIN_LENGTH = 16
+# RFC 6750's b64token: what a Bearer header can carry as sent (HTTP headers are bytes; other characters would never
+# compare equal, so every request would be refused)
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MAKE_ONE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 def token_argument(argv: list[str]) -> bool:
@@ -31,10 +39,23 @@ def read_token(token_file: str | None, environ=os.environ) -> str | None:
         token = lines[0].strip() if lines else ""
         if not token:
             raise ConfigError(f"token_file={token_file} is empty: write the token on its first line")
-        return token
+        return checked(token, f"token_file={token_file}")
     token = environ.get(TOKEN_VARIABLE)
     if token is None:
         return None
     if not token.strip():
         raise ConfigError(f"${TOKEN_VARIABLE} is set but empty: give a secret, or unset it for no token")
-    return token.strip()
+    return checked(token.strip(), f"${TOKEN_VARIABLE}")
+
+
+def checked(token: str, where: str) -> str:
+    """The token, if a client can send it and cannot guess it: RFC 6750 characters, at least MIN_LENGTH of them.
+    The message says what is wrong, never the token."""
+    if not _B64TOKEN.fullmatch(token):
+        raise ConfigError(
+            f"{where}: the token may hold only letters, digits and - . _ ~ + / (then =), as an HTTP Bearer token "
+            f"does; make one with {MAKE_ONE}"
+        )
+    if len(token) < MIN_LENGTH:
+        raise ConfigError(f"{where}: the token is shorter than {MIN_LENGTH} characters; make one with {MAKE_ONE}")
+    return token
