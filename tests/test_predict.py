@@ -4,6 +4,7 @@ training report, ONNX, ensembles, Grad-CAM, refusals and stops."""
 import csv
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -549,3 +550,18 @@ def test_an_export_that_cannot_be_written_is_refused_before_the_export(tiny_run,
         assert export.main([f"ckpt={ckpt}", f"out={out}"]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
+
+
+def test_a_checkpoint_without_its_end_of_training_fit_is_said_to_be_uncalibrated(tiny_run, caplog):
+    """last.ckpt (written each epoch, before train.py's end-of-run fit) answers at T = 1 with empty flags and sets:
+    loading it for predict.py, serve.py, adapt.py or the bench says so and where the fitted checkpoint is."""
+    from chestxray.models.checkpoints import load_model
+
+    with caplog.at_level(logging.WARNING, logger="chestxray.models.checkpoints"):
+        load_model(tiny_run["ckpt"])
+        assert not caplog.records  # best.ckpt: fitted
+        last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
+        load_model(last)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"ckpt={last}: nothing was fitted into this checkpoint after training")
+    assert "its probabilities are uncalibrated" in said[0] and "checkpoints/best.ckpt" in said[0]

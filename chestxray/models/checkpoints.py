@@ -4,6 +4,7 @@ when a file is not one of ours or does not fit what it is used for."""
 from __future__ import annotations
 
 import inspect
+import logging
 import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from chestxray.errors import CheckpointError
 from chestxray.models.classifier import ChestXrayClassifier
 from chestxray.runtime.files import atomic_writer
 
+log = logging.getLogger(__name__)
 # What members of an ensemble must share (each applies its own normalisation and backbone inside the graph).
 ENSEMBLE_KEYS = ("classes", "image_size", "preprocess")  # preprocess: on the uint8 views, before any graph
 # What a run continued from a checkpoint must share with it (hyper-parameter: the config key that sets it).
@@ -33,6 +35,12 @@ RESUME_KEYS = {
 }
 # adapt.py's record, in adapted.ckpt, of the site images it was fitted on: [{"site", "paths", "labels"}, ...]
 ADAPTED_ON = "chestxray_adapted_on"
+UNFITTED = (
+    "%s: nothing was fitted into this checkpoint after training (temperature, out-of-distribution detector, "
+    "prediction sets, acceptance threshold): its probabilities are uncalibrated, and ood_score, in_distribution, "
+    "prediction_set and accepted stay empty. train.py fits them into checkpoints/best.ckpt at the end of a run; "
+    "last.ckpt is written before, to resume from"
+)
 # Loading for prediction: no ImageNet download, no compile, no feature cache.
 INFERENCE = {"pretrained": False, "weights_path": None, "compile": False, "cache_features": False}
 
@@ -123,6 +131,8 @@ def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:
         raise CheckpointError(
             f"{setting}={path}: its weights do not fit the model its hyper-parameters describe ({detail})"
         ) from None
+    if not bool(model.calibrated) and not bool(model.ood.fitted) and not bool(model.selective.fitted):
+        log.warning(UNFITTED, f"{setting}={path}")
     return model.eval()
 
 

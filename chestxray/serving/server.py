@@ -151,6 +151,7 @@ def connection_limits(cfg: DictConfig) -> dict:
         "http": connections.protocol(float(cfg.header_timeout)),
         "h11_max_incomplete_event_size": connections.MAX_HEADER_BYTES,
         "limit_concurrency": int(cfg.max_connections),
+        "server_header": False,  # no "server: uvicorn" in every answer
     }
 
 
