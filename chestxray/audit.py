@@ -320,6 +320,9 @@ def _visible(path: Path) -> bool:
         return False
 
 
+REPORTS = ("audit.json", "audit.md")
+
+
 def check_out(out: Path) -> None:
     """Refuse an --out that could not take the report now, not after a scan of 100,000 files that would be lost.
 
@@ -339,6 +342,8 @@ def check_out(out: Path) -> None:
         raise OutputDirError(f"--out={out} {where} a file, not a folder: pick a folder for the report")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputDirError(f"--out={out}: cannot write in {existing}: pick a folder this user may write in")
+    if any((out / name).exists() for name in REPORTS):
+        raise OutputDirError(f"--out={out} holds an audit already: pick another folder (each audit keeps its own)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,10 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir", type=Path, metavar="DATA", help="train/ and test/ class folders, one set of class folders, or a CSV"
     )
     parser.add_argument("--against", type=Path, help="another dataset (same kinds): list the images both have")
-    parser.add_argument("--out", type=Path, default=Path("outputs/audit"), help="report folder (outputs/audit)")
+    parser.add_argument(
+        "--out", type=Path, help="report folder, one that holds no audit (outputs/audit/runs/<date>_<time>)"
+    )
     parser.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, help="near-duplicate distance, bits")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
     args = parser.parse_args(argv)
+    args.out = args.out or Path("outputs/audit/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
     start = time.perf_counter()
     try:
         check_out(args.out)
@@ -367,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["warnings"] = [str(w.message) for w in caught]
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "audit.json", json.dumps(report, indent=2))
-    atomic_write(args.out / "audit.md", to_markdown(report))
+    atomic_write(args.out / REPORTS[0], json.dumps(report, indent=2))
+    atomic_write(args.out / REPORTS[1], to_markdown(report))
     _print_summary(report, time.perf_counter() - start, args.out)
     return 0
 

@@ -105,6 +105,26 @@ def test_audit_of_one_labelled_folder_and_against_another(synthetic_dir, tmp_pat
     assert "shared with" in capsys.readouterr().out
 
 
+def test_each_audit_keeps_a_folder_of_its_own(synthetic_dir, tmp_path, capsys, monkeypatch):
+    """Without --out, each audit writes outputs/audit/runs/<date>_<time>/ (a second one no longer replaces the
+    first's report); an --out that holds an audit is refused before the scan."""
+    site = tmp_path / "site"
+    shutil.copytree(synthetic_dir / "test", site)
+    monkeypatch.chdir(tmp_path)
+    times = iter(["2026-12-07_10-00-00", "2026-12-07_10-00-01"])
+    monkeypatch.setattr("chestxray.audit.time.strftime", lambda fmt: next(times))
+    assert main([str(site)]) == 0 and main([str(synthetic_dir)]) == 0
+    first, second = (
+        tmp_path / "outputs/audit/runs" / t / "audit.json" for t in ("2026-12-07_10-00-00", "2026-12-07_10-00-01")
+    )
+    assert json.loads(first.read_text())["data_dir"] == str(site)
+    assert json.loads(second.read_text())["data_dir"] == str(synthetic_dir)
+    capsys.readouterr()
+    assert main([str(site), "--out", str(first.parent)]) == 2
+    said = f"--out={first.parent} holds an audit already: pick another folder (each audit keeps its own)"
+    assert capsys.readouterr().err == f"audit: error: {said}\n"
+
+
 def test_a_hospitals_folder_need_not_hold_every_class(synthetic_dir, tmp_path, capsys):
     """A second site with Normal and Covid only is audited, and checked --against, as it is; a folder with no class
     folder at all is one line naming the option."""
