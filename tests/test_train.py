@@ -453,6 +453,28 @@ def test_resume_overrides_replace_saved_ones_of_the_same_key():
     assert merge_overrides(saved, ["+eval_sets.b=/y"])[-1] == "++eval_sets.b=/y"  # may exist already: forced
 
 
+def test_resume_of_another_commands_run_folder_is_refused_and_writes_nothing_there(tmp_path):
+    """resume= naming an adapt.py or predict.py run's folder: refused in one line naming the command, and its log
+    goes to a new folder, not into that run's."""
+    from omegaconf import OmegaConf
+
+    from chestxray.errors import ResumeError
+    from chestxray.runtime.folders import run_dir
+    from chestxray.training.resume import resume_config
+
+    adapt = tmp_path / "adapt-run"
+    (adapt / ".hydra").mkdir(parents=True)
+    (adapt / ".hydra" / "config.yaml").write_text("task_name: adapt\nsite: somewhere\n")
+    (adapt / ".hydra" / "overrides.yaml").write_text("- site=somewhere\n")
+    new = run_dir(str(adapt), str(tmp_path / "train" / "runs" / "now"))
+    assert Path(new) == tmp_path / "train" / "runs" / "now" and Path(new).is_dir()
+    with pytest.raises(ResumeError, match=r"adapt-run: the folder of a run of adapt.py, not of train.py$"):
+        resume_config(OmegaConf.create({"resume": str(adapt)}))
+    assert sorted(p.name for p in adapt.rglob("*")) == [".hydra", "config.yaml", "overrides.yaml"]
+    (adapt / ".hydra" / "config.yaml").write_text("task_name: train\n")  # a train.py run: its own folder
+    assert run_dir(str(adapt), str(tmp_path / "other")) == str(adapt)
+
+
 class WorseEveryEpoch(L.Callback):
     """Makes the model call everything the first class, from the first epoch after the resume."""
 

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from chestxray.errors import OutputDirError
@@ -45,9 +46,21 @@ def new_folder(base: str) -> str:
 
 
 def run_dir(resume: str | None, base: str) -> str:
-    """hydra.run.dir: the resumed run's own folder, else a new one (also for a resume= that names no folder: its
-    refusal is logged in a new folder instead of creating the mistyped one)."""
-    return str(resume) if resume and Path(resume).is_dir() else new_folder(base)
+    """hydra.run.dir: the resumed run's own folder, else a new one (also for a resume= that names no folder, or the
+    folder of another command's run: its refusal is logged in a new folder instead of in that one)."""
+    ours = resume and Path(resume).is_dir() and task_of(resume) in ("train", None)
+    return str(resume) if ours else new_folder(base)
+
+
+def task_of(folder: str | Path) -> str | None:
+    """The task_name a Hydra run folder's saved settings give (train, predict, adapt...); None where they give none
+    (no .hydra/config.yaml, or one without it)."""
+    try:
+        saved = yaml.safe_load((Path(folder) / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    task = saved.get("task_name") if isinstance(saved, dict) else None
+    return str(task) if task else None
 
 
 def hydra_subdir(resume: str | None, output_dir: str) -> str | None:
