@@ -286,7 +286,9 @@ def test_a_manifest_is_read_as_label_files_are_and_grouped_only_where_it_names_t
 
 
 def test_sites_adapt_cannot_use_are_refused_in_one_line(tiny_run, site, tmp_path):
-    """One patient for every image, no readable image, an ensemble: AdaptError, before anything is written."""
+    """One patient for every image, no readable image, an ensemble, a checkpoint without its end-of-training fit
+    (whose "before" numbers would be a flag share of nan and sets covering 100%): AdaptError, before anything is
+    written."""
     one = tmp_path / "one"
     for name in ("Normal", "Covid"):
         for path in sorted((site / name).iterdir())[:3]:
@@ -303,6 +305,7 @@ def test_sites_adapt_cannot_use_are_refused_in_one_line(tiny_run, site, tmp_path
         (one, ckpt, "all 6 images are of one patient"),
         (broken, ckpt, "none of its 6 labelled image(s) could be read"),
         (site, f"[{ckpt},{ckpt}]", "adapt.py takes one checkpoint"),
+        (site, str(tiny_run["dir"] / "checkpoints" / "last.ckpt"), "carries no out-of-distribution detector fitted"),
     ]
     for folder, which, expected in cases:
         cfg = compose_config(

@@ -395,6 +395,12 @@ def adapt(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.ckpt)
+    if not bool(model.ood.fitted):
+        raise AdaptError(
+            f"ckpt={cfg.ckpt}: carries no out-of-distribution detector fitted in training (last.ckpt, or a checkpoint "
+            "older than the detectors): adapt.py recalibrates it with the training images' rows in its bank, so "
+            "give the run's checkpoints/best.ckpt"
+        )
     limits = ImageLimits(cfg.max_pixels, cfg.min_image_side, preprocess=preprocess_of(model))
     site = read_site(cfg.site, model, limits)
     run = training_data(cfg.ckpt)  # the checkpoint's train images: copies of them are left out, some are mixed in
