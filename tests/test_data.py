@@ -144,6 +144,8 @@ def test_a_runs_training_data_is_listed_as_training_listed_it(synthetic_dir, tmp
     assert run.cleared == tests and "leak no more" in run.note
     gone = saved_training_data({**settings, "index": None, "data_dir": str(tmp_path / "gone")}, "ckpt=a.ckpt")
     assert gone.train is None and f"data.data_dir={tmp_path / 'gone'}, cannot be listed here" in gone.note
+    elsewhere = saved_training_data({**settings, "index": None, "data_dir": "../moved"}, "ckpt=a.ckpt")
+    assert elsewhere.note.endswith("(a relative path: run this from the folder train.py ran in)")
     unknown = saved_training_data(None, "ckpt=a.ckpt")
     assert unknown.train is None
     assert unknown.note == "ckpt=a.ckpt saved no data settings, so its train images are not known"

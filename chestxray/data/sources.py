@@ -262,6 +262,8 @@ def saved_training_data(settings: Mapping | None, where: str) -> TrainingData:
     except (DataError, OSError) as err:
         named = f"data.index={index}" if index else f"data.data_dir={data_dir}"
         note = f"the train images of {where}, {named}, cannot be listed here: {err}"
+        if not Path(str(index or data_dir)).is_absolute():
+            note += " (a relative path: run this from the folder train.py ran in)"
         return TrainingData(None, threshold, frozenset(), note)
     note = f"compared with the {len(files['train'])} train images of {index or data_dir}"
     cleared: set[str] = set()
