@@ -239,6 +239,28 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_network_weights_only(tiny
         instantiate_model(train_config(tmp_path / "r4", tiny_run["data"], *both))
 
 
+def test_init_from_a_run_that_split_the_same_images_another_way_warns_that_validation_flatters(
+    tiny_run, tmp_path, caplog
+):
+    """Starting from a checkpoint trained on the same train images with another data.seed (or fold, folds,
+    val_fraction): some of this run's validation images were its training images. The same split, or other data,
+    says nothing."""
+    from chestxray.training.fit import instantiate_model
+    from tests.conftest import train_config
+
+    start = f"model.init_from={tiny_run['ckpt']}"
+    saved = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+    with caplog.at_level("WARNING", logger="chestxray.training.fit"):
+        instantiate_model(train_config(tmp_path / "same", tiny_run["data"], start))
+        assert not caplog.records
+        instantiate_model(train_config(tmp_path / "other", tmp_path, start))  # other train images
+        assert not caplog.records
+        instantiate_model(train_config(tmp_path / "seed", tiny_run["data"], start, f"data.seed={saved['seed'] + 1}"))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "trained on the same train images split another way" in said[0]
+    assert f"data.seed={saved['seed'] + 1} here, {saved['seed']} there" in said[0]
+
+
 def test_adapt_settings_out_of_range_are_refused_naming_the_setting(tmp_path):
     from chestxray import settings
     from chestxray.errors import ConfigError

@@ -216,13 +216,39 @@ def instantiate_model(cfg: DictConfig) -> L.LightningModule:
         with open_dict(cfg):
             cfg.model["init_from"] = init_from
     if init_from:
-        load_weights(model, init_from)
+        load_weights(model, init_from, cfg.data)
     return model
 
 
-def load_weights(model: L.LightningModule, path: str) -> None:
-    """The network's weights (net.*) of a checkpoint, which must have the same backbone and classes."""
-    state = read_checkpoint(path, "model.init_from")["state_dict"]
+SPLIT_KEYS = ("seed", "val_fraction", "folds", "fold")  # the data settings that draw the validation split
+
+
+def seen_in_validation(saved: dict | None, data) -> str | None:
+    """Why this run's validation images may be images the checkpoint it starts from was trained on (None when they
+    cannot be): its run listed the same train images and split them another way. Then the validation accuracy, the
+    best epoch, the temperature and every threshold fitted on them would flatter."""
+    if not saved:
+        return None
+
+    def where(value) -> Path | None:
+        return Path(str(value)).resolve() if value else None
+
+    same = all(where(saved.get(k)) == where(data.get(k)) for k in ("data_dir", "index"))
+    differ = [f"data.{k}={data.get(k)} here, {saved.get(k)} there" for k in SPLIT_KEYS if saved.get(k) != data.get(k)]
+    if not same or not differ:
+        return None
+    return (
+        f"it was trained on the same train images split another way ({'; '.join(differ)}): some of this run's "
+        "validation images were its training images, which flatters the validation accuracy, the best epoch's "
+        "pick, the temperature and the thresholds fitted on them; keep its split settings"
+    )
+
+
+def load_weights(model: L.LightningModule, path: str, data=None) -> None:
+    """The network's weights (net.*) of a checkpoint, which must have the same backbone and classes; a warning when
+    this run's validation images may be some it was trained on (seen_in_validation)."""
+    checkpoint = read_checkpoint(path, "model.init_from")
+    state = checkpoint["state_dict"]
     weights = {k: v for k, v in state.items() if k.startswith("net.")}
     mine = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
     differ = [k for k in mine if k not in weights or weights[k].shape != mine[k].shape]
@@ -233,6 +259,9 @@ def load_weights(model: L.LightningModule, path: str) -> None:
         )
     model.load_state_dict(weights, strict=False)
     log.info("network weights from %s (model.init_from): a new run, with a fresh optimizer and epoch count", path)
+    why = seen_in_validation(checkpoint.get("datamodule_hyper_parameters"), data) if data is not None else None
+    if why:
+        log.warning("model.init_from=%s: %s", path, why)
 
 
 def train(cfg: DictConfig) -> float | None:
