@@ -123,7 +123,7 @@ def training_data(path: str | Path, setting: str = "ckpt") -> TrainingData:
 def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:
     """The trained classifier of a checkpoint, in eval mode on the CPU: Lightning's load_from_checkpoint with
     weights_only=True, after read_checkpoint has said in one line what is wrong with a file that is not one."""
-    read_checkpoint(path, setting)
+    written_with_fits = "ood.fitted" in read_checkpoint(path, setting)["state_dict"]  # older: on_load_checkpoint says
     try:
         model = ChestXrayClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True, **INFERENCE)
     except RuntimeError as err:
@@ -131,7 +131,7 @@ def load_model(path: str | Path, setting: str = "ckpt") -> ChestXrayClassifier:
         raise CheckpointError(
             f"{setting}={path}: its weights do not fit the model its hyper-parameters describe ({detail})"
         ) from None
-    if not bool(model.calibrated) and not bool(model.ood.fitted) and not bool(model.selective.fitted):
+    if written_with_fits and not (model.calibrated or model.ood.fitted or model.selective.fitted):
         log.warning(UNFITTED, f"{setting}={path}")
     return model.eval()
 
