@@ -255,6 +255,8 @@ def test_init_from_a_run_that_split_the_same_images_another_way_warns_that_valid
         assert not caplog.records
         instantiate_model(train_config(tmp_path / "other", tmp_path, start))  # other train images
         assert not caplog.records
+        instantiate_model(train_config(tmp_path / "folds", tiny_run["data"], start, "data.folds=10"))  # unused
+        assert not caplog.records  # without data.fold, the hold-out split ignores data.folds
         instantiate_model(train_config(tmp_path / "seed", tiny_run["data"], start, f"data.seed={saved['seed'] + 1}"))
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "trained on the same train images split another way" in said[0]

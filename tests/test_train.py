@@ -465,13 +465,15 @@ def test_resume_of_another_commands_run_folder_is_refused_and_writes_nothing_the
     adapt = tmp_path / "adapt-run"
     (adapt / ".hydra").mkdir(parents=True)
     (adapt / ".hydra" / "config.yaml").write_text("task_name: adapt\nsite: somewhere\n")
+    (adapt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: adapt\n")
     (adapt / ".hydra" / "overrides.yaml").write_text("- site=somewhere\n")
     new = run_dir(str(adapt), str(tmp_path / "train" / "runs" / "now"))
     assert Path(new) == tmp_path / "train" / "runs" / "now" and Path(new).is_dir()
     with pytest.raises(ResumeError, match=r"adapt-run: the folder of a run of adapt.py, not of train.py$"):
         resume_config(OmegaConf.create({"resume": str(adapt)}))
-    assert sorted(p.name for p in adapt.rglob("*")) == [".hydra", "config.yaml", "overrides.yaml"]
-    (adapt / ".hydra" / "config.yaml").write_text("task_name: train\n")  # a train.py run: its own folder
+    assert sorted(p.name for p in adapt.rglob("*")) == [".hydra", "config.yaml", "hydra.yaml", "overrides.yaml"]
+    (adapt / ".hydra" / "config.yaml").write_text("task_name: debug\n")  # train.py debug=limit: a train.py run
+    (adapt / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: train\n")
     assert run_dir(str(adapt), str(tmp_path / "other")) == str(adapt)
 
 

@@ -48,19 +48,19 @@ def new_folder(base: str) -> str:
 def run_dir(resume: str | None, base: str) -> str:
     """hydra.run.dir: the resumed run's own folder, else a new one (also for a resume= that names no folder, or the
     folder of another command's run: its refusal is logged in a new folder instead of in that one)."""
-    ours = resume and Path(resume).is_dir() and task_of(resume) in ("train", None)
+    ours = resume and Path(resume).is_dir() and job_of(resume) in ("train", None)
     return str(resume) if ours else new_folder(base)
 
 
-def task_of(folder: str | Path) -> str | None:
-    """The task_name a Hydra run folder's saved settings give (train, predict, adapt...); None where they give none
-    (no .hydra/config.yaml, or one without it)."""
+def job_of(folder: str | Path) -> str | None:
+    """The command whose run a Hydra run folder holds (hydra.job.name in its .hydra/hydra.yaml: train, predict,
+    adapt...; whatever task_name says, debug runs included); None where it says none."""
     try:
-        saved = yaml.safe_load((Path(folder) / ".hydra" / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        saved = yaml.safe_load((Path(folder) / ".hydra" / "hydra.yaml").read_text())
+        job = saved["hydra"]["job"]["name"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
-    task = saved.get("task_name") if isinstance(saved, dict) else None
-    return str(task) if task else None
+    return str(job) if job else None
 
 
 def hydra_subdir(resume: str | None, output_dir: str) -> str | None:

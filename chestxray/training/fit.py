@@ -220,7 +220,9 @@ def instantiate_model(cfg: DictConfig) -> L.LightningModule:
     return model
 
 
-SPLIT_KEYS = ("seed", "val_fraction", "folds", "fold")  # the data settings that draw the validation split
+def split_keys(data) -> tuple[str, ...]:
+    """The data settings that draw the validation split: k-fold's when data.fold is set, else the hold-out's."""
+    return ("seed", "folds", "fold") if data.get("fold") is not None else ("seed", "val_fraction")
 
 
 def seen_in_validation(saved: dict | None, data) -> str | None:
@@ -234,7 +236,8 @@ def seen_in_validation(saved: dict | None, data) -> str | None:
         return Path(str(value)).resolve() if value else None
 
     same = all(where(saved.get(k)) == where(data.get(k)) for k in ("data_dir", "index"))
-    differ = [f"data.{k}={data.get(k)} here, {saved.get(k)} there" for k in SPLIT_KEYS if saved.get(k) != data.get(k)]
+    keys = sorted(set(split_keys(data)) | set(split_keys(saved)), key=("seed", "val_fraction", "folds", "fold").index)
+    differ = [f"data.{k}={data.get(k)} here, {saved.get(k)} there" for k in keys if saved.get(k) != data.get(k)]
     if not same or not differ:
         return None
     return (

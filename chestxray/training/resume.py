@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from chestxray.errors import ResumeError
 from chestxray.models.checkpoints import RESUME_KEYS, mismatches, read_checkpoint
 from chestxray.runtime.files import atomic_write
-from chestxray.runtime.folders import task_of
+from chestxray.runtime.folders import job_of
 from chestxray.settings import check_choices, hydra_choices
 
 
@@ -68,8 +68,8 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     last = run / "checkpoints" / "last.ckpt"
     if not saved_file.is_file():
         raise ResumeError(f"resume={cfg.resume}: not the folder of a train.py run (no .hydra/overrides.yaml in it)")
-    if task_of(run) not in ("train", None):
-        raise ResumeError(f"resume={cfg.resume}: the folder of a run of {task_of(run)}.py, not of train.py")
+    if job_of(run) not in ("train", None):
+        raise ResumeError(f"resume={cfg.resume}: the folder of a run of {job_of(run)}.py, not of train.py")
     if not last.is_file():
         raise ResumeError(
             f"resume={cfg.resume}: no checkpoints/last.ckpt: the run stopped before its first epoch ended, "
