@@ -421,3 +421,28 @@ def test_the_adapted_checkpoint_is_written_whole_or_not_at_all(tiny_run, site, t
     with pytest.raises(OSError, match="No space left"):
         adapt_module.write_checkpoint(str(tiny_run["ckpt"]), model, {}, target, False, read, str(site))
     assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_site_images_an_adapted_checkpoint_was_fitted_on_are_never_leak_free(tiny_run, tmp_path):
+    """Even where data.drop_leaking=true cleared them (the site was one of the run's evaluation sets), and a record
+    whose images are gone makes the check n/a rather than count them as new."""
+    import os
+
+    from chestxray.data.images import ImageLimits
+    from chestxray.evaluation.robustness import leak_mask_of_runs
+    from chestxray.models.checkpoints import ADAPTED_ON
+
+    test = sorted(p for p in (tiny_run["data"] / "test").rglob("*.*") if p.is_file())
+    ckpt = run_copy(tiny_run, tmp_path, with_settings=True, drop_leaking=True)  # its test images: cleared
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    fitted = test[:4]
+    record = {"site": "site", "paths": [os.path.realpath(p) for p in fitted], "labels": [0, 0, 0, 0]}
+    torch.save({**checkpoint, ADAPTED_ON: [record]}, ckpt)
+    mask, note = leak_mask_of_runs([training_data(ckpt)], test, ImageLimits())
+    assert mask[:4].all() and "the site images adapt.py fitted it on (4 of site)" in note, note
+    assert not any(m for p, m in zip(test, mask, strict=True) if p not in fitted and not p.name.startswith("leak_"))
+    record["paths"][0] = str(tmp_path / "moved-away.png")
+    torch.save({**checkpoint, ADAPTED_ON: [record]}, ckpt)
+    unknown = training_data(ckpt)
+    assert unknown.train is None and "are not all here" in unknown.note
+    assert leak_mask_of_runs([unknown], test, ImageLimits())[0] is None

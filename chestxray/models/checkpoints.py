@@ -110,12 +110,22 @@ def training_data(path: str | Path, setting: str = "ckpt") -> TrainingData:
     sites = checkpoint.get(ADAPTED_ON) or []
     if run.train is None or not sites:
         return run
-    paths = [*run.train.paths, *(Path(p) for s in sites for p in s["paths"])]
-    labels = [*run.train.labels, *(int(k) for s in sites for k in s["labels"])]
     named = ", ".join(f"{len(s['paths'])} of {s['site']}" for s in sites)
+    fitted = [Path(p) for s in sites for p in s["paths"]]
+    gone = [p for p in fitted if not p.is_file()]
+    if gone:  # a leak check without them would count them as new: not known, rather than wrong
+        note = f"the site images adapt.py fitted {setting}={path} on ({named}) are not all here ({gone[0]} is gone)"
+        return replace(run, train=None, note=note)
     return replace(
         run,
-        train=sources.LabelledFiles(paths, labels, f"{run.train.where} and the site images adapt.py fitted on"),
+        train=sources.LabelledFiles(
+            [*run.train.paths, *fitted],
+            [*run.train.labels, *(int(k) for s in sites for k in s["labels"])],
+            f"{run.train.where} and the site images adapt.py fitted on",
+        ),
+        # with data.drop_leaking=true the run cleared its own test and evaluation images: one that adapt.py then
+        # fitted on (a site that was an evaluation set) is no longer clear
+        cleared=run.cleared - {str(p) for p in fitted},
         note=f"{run.note} and the site images adapt.py fitted it on ({named})",
     )
 

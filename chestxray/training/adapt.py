@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -512,7 +513,7 @@ def write_checkpoint(source: str, model, state: dict, target: Path, with_head: b
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     checkpoint[ADAPTED_ON] = [
         *checkpoint.get(ADAPTED_ON, []),
-        {"site": folder, "paths": [str(p) for p in site.paths], "labels": [int(k) for k in site.labels]},
+        {"site": folder, "paths": [os.path.realpath(p) for p in site.paths], "labels": [int(k) for k in site.labels]},
     ]
     checkpoint["state_dict"].update({k: v.clone() for k, v in state.items()})
     if with_head:
