@@ -17,9 +17,9 @@ TOKEN_ON_COMMAND_LINE = (
 
 
 MIN_LENGTH = 16
-# RFC 6750's b64token: what a Bearer header can carry as sent (HTTP headers are bytes; other characters would never
-# compare equal, so every request would be refused)
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# What a client can send in an HTTP header as it is: printable ASCII. Other characters are sent as bytes the gate
+# cannot compare equal to the token (headers are read as latin-1), so every request would be refused.
+_SENDABLE = re.compile(r"[\x20-\x7e]+")
 MAKE_ONE = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
@@ -49,12 +49,12 @@ def read_token(token_file: str | None, environ=os.environ) -> str | None:
 
 
 def checked(token: str, where: str) -> str:
-    """The token, if a client can send it and cannot guess it: RFC 6750 characters, at least MIN_LENGTH of them.
+    """The token, if a client can send it and cannot guess it: printable ASCII, at least MIN_LENGTH characters.
     The message says what is wrong, never the token."""
-    if not _B64TOKEN.fullmatch(token):
+    if not _SENDABLE.fullmatch(token):
         raise ConfigError(
-            f"{where}: the token may hold only letters, digits and - . _ ~ + / (then =), as an HTTP Bearer token "
-            f"does; make one with {MAKE_ONE}"
+            f"{where}: the token may hold only printable ASCII characters (a client cannot send others in an HTTP "
+            f"header as they are); make one with {MAKE_ONE}"
         )
     if len(token) < MIN_LENGTH:
         raise ConfigError(f"{where}: the token is shorter than {MIN_LENGTH} characters; make one with {MAKE_ONE}")
