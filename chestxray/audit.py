@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -323,6 +324,15 @@ def _visible(path: Path) -> bool:
 REPORTS = ("audit.json", "audit.md")
 
 
+def unused(base: Path) -> Path:
+    """`base`, or `base_2`, `base_3`... where an audit started the same second has it (created when written)."""
+    for k in itertools.count(1):
+        candidate = base if k == 1 else base.with_name(f"{base.name}_{k}")
+        if not candidate.exists():
+            return candidate
+    raise AssertionError("unreachable")
+
+
 def check_out(out: Path) -> None:
     """Refuse an --out that could not take the report now, not after a scan of 100,000 files that would be lost.
 
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, help="near-duplicate distance, bits")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES))
     args = parser.parse_args(argv)
-    args.out = args.out or Path("outputs/audit/runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    args.out = args.out or unused(Path("outputs/audit/runs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     start = time.perf_counter()
     try:
         check_out(args.out)

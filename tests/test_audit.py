@@ -111,7 +111,7 @@ def test_each_audit_keeps_a_folder_of_its_own(synthetic_dir, tmp_path, capsys, m
     site = tmp_path / "site"
     shutil.copytree(synthetic_dir / "test", site)
     monkeypatch.chdir(tmp_path)
-    times = iter(["2026-12-07_10-00-00", "2026-12-07_10-00-01"])
+    times = iter(["2026-12-07_10-00-00", "2026-12-07_10-00-01", "2026-12-07_10-00-01"])
     monkeypatch.setattr("chestxray.audit.time.strftime", lambda fmt: next(times))
     assert main([str(site)]) == 0 and main([str(synthetic_dir)]) == 0
     first, second = (
@@ -119,6 +119,8 @@ def test_each_audit_keeps_a_folder_of_its_own(synthetic_dir, tmp_path, capsys, m
     )
     assert json.loads(first.read_text())["data_dir"] == str(site)
     assert json.loads(second.read_text())["data_dir"] == str(synthetic_dir)
+    assert main([str(site)]) == 0  # the same second as the second: a folder of its own all the same
+    assert json.loads((second.parent.with_name(second.parent.name + "_2") / "audit.json").read_text())["files"]
     capsys.readouterr()
     assert main([str(site), "--out", str(first.parent)]) == 2
     said = f"--out={first.parent} holds an audit already: pick another folder (each audit keeps its own)"

@@ -275,6 +275,11 @@ def test_a_compressed_frame_larger_than_rows_and_columns_is_refused_before_decod
         buffer = __import__("io").BytesIO()
         Image.fromarray(np.zeros((30, 50), np.uint8)).save(buffer, "JPEG2000", no_jp2=not wrapped)
         assert codestreams.j2k_size(buffer.getvalue()) == (50, 30)
+    jp2 = buffer.getvalue()  # a 5 kB box before the codestream: found by walking the boxes, not by a search
+    after_ftyp = 12 + struct.unpack(">I", jp2[12:16])[0]
+    xml = b"<x>" + b"a" * 5000 + b"</x>"
+    padded = jp2[:after_ftyp] + struct.pack(">I4s", 8 + len(xml), b"xml ") + xml + jp2[after_ftyp:]
+    assert codestreams.j2k_size(padded) == (50, 30) == Image.open(__import__("io").BytesIO(padded)).size
 
 
 def test_truncated_pixel_data_is_one_error(grey, tmp_path):

@@ -55,11 +55,23 @@ def jpeg_size(src: bytes) -> tuple[int, int] | None:
 
 
 def j2k_size(src: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG 2000 codestream's SIZ segment (image size less its offset), found after the SOC
-    marker near the start (a JP2 header before it, which DICOM does not allow but some writers add, is skipped)."""
-    at = src.find(b"\xff\x4f\xff\x51", 0, 4096)
-    if at < 0 or len(src) < at + 24:
+    """(width, height) from a JPEG 2000 codestream's SIZ segment (image size less its offset). A codestream wrapped
+    in a JP2 file (which DICOM does not allow, but some writers add) is found in its 'jp2c' box."""
+    if src[4:8] == b"jP  ":  # a JP2 file: boxes of (length, type), the codestream in 'jp2c'
+        at = 0
+        while at + 8 <= len(src):
+            length, kind = struct.unpack(">I4s", src[at : at + 8])
+            header = 8
+            if length == 1:  # the length in the next 8 bytes
+                length, header = struct.unpack(">Q", src[at + 8 : at + 16])[0], 16
+            if kind == b"jp2c":
+                return j2k_size(src[at + header : at + length if length else len(src)])
+            if length < header:  # 0 (to the end) before the codestream, or a broken box
+                return None
+            at += length
+        return None
+    if src[:4] != b"\xff\x4f\xff\x51" or len(src) < 24:
         return None
     # FF4F FF51, then Lsiz (2), Rsiz (2), Xsiz, Ysiz, XOsiz, YOsiz (4 each)
-    x, y, x_offset, y_offset = struct.unpack(">IIII", src[at + 8 : at + 24])
+    x, y, x_offset, y_offset = struct.unpack(">IIII", src[8:24])
     return max(x - x_offset, 0), max(y - y_offset, 0)

@@ -11,6 +11,7 @@ allows, mapped to 0..255 -> MONOCHROME1 inverted. RGB as stored; YBR converted t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -170,9 +171,11 @@ def _check_inflated_size(data: bytes, limit: int, max_pixels: int | None = None,
         raise DicomError(f"deflated dataset inflates beyond {limit:,} bytes (more than max_pixels allows)")
 
 
+@functools.cache
 def _pydicom():
-    """pydicom, its header checks off and its logger silent: both quote header values ('Invalid value for VR IS:
-    ...'), which must reach no log or answer (its own import resets its logger, hence here, after it)."""
+    """pydicom, set once for the process: its reading checks off and its logger silent, as both quote header values
+    ('Invalid value for VR IS: ...'), which must reach no log or answer (its own import resets its logger, hence
+    here, after it). Process-wide: a program that imports chestxray and reads DICOM gets these settings too."""
     import pydicom
     from pydicom import config
 

@@ -3,7 +3,8 @@
 uvicorn's default parser (httptools) takes headers of any size, and no uvicorn protocol limits how long a client may
 take to send them: a client without a token can hold connections open (a byte every few seconds) or grow the
 process (one endless header) without the gate, which runs once the headers are complete, ever seeing it. Here:
-- h11 refuses a request whose headers pass MAX_HEADER_BYTES (uvicorn answers 400);
+- h11 stops reading headers still incomplete past MAX_HEADER_BYTES (uvicorn answers 400; whole headers that came
+  in one read are refused by the gate, 431), so one endless header never grows the process;
 - HeaderDeadline closes a connection whose request headers are not complete `header_timeout` seconds after it
   opened, or after the previous response on it (keep-alive), whatever arrives in between;
 - uvicorn's limit_concurrency (serve.py max_connections) answers 503 beyond that many connections and requests.

@@ -2,6 +2,8 @@
 middlewares, FastAPI's routing and the upload intake (chestxray.serving.intake) have read a byte of the body.
 
 In this order, for every HTTP request:
+0. the size of its request line and headers: above MAX_HEADER_BYTES, 431 (h11 already refuses headers still
+   incomplete past it; complete ones that arrived in one read are refused here);
 1. the token: with one configured, a request without `Authorization: Bearer <token>` (the scheme in any case) is
    answered 401 at once (compared in constant time), whatever its body; only the page (GET /) is open, as it holds
    no data;
@@ -29,6 +31,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chestxray.serving.connections import MAX_HEADER_BYTES
 from chestxray.serving.monitor import Monitor
 
 log = logging.getLogger("chestxray.serving.access")
@@ -114,6 +117,10 @@ class Gate:
 
         counted = False
         try:
+            size = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > MAX_HEADER_BYTES:  # h11 stops headers still arriving past it; these arrived in one read
+                await refuse(sending, 431, f"request line and headers above {MAX_HEADER_BYTES // 1024} KiB")
+                return
             if path not in OPEN_PATHS and not authorised(Headers(scope=scope), self.settings.token):
                 await refuse(sending, 401, UNAUTHORISED, {"WWW-Authenticate": "Bearer"})
                 return

@@ -41,7 +41,8 @@ UPLOAD_NAME = "upload"  # what a refusal calls the file: never the client's file
 
 # python-multipart logs what it could not parse, quoting the body's bytes ('Expected boundary character 121, got
 # 122'): nothing of an upload reaches a log, so its loggers are silenced; the client gets the reason in its 400.
-logging.getLogger("python_multipart").setLevel(logging.CRITICAL + 1)
+for _name in ("python_multipart", "multipart"):  # its name from 0.0.13 on, and before
+    logging.getLogger(_name).setLevel(logging.CRITICAL + 1)
 
 
 class Refused(Exception):
