@@ -21,7 +21,8 @@ folder ($CHESTXRAY_CACHE/onnx, what predict.py runtime=onnx loads); out= copies 
 
   ckpt=         a .ckpt written by train.py, or a list of them
   format=       onnx (fp32, default) or onnx-int8 (static int8, calibrated once, here)
-  calibration=  onnx-int8's calibration images: a folder (default: the checkpoint's own train images)
+  calibration=  onnx-int8's calibration images: a folder, or train (the checkpoint's own train images, the
+                default for a new export)
   out=          also write the graph to this file
 
 example: python -m chestxray.export ckpt=outputs/train/runs/<run>/checkpoints/best.ckpt out=model.onnx
@@ -30,7 +31,7 @@ Needs the onnx extra: pip install 'chestxray[onnx]'."""
 
 def main(argv: list[str] | None = None) -> int:
     """python -m chestxray.export ckpt=PATH|[A,B] [format=onnx|onnx-int8] [calibration=FOLDER] [out=FILE]"""
-    from chestxray.data.sources import find_inputs
+    from chestxray.inference.predict import calibration_images
     from chestxray.models.checkpoints import load_models
 
     argv = sys.argv[1:] if argv is None else argv
@@ -46,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = cfg.ckpt
         paths = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else [str(ckpt)]
         models = load_models(paths)
-        calibration = (
-            [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
-        )
-        if cfg.get("calibration") and not calibration:
-            raise ValueError(f"calibration={cfg.calibration}: no image found there")
+        calibration = calibration_images(cfg.get("calibration"), models[0].classes)
         if cfg.get("out"):
             _check_out(Path(str(cfg.out)))
         path = exported(paths, models, fmt, calibration)

@@ -88,7 +88,8 @@ def robustness(cfg) -> dict:
     if cfg.leak_free:
         result.leaking, leak_note = leak_mask_of_runs([training_data(c) for c in ckpts], result.paths, limits)
     ood_note = (
-        "the share the checkpoint's detector flags (model.ood.detector, its 95% pass threshold on the validation split)"
+        "the share the checkpoint's detector flags (model.ood.detector at the threshold fitted into the checkpoint: on "
+        "its run's validation split, or on the site images for adapt.py's adapted.ckpt)"
         if result.flagged is not None
         else "not given: the checkpoint carries no out-of-distribution detector"
     )

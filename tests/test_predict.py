@@ -494,6 +494,12 @@ def test_int8_is_calibrated_once_at_export_on_the_checkpoints_train_images(tiny_
         f"runtime=onnx-int8: quantised when exported, calibrated on 12 of the named images in {test / 'Normal'}"
         in again.stdout
     )
+    back = run_script(  # calibration=train: quantised again on the train images
+        "predict.py", f"ckpt={ckpt}", f"inputs={one}", "runtime=onnx-int8", "calibration=train",
+        f"hydra.run.dir={tmp_path / 'back'}",
+    )  # fmt: skip
+    assert "calibrated on 63 of the checkpoint's train images" in back.stdout, back.stdout
+    assert json.loads(exports[0].with_suffix(".json").read_text())["source"] == "the checkpoint's train images"
 
 
 def test_labels_come_from_class_folders_inside_what_was_given_whatever_the_form_or_order(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ activations: its ood_score is near the fp32 graph's, not equal to it, and predic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -118,6 +119,24 @@ def training_images(model: ChestXrayClassifier, checkpoint_path: str | Path) -> 
     return [train.paths[i] for i in sorted(chosen)]
 
 
+# The exporter's passes log each step at INFO (constant folding, initializer deduplication: 83 lines for VGG19),
+# which buried predict.py's report under what looked like trouble; their warnings still show.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     """torch.onnx.export (the dynamo exporter) with a dynamic batch size; written whole or not at all."""
     require("onnx", "onnx", "runtime=onnx")
@@ -125,7 +144,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     size = models[0].hparams.image_size
     module = Answers([m.cpu().eval() for m in models]).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS):
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         program = torch.onnx.export(
             module,
@@ -220,23 +239,32 @@ def load_calibration(paths: Sequence[Path], image_size: int, preprocess: str = "
     return np.ascontiguousarray(np.stack(images))
 
 
+TRAIN_CALIBRATION = "train"  # calibration=train: the checkpoint's train images, whatever calibrated the export there
+TRAIN_SOURCE = "the checkpoint's train images"
+
+
 def exported(
     ckpt_paths: Sequence[str | Path],
     models: Sequence[ChestXrayClassifier],
     fmt: str = "onnx",
-    calibration: Sequence[Path] | None = None,
+    calibration: Sequence[Path] | str | None = None,
 ) -> Path:
     """The cached ONNX file of these checkpoints, exporting (and quantising) it first if needed.
 
     int8 is calibrated once, when it is exported: on `calibration` (images the user named) or else on the first
     checkpoint's train images; the images used are recorded, and a later call with other named images quantises
-    again, replacing it. A call without named images uses the export as it is.
+    again, replacing it. A call without named images uses the export as it is; calibration=TRAIN_CALIBRATION
+    ("train") quantises again on the train images where named ones calibrated it.
     """
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"format={fmt}: must be onnx or onnx-int8")
     key = _digest(ckpt_paths, "")
     target = onnx_path(ckpt_paths, fmt, key)
     record = _record(target)
+    if calibration == TRAIN_CALIBRATION:
+        calibration = None
+        if record and record.get("source") != TRAIN_SOURCE:
+            record = None  # calibrated on named images before: quantised again on the train images
     if fmt == "onnx-int8" and calibration:
         calibration = list(itertools.islice((p for p in calibration if os.access(p, os.R_OK)), CALIBRATION_IMAGES))
         if record and record.get("images") != _digest(calibration, "calibration"):
@@ -259,9 +287,7 @@ def exported(
     if fmt == "onnx":
         return fp32
     images = calibration or training_images(models[0], ckpt_paths[0])
-    source = (
-        f"the named images in {os.path.commonpath(calibration)}" if calibration else "the checkpoint's train images"
-    )
+    source = f"the named images in {os.path.commonpath(calibration)}" if calibration else TRAIN_SOURCE
     log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
     quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size, preprocess_of(models[0])))
     _write_record(target, images=_digest(images, "calibration"), count=len(images), source=source)

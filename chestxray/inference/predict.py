@@ -341,11 +341,24 @@ def runtime_module(cfg: DictConfig, paths: Sequence[str], models: Sequence[Chest
             "test images); use runtime=onnx or torch where the flag matters"
         )
     # int8: calibrated once at export, on calibration=FOLDER or the checkpoint's own train images, never on the inputs
-    named = [i.path for i in find_inputs(str(cfg.calibration), models[0].classes)] if cfg.get("calibration") else None
+    named = calibration_images(cfg.get("calibration"), models[0].classes)
     predictor = OnnxPredictor.from_checkpoints(paths, models, cfg.runtime, named)
     if cfg.runtime == "onnx-int8":
         say(f"runtime=onnx-int8: quantised when exported, calibrated on {predictor.calibration}")
     return predictor
+
+
+def calibration_images(calibration: str | None, classes: Sequence[str]) -> list[Path] | str | None:
+    """calibration=: None (the export there, or the train images for a new one), train (the checkpoint's train
+    images, quantised again if named ones calibrated the export), or a folder of images (refused when it has none)."""
+    from chestxray.inference.onnx import TRAIN_CALIBRATION
+
+    if not calibration or str(calibration) == TRAIN_CALIBRATION:
+        return str(calibration) if calibration else None
+    named = [i.path for i in find_inputs(str(calibration), classes)]
+    if not named:
+        raise PredictError(f"calibration={calibration}: no image found there")
+    return named
 
 
 def merge_parts(out: Path, inputs: Sequence[InputImage]) -> None:

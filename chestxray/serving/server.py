@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -223,8 +222,7 @@ def serve(cfg: DictConfig) -> dict:
     token = read_token(cfg.get("token_file"))
     warning = loopback_warning(str(cfg.host), token is not None)
     if warning:
-        print(warning, file=sys.stderr, flush=True)
-        log.warning(warning)
+        log.warning(warning)  # Hydra's logging: on the console and in serve.log
     server = build_server(cfg, token)
     if not _FORK_HOOKED:
         os.register_at_fork(after_in_child=signals.quiet_child)
