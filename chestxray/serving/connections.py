@@ -9,7 +9,8 @@ process (one endless header) without the gate, which runs once the headers are c
   opened, or after the previous response on it (keep-alive), whatever arrives in between;
 - uvicorn's limit_concurrency (serve.py max_connections) answers 503 beyond that many connections and requests.
 Written here because uvicorn has no setting for the deadline (its keep-alive timer stops at a connection's first
-byte); it leans on H11Protocol's `cycle`, `loop` and `transport`, as uvicorn 0.3x-0.5x have them.
+byte); it leans on H11Protocol's `cycle`, `loop`, `transport` and `on_response_complete` (tested with uvicorn
+0.55, the version .ci/constraints.txt pins).
 """
 
 from __future__ import annotations
