@@ -571,3 +571,25 @@ def test_a_checkpoint_without_its_end_of_training_fit_is_said_to_be_uncalibrated
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and said[0].startswith(f"ckpt={last}: nothing was fitted into this checkpoint after training")
     assert "its probabilities are uncalibrated" in said[0] and "checkpoints/best.ckpt" in said[0]
+
+
+def test_two_predictions_into_one_output_dir_at_once_are_refused(tiny_run, tmp_path):
+    """output_dir= given by hand: a run that finds another working there (its lock held) is refused in one line,
+    as one that finds its predictions.csv is."""
+    import fcntl
+
+    from chestxray.errors import OutputDirError, PredictError
+    from chestxray.runtime.folders import LOCK
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    image = sorted((tiny_run["data"] / "test" / "Covid").iterdir())[0]
+    with open(shared / LOCK, "w") as held:  # another predict.py, working in it right now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputDirError, match="another run is working in this folder right now"):
+            predict(predict_config(tmp_path / "run1", tiny_run["ckpt"], image, f"output_dir={shared}"))
+    assert not (shared / "predictions.csv").exists()
+    predict(predict_config(tmp_path / "run2", tiny_run["ckpt"], image, f"output_dir={shared}"))
+    assert (shared / "predictions.csv").is_file() and not (shared / LOCK).exists()
+    with pytest.raises(PredictError, match="holds the predictions of another run"):
+        predict(predict_config(tmp_path / "run3", tiny_run["ckpt"], image, f"output_dir={shared}"))

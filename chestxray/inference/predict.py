@@ -47,6 +47,7 @@ from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
 from chestxray.runtime.console import say, tidy_lightning_output
 from chestxray.runtime.distributed import all_gather, gather_by_index
 from chestxray.runtime.files import atomic_write
+from chestxray.runtime.folders import claim
 from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,13 @@ def predict(cfg: DictConfig) -> dict:
     settings.check(cfg, settings.PREDICT_RULES)
     settings.check_predict_overrides(settings.hydra_overrides())
     out = check_output_dir(cfg.output_dir)
+    if out.resolve() == Path(cfg.paths.output_dir).resolve():  # the run folder: run_entry_point holds it
+        return _predict(cfg, out)
+    with claim(out, resuming=True, setting="output_dir"):  # a folder given by hand: no two runs write in it at once
+        return _predict(cfg, out)
+
+
+def _predict(cfg: DictConfig, out: Path) -> dict:
     paths = _listed(cfg.ckpt)
     models = load_models(paths)
     classes, image_size = models[0].classes, models[0].hparams.image_size
