@@ -539,7 +539,7 @@ def test_an_export_that_cannot_be_written_is_refused_before_the_export(tiny_run,
     def no_export(*args):
         raise AssertionError("exported although the result could not be kept")
 
-    monkeypatch.setattr(onnx, "export_onnx", no_export)
+    monkeypatch.setattr(onnx, "onnx_bytes", no_export)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("CHESTXRAY_CACHE", str(blocker / "cache"))
@@ -593,3 +593,29 @@ def test_two_predictions_into_one_output_dir_at_once_are_refused(tiny_run, tmp_p
     assert (shared / "predictions.csv").is_file() and not (shared / LOCK).exists()
     with pytest.raises(PredictError, match="holds the predictions of another run"):
         predict(predict_config(tmp_path / "run3", tiny_run["ckpt"], image, f"output_dir={shared}"))
+
+
+def test_an_export_record_vouches_for_the_bytes_this_process_wrote(tiny_run, tmp_path, monkeypatch):
+    """Two processes exporting one checkpoint at once: if the other's file lands between this one's write and its
+    record, the record (of this process's bytes) does not match it, and the cache makes the export again instead
+    of trusting bytes nobody recorded."""
+    from chestxray.inference import onnx
+    from chestxray.models.checkpoints import load_models
+
+    monkeypatch.setenv("CHESTXRAY_CACHE", str(tmp_path / "cache"))
+    ckpt = str(tiny_run["ckpt"])
+    real = onnx.atomic_write
+
+    def racing(path, content):
+        written = real(path, content)
+        if Path(path).suffix == ".onnx":
+            Path(path).write_bytes(b"another process's export")  # lands before this one's record
+        return written
+
+    monkeypatch.setattr(onnx, "onnx_bytes", lambda models: b"this process's export")
+    monkeypatch.setattr(onnx, "atomic_write", racing)
+    target = onnx.exported([ckpt], load_models([ckpt]), "onnx")
+    assert onnx._record(target) is None  # not trusted: made again on the next call
+    monkeypatch.setattr(onnx, "atomic_write", real)
+    assert onnx.exported([ckpt], load_models([ckpt]), "onnx") == target and onnx._record(target)
+    assert target.read_bytes() == b"this process's export"

@@ -98,8 +98,11 @@ def _record(target: Path) -> dict | None:
         return None
 
 
-def _write_record(target: Path, **fields) -> None:
-    atomic_write(target.with_suffix(".json"), json.dumps({"sha256": _sha256(target), **fields}, indent=2))
+def _write_record(target: Path, sha256: str, **fields) -> None:
+    """The record of the bytes this process wrote (their SHA-256 taken before they were put in place, not of whatever
+    is at `target` now: another process exporting the same checkpoint may have replaced them, and then the record
+    does not match and the export is made again rather than trusted)."""
+    atomic_write(target.with_suffix(".json"), json.dumps({"sha256": sha256, **fields}, indent=2))
 
 
 def training_images(model: ChestXrayClassifier, checkpoint_path: str | Path) -> list[Path]:
@@ -139,6 +142,11 @@ def _quiet(names: Sequence[str]):
 
 def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
     """torch.onnx.export (the dynamo exporter) with a dynamic batch size; written whole or not at all."""
+    return atomic_write(out, onnx_bytes(models))
+
+
+def onnx_bytes(models: Sequence[ChestXrayClassifier]) -> bytes:
+    """The ONNX graph of these checkpoints (export_onnx's bytes)."""
     require("onnx", "onnx", "runtime=onnx")
     require("onnxscript", "onnx", "runtime=onnx (torch.onnx.export with dynamo=True)")
     size = models[0].hparams.image_size
@@ -156,7 +164,7 @@ def export_onnx(models: Sequence[ChestXrayClassifier], out: Path) -> Path:
             opset_version=OPSET,
             verbose=False,
         )
-    return atomic_write(out, program.model_proto.SerializeToString())
+    return program.model_proto.SerializeToString()
 
 
 # The operators int8 quantises: the network's. Not ONNX Runtime's default, which also quantises Split, Slice, Gather,
@@ -184,8 +192,9 @@ NETWORK_OPS = [
 ]
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
-    """Static QDQ int8 (per-channel weights, uint8 activations) calibrated on uint8 images N x 3 x S x S."""
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> str:
+    """Static QDQ int8 (per-channel weights, uint8 activations) calibrated on uint8 images N x 3 x S x S, written to
+    `out` whole or not at all; the SHA-256 of the bytes written."""
     require("onnxruntime", "onnx", "runtime=onnx-int8")
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -218,8 +227,9 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
             per_channel=True,
             op_types_to_quantize=NETWORK_OPS,
         )
+        sha256 = _sha256(partial)
         atomic_copy(partial, out)
-    return out
+    return sha256
 
 
 def load_calibration(paths: Sequence[Path], image_size: int, preprocess: str = "none") -> np.ndarray:
@@ -281,16 +291,18 @@ def exported(
         ) from None
     if fmt == "onnx" or not _record(fp32):
         log.info("exporting %s to ONNX: %s", ", ".join(map(str, ckpt_paths)), fp32)
-        export_onnx(models, fp32)
-        _write_record(fp32)
+        graph = onnx_bytes(models)
+        atomic_write(fp32, graph)
+        _write_record(fp32, hashlib.sha256(graph).hexdigest())
         _remove_stale(fp32, ckpt_paths, "onnx")
     if fmt == "onnx":
         return fp32
     images = calibration or training_images(models[0], ckpt_paths[0])
     source = f"the named images in {os.path.commonpath(calibration)}" if calibration else TRAIN_SOURCE
     log.info("quantising %s to int8 (calibrated on %d of %s): %s", fp32, len(images), source, target)
-    quantize_int8(fp32, target, load_calibration(images, models[0].hparams.image_size, preprocess_of(models[0])))
-    _write_record(target, images=_digest(images, "calibration"), count=len(images), source=source)
+    pixels = load_calibration(images, models[0].hparams.image_size, preprocess_of(models[0]))
+    sha256 = quantize_int8(fp32, target, pixels)
+    _write_record(target, sha256, images=_digest(images, "calibration"), count=len(images), source=source)
     _remove_stale(target, ckpt_paths, fmt)
     return target
 
