@@ -184,6 +184,34 @@ def test_the_printout_of_a_handful_of_images_is_their_accuracy_not_per_class_rat
     assert "sens" in many and "confusion matrix" in many
 
 
+def test_an_ensembles_flag_and_sets_rest_on_each_members_fit_and_the_fewest_validation_images():
+    """An ensemble flags where any member does and unites their sets: the text names each member's fit and the
+    fewest validation images among them, whichever member comes first."""
+    from types import SimpleNamespace
+
+    from chestxray.evaluation.report import Evaluation, ReportSettings, Uncertainty, summary_text
+
+    def member(n: int):
+        return SimpleNamespace(
+            conformal=SimpleNamespace(fitted=True), ood=SimpleNamespace(n_fit=n), ood_detector="knn_layers",
+            pass_rate=0.95, coverage=0.9,
+        )  # fmt: skip
+
+    labels, probs, _ = example(n_per_class=10)
+    sets = np.ones((30, 3), bool)
+    for order in ([member(44), member(37)], [member(37), member(44)]):
+        uncertainty = Uncertainty.of(order, np.full(30, -1.0), sets)
+        ev = Evaluation("predict", CLASSES, [str(k) for k in range(30)], labels, probs, np.zeros(30, bool),
+                        uncertainty=uncertainty)  # fmt: skip
+        text = summary_text(ev.metrics(ReportSettings(bootstrap_resamples=0)))
+        assert "each of 2 members' threshold passing 95% of its validation images, the fewest 37" in text, text
+        assert "(each of 2 members' guarantee from its validation images, the fewest 37)" in text
+    single = Uncertainty.of(member(37), np.full(30, -1.0), sets)
+    ev = Evaluation("predict", CLASSES, [str(k) for k in range(30)], labels, probs, np.zeros(30, bool),
+                    uncertainty=single)  # fmt: skip
+    assert "guarantee from 37 validation images" in summary_text(ev.metrics(ReportSettings(bootstrap_resamples=0)))
+
+
 def test_below_a_handful_of_images_the_flags_and_sets_are_counts_and_the_set_is_named():
     from chestxray.evaluation.report import Evaluation, ReportSettings, Uncertainty, summary_text
 

@@ -52,20 +52,27 @@ class Uncertainty:
     accepted: np.ndarray | None = None  # per image (None: no acceptance threshold)
     selective: dict | None = None  # the threshold's settings and certificate (Selection.as_dict)
 
+    members: int = 1  # an ensemble's: each member's threshold and sets, validation_images the fewest of theirs
+
     @classmethod
     def of(cls, model, ood_scores: np.ndarray, sets: np.ndarray | None, selection=None) -> Uncertainty:
-        """From a loaded model (the first member of an ensemble), its outputs and their Selection."""
-        fitted = bool(model.conformal.fitted)
+        """From a loaded model, or an ensemble's members (a list: the settings of the first, the fewest validation
+        images of any, since an ensemble flags where any member does and unites their sets), its outputs and their
+        Selection."""
+        members = list(model) if isinstance(model, (list, tuple)) else [model]
+        first = members[0]
+        fitted = bool(first.conformal.fitted)
         return cls(
             ood_scores,
             sets if fitted else None,
-            model.ood_detector,
-            model.pass_rate,
-            model.coverage,
-            int(model.ood.n_fit),
+            first.ood_detector,
+            first.pass_rate,
+            first.coverage,
+            min(int(m.ood.n_fit) for m in members),
             None if selection is None else selection.confidence,
             None if selection is None else selection.accepted,
             None if selection is None else selection.as_dict(),
+            len(members),
         )
 
     def subset(self, keep: np.ndarray) -> Uncertainty:
@@ -86,7 +93,7 @@ class Uncertainty:
     def numbers(self, labels: np.ndarray, probs: np.ndarray | None = None) -> dict:
         """Share flagged and the folder-level alarm; for labelled images, empirical coverage and set sizes, and the
         accepted answers' share and accuracy (metrics.json's "uncertainty")."""
-        result: dict = {"validation_images": self.validation_images}
+        result: dict = {"validation_images": self.validation_images, "members": self.members}
         if not np.isnan(self.ood_scores).all():
             flagged = self.ood_scores > 0
             result["out_of_distribution"] = {
@@ -184,20 +191,22 @@ def uncertainty_text(numbers: dict | None) -> list[str]:
     """The printed lines of metrics.json's "uncertainty" (none when nothing was fitted)."""
     if not numbers:
         return []
-    lines, n = [], numbers["validation_images"]
+    lines, n, members = [], numbers["validation_images"], numbers.get("members", 1)
+    each = f"each of {members} members' " if members > 1 else ""
+    of_n = f"its validation images, the fewest {n}" if members > 1 else f"{n} validation images"
     ood = numbers.get("out_of_distribution")
     if ood and ood["share_flagged"] is not None:
         images = ood.get("images")
         lines.append(
-            f"out of distribution ({ood['detector']}, threshold passing {100 * ood['pass_rate_target']:.0f}% of "
-            f"{n} validation images): {_count(ood['flagged'], images, ood['share_flagged'])} flagged as {FLAG_TEXT}"
+            f"out of distribution ({ood['detector']}, {each}threshold passing {100 * ood['pass_rate_target']:.0f}% "
+            f"of {of_n}): {_count(ood['flagged'], images, ood['share_flagged'])} flagged as {FLAG_TEXT}"
         )
     sets = numbers.get("prediction_sets")
     if sets:
         target = f"{100 * sets['coverage_target']:.0f}%"
         covered = _count(sets.get("covered"), sets.get("images"), sets["empirical_coverage"])
         lines.append(
-            f"{target} prediction sets (guarantee from {n} validation images): {covered} covered, mean size "
+            f"{target} prediction sets ({each}guarantee from {of_n}): {covered} covered, mean size "
             f"{sets['mean_set_size']:.2f}"
         )
         lines.append(f"  caveat: {metrics.COVERAGE_CAVEAT}")

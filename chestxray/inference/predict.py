@@ -209,7 +209,7 @@ class PredictionWriter(BasePredictionWriter):
             positions = np.zeros(0, int)
             probs, scores, sets, gates = probs.numpy(), scores.numpy(), sets.numpy(), gates.numpy()
         chosen = self._selection(probs, scores, gates)
-        self.uncertainty = Uncertainty.of(self.models[0], scores, sets, chosen) if self.models else None
+        self.uncertainty = Uncertainty.of(list(self.models), scores, sets, chosen) if self.models else None
         errors = {k: v for part in all_gather(self.errors) for k, v in part.items()}
         self.lateral = sorted({k for part in all_gather(self.lateral) for k in part})
         return positions, probs, errors
