@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from chestxray.data.duplicates import DEFAULT_THRESHOLD, HASH_BYTES, near_pairs,
 from chestxray.data.images import BadImageError, decode, read_bytes
 from chestxray.data.sources import DEFAULT_CLASSES, SPLITS, read_index, scan_class_folders
 from chestxray.errors import DataError, OutputDirError
-from chestxray.runtime.files import atomic_write
+from chestxray.runtime.files import atomic_write, numbered
 from chestxray.runtime.parallel import available_cpus, bounded_map
 
 WHOLE = "all"  # the split name of a dataset without train/test splits
@@ -325,12 +324,9 @@ REPORTS = ("audit.json", "audit.md")
 
 
 def unused(base: Path) -> Path:
-    """`base`, or `base_2`, `base_3`... where an audit started the same second has it (created when written)."""
-    for k in itertools.count(1):
-        candidate = base if k == 1 else base.with_name(f"{base.name}_{k}")
-        if not candidate.exists():
-            return candidate
-    raise AssertionError("unreachable")
+    """`base`, or `base_2`, `base_3`... where an audit started the same second has it (created when written, so that
+    a refused audit leaves no folder: runtime.folders.new_folder would claim it now, and import Lightning)."""
+    return next(candidate for candidate in numbered(base) if not candidate.exists())
 
 
 def check_out(out: Path) -> None:

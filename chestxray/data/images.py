@@ -188,11 +188,12 @@ def read_header(data: bytes, path: str | os.PathLike, limits: ImageLimits | None
     problem = _check_complete(data, fmt)
     if problem:
         raise BadImageError(path, problem)
-    if fmt == "JPEG" and codestreams.jpeg_scans(data) > codestreams.MAX_JPEG_SCANS:
+    scans = codestreams.jpeg_scans(data) if fmt == "JPEG" else 0
+    if scans > codestreams.MAX_JPEG_SCANS:
         raise BadImageError(
             path,
-            f"JPEG of {codestreams.jpeg_scans(data):,} scans, above {codestreams.MAX_JPEG_SCANS} (not decoded: each "
-            "scan is a pass over the whole image, and so many take minutes)",
+            f"JPEG of {scans:,} scans, above {codestreams.MAX_JPEG_SCANS} (not decoded: each scan is a pass over the "
+            "whole image, and so many take minutes)",
         )
     top = sbit = None
     try:

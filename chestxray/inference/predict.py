@@ -46,7 +46,7 @@ from chestxray.models.checkpoints import load_models, preprocess_of
 from chestxray.models.classifier import ChestXrayClassifier, Ensemble, Predictor
 from chestxray.runtime.console import say, tidy_lightning_output
 from chestxray.runtime.distributed import all_gather, gather_by_index
-from chestxray.runtime.files import atomic_write
+from chestxray.runtime.files import atomic_write, probe_writable
 from chestxray.runtime.folders import claim
 from chestxray.runtime.parallel import available_cpus, cap_to_cores
 
@@ -246,10 +246,7 @@ def check_output_dir(folder: str | os.PathLike) -> Path:
     if rank_zero_only.rank == 0 and (path / "predictions.csv").exists():  # two runs never write into one folder
         raise PredictError(f"output_dir={path}: holds the predictions of another run; pick another folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(path)
     except OSError as err:
         raise PredictError(f"output_dir={path}: cannot write there ({err.strerror or err})") from None
     return path

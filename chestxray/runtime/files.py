@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,14 @@ def default_cache_dir() -> Path:
     if os.environ.get("CHESTXRAY_CACHE"):
         return Path(os.environ["CHESTXRAY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chestxray"
+
+
+def numbered(base: str | os.PathLike) -> Iterator[Path]:
+    """`base`, then `base_2`, `base_3`...: the names a run folder takes when an earlier one has the name."""
+    path = Path(base)
+    yield path
+    for k in itertools.count(2):
+        yield path.with_name(f"{path.name}_{k}")
 
 
 def probe_writable(folder: str | os.PathLike) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from chestxray.errors import OutputDirError
+from chestxray.runtime.files import numbered
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,8 @@ RUN_MARKERS = ("checkpoints", "results.json", "predictions.csv", "metrics.json")
 
 def new_folder(base: str) -> str:
     """`base` created now, or `base_2`, `base_3`... if another run took it first (mkdir is the atomic claim)."""
-    path = Path(base)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for k in itertools.count(1):
-        candidate = path if k == 1 else path.with_name(f"{path.name}_{k}")
+    Path(base).parent.mkdir(parents=True, exist_ok=True)
+    for candidate in numbered(base):
         try:
             candidate.mkdir()
             return str(candidate)

@@ -68,8 +68,9 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     last = run / "checkpoints" / "last.ckpt"
     if not saved_file.is_file():
         raise ResumeError(f"resume={cfg.resume}: not the folder of a train.py run (no .hydra/overrides.yaml in it)")
-    if job_of(run) not in ("train", None):
-        raise ResumeError(f"resume={cfg.resume}: the folder of a run of {job_of(run)}.py, not of train.py")
+    job = job_of(run)
+    if job not in ("train", None):
+        raise ResumeError(f"resume={cfg.resume}: the folder of a run of {job}.py, not of train.py")
     if not last.is_file():
         raise ResumeError(
             f"resume={cfg.resume}: no checkpoints/last.ckpt: the run stopped before its first epoch ended, "
